@@ -1,0 +1,234 @@
+"""Prefect flow `ingest`: fetch → land raw in Blob → merge into Iceberg → announce.
+
+Thin on purpose: every step is a function in `tollwatch.ingest`; this module adds what Prefect is for —
+retries per step, logs, a run artifact, and the completion/failure events that chain downstream work.
+
+Two ways to call it (both are parameters of one flow, so one deployment serves both triggers):
+- refresh mode, from `tollwatch.dataset.refreshed`: `rows_updated_at` (+ `previous_rows_updated_at`)
+- window mode, from `tollwatch.backfill.requested`: `start`, `stop` (exclusive) and `request_id`
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
+from prefect.runtime import deployment, flow_run
+from prefect.settings import get_current_settings
+from prefect.states import State
+
+from flows.report import ingest_report
+from tollwatch import clients
+from tollwatch.emit import PrefectEventsEmitter
+from tollwatch.events import (
+    BackfillRequested,
+    DatasetRefreshed,
+    Durations,
+    IngestionCompleted,
+    IngestionFailed,
+    Resource,
+    TollwatchEvent,
+    Window,
+    dataset_resource_id,
+    deployment_resource,
+    flow_run_resource,
+)
+from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing
+from tollwatch.landing import LandingManifest
+from tollwatch.settings import Settings, load_settings
+
+
+def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestRequest:
+    """Turn flow parameters into a validated request (exactly one of refresh / window)."""
+    has_window = parameters.get("start") is not None or parameters.get("stop") is not None
+    has_refresh = parameters.get("rows_updated_at") is not None
+    if has_window == has_refresh:
+        raise ValueError("give either rows_updated_at (refresh) or start and stop (window), not both or neither")
+    common = {"domain": settings.upstream_domain, "dataset_id": settings.upstream_dataset_id}
+    if has_refresh:
+        return IngestRequest.for_refresh(
+            DatasetRefreshed(
+                **common,
+                rows_updated_at=int(parameters["rows_updated_at"]),
+                previous_rows_updated_at=parameters.get("previous_rows_updated_at"),
+            )
+        )
+    return IngestRequest.for_window(
+        BackfillRequested(
+            **common,
+            start=parameters["start"],
+            stop=parameters["stop"],
+            request_id=parameters.get("request_id") or "manual",
+        )
+    )
+
+
+def emitter(settings: Settings) -> PrefectEventsEmitter:
+    """Events go to the Prefect API this flow run reports to (unless tollwatch settings say otherwise)."""
+    if settings.prefect_api_url is None:
+        api = get_current_settings().api
+        settings = settings.model_copy(
+            update={
+                "prefect_api_url": api.url,
+                "prefect_api_key": api.key,
+                "prefect_api_auth_string": getattr(api, "auth_string", None),
+            }
+        )
+    return clients.event_emitter(settings)
+
+
+def related(settings: Settings) -> tuple[Resource, ...]:
+    """Flow run, deployment and dataset: what lets one publish be traced end to end."""
+    resources = [
+        Resource(
+            id=dataset_resource_id(settings.upstream_domain, settings.upstream_dataset_id), role="dataset"
+        )
+    ]
+    if flow_run.id:
+        resources.append(flow_run_resource(flow_run.id, flow_run.name))
+    if deployment.id:
+        resources.append(deployment_resource(deployment.id, deployment.name))
+    return tuple(resources)
+
+
+@task(name="fetch-and-land", cache_policy=NO_CACHE)
+def land(request: IngestRequest) -> LandingManifest:
+    """Stream the upstream into Blob; the Socrata client already retries each request with backoff."""
+    settings = load_settings()
+    return fetch_and_land(
+        request,
+        clients.socrata_client(settings),
+        clients.landing_zone(settings),
+        run_id=str(flow_run.id or "local"),
+        page_size=settings.upstream_page_size,
+    )
+
+
+@task(name="load-into-table", cache_policy=NO_CACHE)
+def load(request: IngestRequest, manifest: LandingManifest) -> LoadResult:
+    """Commit the landing; a retry (e.g. after a concurrent commit) re-reads the same landed files."""
+    settings = load_settings()
+    return load_landing(
+        request, manifest, clients.landing_zone(settings), clients.table_store(settings), flow_run_id=flow_run.id
+    )
+
+
+@task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def already_committed(request: IngestRequest) -> tuple[LandingManifest, LoadResult] | None:
+    """A refresh already in the table's snapshot history is not fetched again (replays are no-ops)."""
+    settings = load_settings()
+    snapshot_id = clients.table_store(settings).committed(request.refresh_id)
+    if snapshot_id is None:
+        return None
+    get_run_logger().info("refresh %s already committed as snapshot %s: no-op", request.refresh_id, snapshot_id)
+    empty = LandingManifest(
+        dataset=request.dataset_id, mode=request.mode, refresh_id=request.refresh_id, run_id="(replay)",
+        window=request.window, where=request.where, container=settings.storage_container, prefix="",
+    )
+    return empty, LoadResult(snapshot_id, 0, 0, 0, already_committed=True)
+
+
+@task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+def announce(event: TollwatchEvent) -> None:
+    emitter(load_settings()).emit([event])
+
+
+def emit_failure(flow: object, run: FlowRun, state: State) -> None:
+    """on_failure hook: tell subscribers this load failed, and why (the table is unchanged by it)."""
+    logger = get_run_logger()
+    settings = load_settings()
+    error = state.result(raise_on_failure=False)
+    request: IngestRequest | None
+    try:
+        request = build_request(settings, dict(run.parameters))
+    except ValueError:
+        request = None
+    payload = IngestionFailed(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        mode=request.mode if request else ("window" if run.parameters.get("start") else "refresh"),
+        window=request.window if request else None,
+        refresh_id=request.refresh_id if request else None,
+        error_class=type(error).__name__ if isinstance(error, BaseException) else "Failed",
+        error_message=str(error)[:2000] if error else (state.message or ""),
+        flow_run_id=str(run.id),
+    )
+    event = TollwatchEvent.of(payload, related=related(settings))
+    try:
+        emitter(settings).emit([event])
+    except Exception as exc:  # the run already failed; losing the event must not hide the original error
+        logger.error("could not emit %s: %s", event.event, exc)
+
+
+@flow(name="ingest", on_failure=[emit_failure], log_prints=True)
+def ingest(
+    rows_updated_at: int | None = None,
+    previous_rows_updated_at: int | None = None,
+    start: date | None = None,
+    stop: date | None = None,
+    request_id: str | None = None,
+) -> IngestionCompleted:
+    """Load one refresh or one window of MTA B&T hourly traffic into the bronze Iceberg table."""
+    logger = get_run_logger()
+    settings = load_settings()
+    request = build_request(
+        settings,
+        {
+            "rows_updated_at": rows_updated_at,
+            "previous_rows_updated_at": previous_rows_updated_at,
+            "start": start,
+            "stop": stop,
+            "request_id": request_id,
+        },
+    )
+    logger.info("ingest %s refresh_id=%s where=%s", request.mode, request.refresh_id, request.where)
+
+    began = time.perf_counter()
+    retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
+    replayed = already_committed(request)
+    if replayed is not None:
+        manifest, result = replayed
+    else:
+        manifest = land.with_options(**retry)(request)
+    fetched = time.perf_counter()
+    if replayed is None:
+        result = load.with_options(**retry)(request, manifest)
+    loaded = time.perf_counter()
+
+    completed = IngestionCompleted(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        mode=request.mode,
+        window=request.window or _touched(result),
+        refresh_id=request.refresh_id,
+        rows_fetched=manifest.rows,
+        rows_written=result.rows_written,
+        rows_rejected=result.rows_rejected,
+        snapshot_id=result.snapshot_id,
+        landing_uri=clients.landing_zone(settings).uri(manifest.prefix),
+        already_committed=result.already_committed,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
+    )
+    create_markdown_artifact(
+        key="ingest-report", markdown=ingest_report(completed, result), description="rows per day and plaza"
+    )
+    announce(TollwatchEvent.of(completed, related=related(settings)))
+    logger.info(
+        "done: %d rows fetched, %d written, %d rejected, snapshot %s",
+        completed.rows_fetched, completed.rows_written, completed.rows_rejected, completed.snapshot_id,
+    )
+    return completed
+
+
+def _touched(result: LoadResult) -> Window | None:
+    """For refreshes: the days the load actually touched."""
+    days = [day for day, _ in result.rows_per_day_plaza]
+    if not days:
+        return None
+    return Window(start=min(days), stop=date.fromordinal(max(days).toordinal() + 1))

@@ -1,0 +1,1 @@
+"""tollwatch: event-driven ingestion of MTA Bridges & Tunnels hourly traffic."""

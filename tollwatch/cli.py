@@ -1,0 +1,217 @@
+"""`tollwatch` command line: the local stack, ingest runs, and the table — errors as sentences, never tracebacks."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+from datetime import date
+from functools import wraps
+from pathlib import Path
+from typing import Annotated, Any, ParamSpec, TypeVar
+
+import typer
+from pydantic import ValidationError
+
+from tollwatch.settings import DEFAULT_STATE_DIR, load_settings
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local stack.")
+app.add_typer(stack_app, name="stack")
+
+StateDir = Annotated[Path, typer.Option(help="where the local stack keeps its state", envvar="TOLLWATCH_STATE_DIR")]
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg="red", err=True)
+    raise typer.Exit(1)
+
+
+def friendly(fn: Callable[P, R]) -> Callable[P, R]:
+    """Turn the errors a user can fix into one red line and exit code 1."""
+
+    @wraps(fn)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        from tollwatch.clients import ConfigurationError
+        from tollwatch.dev.stack import StackError
+        from tollwatch.emit import EmitError
+        from tollwatch.socrata import UpstreamError
+
+        try:
+            return fn(*args, **kwargs)
+        except ValidationError as exc:
+            _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors()))
+        except (ConfigurationError, StackError, EmitError, UpstreamError, FileNotFoundError, ValueError) as exc:
+            _fail(str(exc))
+        raise AssertionError("unreachable")
+
+    return wrapper
+
+
+def _use_stack(state_dir: Path) -> None:
+    """Point settings and prefect at the running local stack, unless the user configured them explicitly."""
+    from tollwatch.dev.stack import LocalStack
+
+    endpoints = LocalStack(state_dir).endpoints()
+    for key, value in endpoints.env().items():
+        os.environ.setdefault(key, value)
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("azure", "httpx", "urllib3", "pyiceberg"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+# ---------------------------------------------------------------------------------------------- stack
+
+
+@stack_app.command("up")
+@friendly
+def stack_up(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    mirror_start: Annotated[str, typer.Option(help="first day the mirror serves")] = "2024-01-01",
+    mirror_through: Annotated[str, typer.Option(help="day after the last one the mirror serves")] = "2025-01-01",
+) -> None:
+    """Start Azurite, a Prefect server (SQLite) and the Socrata mirror on free loopback ports."""
+    from tollwatch.dev.stack import LocalStack
+
+    stack = LocalStack(
+        state_dir, mirror_start=date.fromisoformat(mirror_start), mirror_through=date.fromisoformat(mirror_through)
+    )
+    endpoints = stack.up()
+    typer.echo(f"Prefect UI/API : {endpoints.prefect_api_url.removesuffix('/api')}")
+    typer.echo(f"Azurite blob   : {endpoints.blob_url}")
+    typer.echo(f"Socrata mirror : {endpoints.mirror_url}")
+    typer.echo("Environment for other shells (eval \"$(tollwatch stack env)\"):")
+    for key in sorted(endpoints.env()):
+        typer.echo(f"  {key}")
+
+
+@stack_app.command("env")
+@friendly
+def stack_env(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Print `export` lines that point tollwatch and prefect at the running stack."""
+    from tollwatch.dev.stack import LocalStack
+
+    for key, value in sorted(LocalStack(state_dir).endpoints().env().items()):
+        typer.echo(f"export {key}={json.dumps(value)}")
+
+
+@stack_app.command("status")
+@friendly
+def stack_status(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Show whether each local service is alive and healthy."""
+    from tollwatch.dev.stack import LocalStack
+
+    statuses = LocalStack(state_dir).status()
+    for status in statuses.values():
+        state = "healthy" if status.healthy else ("alive" if status.alive else "down")
+        typer.echo(f"{status.name:8} {state:8} {status.url or ''} {status.detail}".rstrip())
+    if not all(s.healthy for s in statuses.values()):
+        raise typer.Exit(1)
+
+
+@stack_app.command("down")
+@friendly
+def stack_down(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Stop every local service and forget the stack (data under the state dir is kept)."""
+    from tollwatch.dev.stack import LocalStack
+
+    LocalStack(state_dir).down()
+    typer.echo("local stack stopped")
+
+
+# ---------------------------------------------------------------------------------------------- ingest
+
+
+def _run_ingest(params: dict[str, Any]) -> Any:
+    from flows.ingest import ingest
+
+    return ingest(**params)
+
+
+@app.command()
+@friendly
+def ingest(
+    start: Annotated[str | None, typer.Option(help="first day (YYYY-MM-DD) of a window")] = None,
+    stop: Annotated[str | None, typer.Option(help="day after the last one (exclusive)")] = None,
+    rows_updated_at: Annotated[int | None, typer.Option(help="refresh mode: the publish's rowsUpdatedAt")] = None,
+    previous_rows_updated_at: Annotated[int | None, typer.Option(help="refresh mode: the previous watermark")] = None,
+    request_id: Annotated[str, typer.Option(help="window mode: groups a backfill's chunks")] = "manual",
+    local_stack: Annotated[bool, typer.Option(help="use the running local stack for unset settings")] = True,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    verbose: bool = False,
+) -> None:
+    """Run the ingest flow once, in this process, and print what it committed."""
+    _configure_logging(verbose)
+    if local_stack:
+        _use_stack(state_dir)
+    params: dict[str, Any] = {"request_id": request_id}
+    if start or stop:
+        if not (start and stop):
+            _fail("--start and --stop go together")
+        params |= {"start": date.fromisoformat(start), "stop": date.fromisoformat(stop)}  # type: ignore[arg-type]
+    if rows_updated_at is not None:
+        params |= {"rows_updated_at": rows_updated_at, "previous_rows_updated_at": previous_rows_updated_at}
+    completed = _run_ingest(params)
+    typer.echo(completed.model_dump_json(indent=2))
+
+
+@app.command()
+@friendly
+def demo(
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    start: str = "2024-01-01",
+    stop: str = "2024-02-01",
+) -> None:
+    """Start the local stack and ingest the sample month through the Prefect flow; print the table."""
+    from tollwatch.dev.stack import LocalStack
+
+    _configure_logging(False)
+    endpoints = LocalStack(state_dir).up()
+    for key, value in endpoints.env().items():
+        os.environ.setdefault(key, value)
+    completed = _run_ingest(
+        {"start": date.fromisoformat(start), "stop": date.fromisoformat(stop), "request_id": "demo"}
+    )
+    _print_table_info()
+    typer.echo(
+        f"flow run {completed.flow_run_id}: fetched {completed.rows_fetched}, wrote {completed.rows_written}, "
+        f"rejected {completed.rows_rejected}{' (already committed: replay was a no-op)' if completed.already_committed else ''}"
+    )
+    typer.echo(f"Prefect UI: {endpoints.prefect_api_url.removesuffix('/api')}  (stop with `make down`)")
+
+
+def _print_table_info() -> None:
+    from tollwatch.clients import table_store
+
+    info = table_store(load_settings()).info()
+    typer.echo(f"table    : {info.identifier}")
+    typer.echo(f"location : {info.location}")
+    typer.echo(f"rows     : {info.rows}")
+    typer.echo(f"snapshot : {info.snapshot_id} ({info.snapshots} snapshots)")
+
+
+@app.command("table")
+@friendly
+def table_info(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
+    """Where the bronze table is, how many rows it has, its current snapshot."""
+    if (state_dir / "stack.json").exists():
+        _use_stack(state_dir)
+    _print_table_info()
+
+
+def main() -> None:
+    """Console entry point."""
+    try:
+        app()
+    except KeyboardInterrupt:
+        sys.exit(130)

@@ -1,0 +1,216 @@
+"""A small Socrata (SODA 2.x) client: dataset metadata and rows page by page.
+
+Why not a generic Socrata SDK: we need exactly two endpoints, stable paging (`$order=:id`), system fields
+and a retry policy that honours `Retry-After`; httpx + tenacity give that in a few lines, and pages stay
+raw bytes so the landing zone keeps exactly what the upstream sent.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from email.utils import parsedate_to_datetime
+
+import httpx
+import orjson
+from pydantic import BaseModel, ConfigDict, Field
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential_jitter,
+)
+
+log = logging.getLogger(__name__)
+
+RETRYABLE_STATUS = frozenset({202, 408, 429, 500, 502, 503, 504})
+
+
+class UpstreamError(RuntimeError):
+    """The upstream could not be read; the message says what was asked and what came back."""
+
+
+class _Retryable(Exception):
+    """A response or transport failure worth another try (carries the server's Retry-After, if any)."""
+
+    def __init__(self, message: str, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class DatasetMetadata(BaseModel):
+    """The part of `/api/views/{id}.json` tollwatch relies on."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+
+    id: str
+    name: str = ""
+    rows_updated_at: int = Field(alias="rowsUpdatedAt", description="epoch seconds of the last data publish")
+    columns: list[dict[str, object]] = Field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of rows as the upstream sent it (raw JSON bytes) plus what we learned parsing it."""
+
+    number: int
+    offset: int
+    body: bytes
+    row_count: int
+    columns: frozenset[str]
+
+
+def socrata_timestamp(epoch_s: int) -> str:
+    """Socrata's floating-timestamp literal for an epoch (UTC), as used in `:updated_at` filters."""
+    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.000Z")
+
+
+def window_where(start: date, stop: date) -> str:
+    """`$where` for rows whose `date` is in `[start, stop)`."""
+    return f"date >= '{start.isoformat()}T00:00:00' AND date < '{stop.isoformat()}T00:00:00'"
+
+
+def updated_after_where(epoch_s: int) -> str:
+    """`$where` for rows changed after a watermark."""
+    return f":updated_at > '{socrata_timestamp(epoch_s)}'"
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Parse Retry-After (seconds or HTTP date)."""
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
+        except (TypeError, ValueError):
+            return None
+
+
+class SocrataClient:
+    """Reads one Socrata domain. Construct with an `httpx.Client` so tests and callers control transport."""
+
+    def __init__(
+        self,
+        http: httpx.Client,
+        *,
+        app_token: str | None = None,
+        max_attempts: int = 6,
+        backoff_max_s: float = 60.0,
+        backoff_initial_s: float = 0.5,
+    ) -> None:
+        self._http = http
+        self._headers = {"Accept": "application/json"}
+        if app_token:
+            self._headers["X-App-Token"] = app_token
+        self._max_attempts = max_attempts
+        self._backoff_max_s = backoff_max_s
+        self._backoff_initial_s = backoff_initial_s
+
+    # ------------------------------------------------------------------ public API
+
+    def metadata(self, dataset_id: str) -> DatasetMetadata:
+        """Dataset metadata; `rows_updated_at` is the publish watermark."""
+        body, _ = self._get(f"/api/views/{dataset_id}.json", params={})
+        try:
+            return DatasetMetadata.model_validate_json(body)
+        except ValueError as exc:
+            raise UpstreamError(f"metadata for {dataset_id} is not what Socrata returns: {exc}") from exc
+
+    def pages(self, dataset_id: str, *, where: str | None, page_size: int = 50_000) -> Iterator[Page]:
+        """Rows matching `where`, in stable `:id` order, one page at a time (memory = one page).
+
+        Stops at the first short page. `$order=:id` keeps paging stable while the upstream publishes.
+        """
+        offset = 0
+        number = 0
+        while True:
+            params = {"$select": ":*, *", "$order": ":id", "$limit": str(page_size), "$offset": str(offset)}
+            if where:
+                params["$where"] = where
+            body, parsed = self._get(f"/resource/{dataset_id}.json", params=params, expect_array=True)
+            rows = parsed or []
+            columns = frozenset(k for row in rows for k in row) if rows else frozenset()
+            if rows:
+                yield Page(number=number, offset=offset, body=body, row_count=len(rows), columns=columns)
+            log.debug("page %d at offset %d: %d rows", number, offset, len(rows))
+            if len(rows) < page_size:
+                return
+            offset += len(rows)
+            number += 1
+
+    # ------------------------------------------------------------------ transport
+
+    def _wait(self, state: RetryCallState) -> float:
+        """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+        backoff = wait_exponential_jitter(initial=self._backoff_initial_s, max=self._backoff_max_s)(state)
+        exc = state.outcome.exception() if state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        if retry_after is not None:
+            return min(max(retry_after, 0.0), self._backoff_max_s)
+        return backoff
+
+    def _get(
+        self, path: str, *, params: dict[str, str], expect_array: bool = False
+    ) -> tuple[bytes, list[dict[str, str]] | None]:
+        """GET with retries; returns the raw body and, with `expect_array`, the parsed rows."""
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "GET %s attempt %d/%d failed (%s); retrying in %.1fs",
+                path, state.attempt_number, self._max_attempts, exc, state.upcoming_sleep,
+            )
+
+        retrying = Retrying(
+            stop=stop_after_attempt(self._max_attempts),
+            wait=self._wait,
+            retry=retry_if_exception_type(_Retryable),
+            before_sleep=before_sleep,
+            reraise=True,
+        )
+        try:
+            return retrying(self._get_once, path, params, expect_array)
+        except _Retryable as exc:
+            raise UpstreamError(
+                f"GET {path} failed after {self._max_attempts} attempts; last error: {exc}"
+            ) from exc
+
+    def _get_once(
+        self, path: str, params: dict[str, str], expect_array: bool
+    ) -> tuple[bytes, list[dict[str, str]] | None]:
+        try:
+            response = self._http.get(path, params=params, headers=self._headers)
+        except httpx.TransportError as exc:
+            raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        if response.status_code in RETRYABLE_STATUS:
+            raise _Retryable(
+                f"HTTP {response.status_code} {response.reason_phrase}: {response.text[:200]}",
+                retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+            )
+        if response.status_code >= 400:
+            raise UpstreamError(f"GET {path} → HTTP {response.status_code}: {response.text[:500]}")
+        body = response.content
+        if not expect_array:
+            return body, None
+        try:
+            parsed = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            # A truncated body (dropped connection mid-transfer) is transient: ask again.
+            raise _Retryable(f"body is not complete JSON ({len(body)} bytes): {exc}") from exc
+        if not isinstance(parsed, list):
+            raise UpstreamError(f"GET {path} returned {type(parsed).__name__}, expected a JSON array")
+        return body, parsed
+
+
+def build_http_client(base_url: str, timeout_s: float) -> httpx.Client:
+    """The httpx client for the upstream: connection pooling, sane timeouts, no redirects surprise."""
+    return httpx.Client(
+        base_url=base_url,
+        timeout=httpx.Timeout(timeout_s, connect=10.0),
+        follow_redirects=True,
+        headers={"User-Agent": "tollwatch/0.1"},
+    )
