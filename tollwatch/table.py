@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from datetime import date
@@ -132,7 +133,9 @@ class IcebergTableStore:
         table = self.ensure(schema)
         with table.transaction() as txn:
             self._evolve(txn, table, schema)
-            txn.delete(window_filter(window), snapshot_properties=properties)
+            with warnings.catch_warnings():  # "did not match any records" is expected on a first load
+                warnings.simplefilter("ignore", UserWarning)
+                txn.delete(window_filter(window), snapshot_properties=properties)
             target = txn.table_metadata.schema().as_arrow()
             for batch in months:
                 if batch.num_rows:
@@ -151,7 +154,9 @@ class IcebergTableStore:
                 days = set(pc.unique(batch["date"]).to_pylist())
                 existing = table.scan(row_filter=days_filter(days)).to_arrow()
                 merged = _merge_on_key(conform(existing, target), conform(batch, target))
-                txn.overwrite(merged, overwrite_filter=days_filter(days), snapshot_properties=properties)
+                with warnings.catch_warnings():  # new days match nothing yet: expected
+                    warnings.simplefilter("ignore", UserWarning)
+                    txn.overwrite(merged, overwrite_filter=days_filter(days), snapshot_properties=properties)
         return self._snapshot_for(properties[REFRESH_ID])
 
     @staticmethod

@@ -1,0 +1,1 @@
+"""Local development helpers: the Socrata mirror, synthetic data and managed processes."""

@@ -1,0 +1,1000 @@
+"""A Socrata-compatible mirror of MTA B&T "Hourly Traffic" (`qzve-kjga`) for local development and tests.
+
+Why a mirror: the ingestion code must be exercised against the real protocol (SODA 2.x paging, system
+fields, `:updated_at` watermarks, throttling, schema drift) without the network, with data that is
+deterministic and as large as the real history. Rows come from `tollwatch.dev.synthetic`, computed from
+their position on the fly, so memory does not grow with history size.
+
+Data endpoints (SODA 2.x semantics for what tollwatch uses; every value is a JSON string):
+
+* ``GET /api/views/{id}.json`` -> ``{"id", "name", "rowsUpdatedAt", "viewLastModified", "columns": [...]}``
+* ``GET /resource/{id}.json`` with ``$select`` (``*``, ``:*``, ``:*, *`` or a column list), ``$where``
+  (``AND`` of ``date``/``:updated_at`` compared with ``>= > < <=`` to a quoted timestamp), ``$order``
+  (``:id`` only), ``$limit`` (default 1000, at most 50000), ``$offset``; ``X-App-Token`` header or
+  ``$$app_token`` accepted and logged. Query errors answer 400 ``{"error": true, "message": ...}``.
+
+Publishing model: rows exist for days in ``[history_start, published_through)``; the history is a list of
+publish batches (contiguous ``seq`` ranges, one ``updated_at`` each). The initial batch is stamped with a
+fixed ``base_epoch`` (not the wall clock) so results are deterministic.
+
+Admin endpoints (JSON in, JSON out; not logged in the request log, never subject to faults):
+
+* ``POST /admin/publish`` ``{"days": 7, "now": <epoch s, optional>}``
+  -> ``{"rowsUpdatedAt", "start_seq", "end_seq", "first_id", "last_id", "published_through"}``
+* ``POST /admin/faults`` with any of these keys (unknown keys are a 400, to catch typos):
+  ``"fail_next": [{"status": 429, "retry_after": 2, "body": null, "truncate": false}, ...]`` (queued),
+  ``"fail_always": {"status": 503, ...}`` or ``null`` to clear, ``"clear": true`` (drop queue and always),
+  ``"corrupt": [{"seq": 5, "field": "date", "value": "not-a-date"}]`` (``value: null`` drops the field),
+  ``"cash_until": "2024-06-01"`` or ``null``, ``"extra_columns": {"name": "constant" | null}``
+  (``null`` removes). Answers the state (as ``GET /admin/state``).
+* ``POST /admin/reset`` -> back to the construction state (batches, faults, overrides, request log).
+* ``GET /admin/requests`` -> ``{"requests": [{"method", "path", "params", "app_token", "status"}, ...]}``;
+  ``POST /admin/requests/clear`` empties it.
+* ``GET /admin/state`` -> history range, batches, pending faults, drift and override summary.
+
+Run it: ``python -m tollwatch.dev.mirror --port 0 --start 2024-01-01 --through 2025-01-01`` prints
+``MIRROR_URL=http://127.0.0.1:<port>`` once listening and stops cleanly on SIGTERM/SIGINT. In-process:
+``with MirrorServer("qzve-kjga", "2024-01-01", "2024-02-01") as mirror: ... mirror.url, mirror.dataset``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import json
+import re
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict, dataclass
+from datetime import UTC, date, datetime, timedelta
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import FrameType
+from typing import Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+from tollwatch.dev.synthetic import (
+    BASE_COLUMNS,
+    CASH_COLUMN,
+    ROWS_PER_DAY,
+    VTOLL_COLUMN,
+    SyntheticTable,
+    iso_utc,
+    row_id,
+)
+
+DEFAULT_DATASET_ID = "qzve-kjga"
+DATASET_NAME = "MTA Bridges & Tunnels Hourly Traffic Rates: Beginning 2010"
+DEFAULT_HISTORY_START = date(2024, 1, 1)
+DEFAULT_PUBLISHED_THROUGH = date(2025, 1, 1)
+#: 2026-01-01T00:00:00Z: the initial batch's stamp, fixed so two runs serve identical system fields.
+DEFAULT_BASE_EPOCH = 1_767_225_600
+DEFAULT_LIMIT = 1000
+MAX_LIMIT = 50_000
+SYSTEM_FIELDS = (":id", ":created_at", ":updated_at")
+#: Bounded so a long-running dev mirror does not grow without limit; tests see far fewer requests.
+REQUEST_LOG_SIZE = 10_000
+
+_COLUMN_TYPES = {
+    "plaza_id": "number",
+    "date": "calendar_date",
+    "hour": "number",
+    "direction": "text",
+    "vehicles_e_zpass": "number",
+    VTOLL_COLUMN: "number",
+    CASH_COLUMN: "number",
+}
+_KNOWN_PARAMS = frozenset({"$select", "$where", "$order", "$limit", "$offset", "$$app_token"})
+_CONDITION = re.compile(r"\s*(?P<field>:updated_at|date|`date`)\s*(?P<op>>=|<=|>|<)\s*'(?P<literal>[^']*)'\s*")
+_AND = re.compile(r"\s+and\s+", re.IGNORECASE)
+_ORDER_BY_ID = re.compile(r"\s*:id(\s+asc)?\s*", re.IGNORECASE)
+
+#: An extra column's value: a constant, or a function of (seq, row so far); `None` results are omitted.
+ExtraValue = Callable[[int, Mapping[str, str]], object] | str | int | float
+
+
+class QueryError(ValueError):
+    """A request the mirror (like Socrata) refuses with 400; `code` mimics Socrata's error codes."""
+
+    def __init__(self, message: str, code: str = "query.compiler.malformed") -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------------------------------------- value types
+
+
+@dataclass(frozen=True)
+class PublishBatch:
+    """Rows `seq` in [start_seq, end_seq) published together at `updated_at` (epoch seconds)."""
+
+    start_seq: int
+    end_seq: int
+    updated_at: int
+
+    def to_json(self) -> dict[str, int]:
+        """Plain JSON shape for the admin API."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class FailSpec:
+    """One injected failure: an HTTP status (with optional Retry-After and body) or a truncated 200."""
+
+    status: int = 500
+    retry_after: float | None = None
+    body: str | None = None
+    truncate: bool = False
+
+    @classmethod
+    def parse(cls, raw: FailSpec | Mapping[str, Any] | int) -> FailSpec:
+        """Accept a FailSpec, a bare status, or the admin JSON shape; reject anything malformed early."""
+        if isinstance(raw, FailSpec):
+            return raw
+        if isinstance(raw, int) and not isinstance(raw, bool):
+            raw = {"status": raw}
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"a failure must be an object or a status code, got {raw!r}")
+        unknown = set(raw) - {"status", "retry_after", "body", "truncate"}
+        if unknown:
+            raise ValueError(f"unknown failure keys: {sorted(unknown)}")
+        truncate = bool(raw.get("truncate", False))
+        status = int(raw.get("status", 200 if truncate else 500))
+        if not 100 <= status <= 599:
+            raise ValueError(f"status must be an HTTP status code, got {status}")
+        retry_after = raw.get("retry_after")
+        body = raw.get("body")
+        return cls(
+            status=status,
+            retry_after=None if retry_after is None else float(retry_after),
+            body=None if body is None else str(body),
+            truncate=truncate,
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON shape for the admin API."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class RequestRecord:
+    """What a client sent, so tests can assert on paging parameters and the app token."""
+
+    method: str
+    path: str
+    params: dict[str, str]
+    app_token: str | None
+    status: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON shape for the admin API."""
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Resolved `$select`: whether system fields are needed and, if not everything, which keys to keep."""
+
+    system: bool = False
+    keep: tuple[str, ...] | None = None
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One `$where` comparison; `literal` is a naive UTC datetime."""
+
+    field: str
+    op: str
+    literal: datetime
+
+
+@dataclass(frozen=True)
+class DataQuery:
+    """A parsed `/resource` request."""
+
+    select_items: tuple[str, ...] = ("*",)
+    conditions: tuple[Condition, ...] = ()
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """Everything a read needs, captured at once so a concurrent publish never tears a page."""
+
+    table: SyntheticTable
+    total_rows: int
+    batches: tuple[PublishBatch, ...]
+    overrides: Mapping[int, Mapping[str, str | None]]
+    extras: Mapping[str, ExtraValue]
+    user_columns: tuple[str, ...]
+
+
+# ---------------------------------------------------------------------------------------------- parsing
+
+
+def as_date(value: date | str) -> date:
+    """Dates arrive as `date` objects from Python and as ISO strings from the CLI and admin JSON."""
+    if isinstance(value, datetime):
+        return value.date()
+    if isinstance(value, date):
+        return value
+    return date.fromisoformat(str(value)[:10])
+
+
+def parse_timestamp(text: str) -> datetime:
+    """A SoQL timestamp literal as naive UTC (with or without `Z`, millis or a bare date)."""
+    try:
+        parsed = datetime.fromisoformat(text.strip())
+    except ValueError as exc:
+        raise QueryError(f"invalid timestamp literal '{text}'", "query.soql.type-mismatch") from exc
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(UTC).replace(tzinfo=None)
+    return parsed
+
+
+def _drop_parentheses(text: str) -> str:
+    """In a pure conjunction grouping changes nothing, so balanced parentheses (outside quotes) can go."""
+    out, depth, quoted = [], 0, False
+    for char in text:
+        if char == "'":
+            quoted = not quoted
+        elif not quoted and char in "()":
+            depth += 1 if char == "(" else -1
+            if depth < 0:
+                break
+            char = " "
+        out.append(char)
+    if depth != 0:
+        raise QueryError(f"unbalanced parentheses in $where '{text}'")
+    return "".join(out)
+
+
+def parse_where(text: str) -> tuple[Condition, ...]:
+    """A conjunction of `date`/`:updated_at` comparisons; anything else is refused, not half-understood."""
+    stripped = _drop_parentheses(text).strip()
+    if not stripped:
+        return ()
+    conditions = []
+    for part in _AND.split(stripped):
+        match = _CONDITION.fullmatch(part)
+        if match is None:
+            raise QueryError(
+                f"Could not parse $where near '{part.strip()}': the mirror supports only AND-ed comparisons "
+                "of date or :updated_at (>=, >, <, <=) with a quoted timestamp"
+            )
+        field_name = match["field"].strip("`")
+        conditions.append(Condition(field_name, match["op"], parse_timestamp(match["literal"])))
+    return tuple(conditions)
+
+
+def _parse_int(name: str, raw: str, maximum: int | None = None) -> int:
+    """Strict non-negative integer parameter (Socrata refuses `abc`, `-1`, `1.5`)."""
+    if not raw.strip().isdigit():
+        raise QueryError(f"{name} must be a non-negative integer, got '{raw}'", "query.soql.invalid-paging")
+    value = int(raw)
+    if maximum is not None and value > maximum:
+        raise QueryError(f"{name} must be at most {maximum}, got {value}", "query.soql.invalid-paging")
+    return value
+
+
+def parse_query(params: Mapping[str, str]) -> DataQuery:
+    """Validate SODA parameters; everything the mirror cannot honour exactly is a 400, never ignored."""
+    for name in params:
+        if name.startswith("$") and name not in _KNOWN_PARAMS:
+            raise QueryError(f"Unrecognized arguments [{name}]", "query.soql.unknown-parameter")
+        if not name.startswith("$"):
+            raise QueryError(
+                f"simple filter '{name}' is not supported by the mirror; use $where", "query.soql.unsupported"
+            )
+    order = params.get("$order")
+    if order is not None and _ORDER_BY_ID.fullmatch(order) is None:
+        raise QueryError(f"the mirror supports only $order=:id, got '{order}'", "query.soql.unsupported")
+    items = tuple(item.strip() for item in params.get("$select", "*").split(","))
+    if not all(items):
+        raise QueryError(f"empty item in $select '{params['$select']}'")
+    return DataQuery(
+        select_items=items,
+        conditions=parse_where(params.get("$where", "")),
+        limit=_parse_int("$limit", params.get("$limit", str(DEFAULT_LIMIT)), MAX_LIMIT),
+        offset=_parse_int("$offset", params.get("$offset", "0")),
+    )
+
+
+def resolve_select(items: tuple[str, ...], user_columns: tuple[str, ...]) -> Selection:
+    """Expand `*` / `:*` / names into the keys to serve; `*` alone (the common case) needs no projection."""
+    if items == ("*",):
+        return Selection()
+    keep: list[str] = []
+    for item in items:
+        if item == "*":
+            expanded: Iterable[str] = user_columns
+        elif item == ":*":
+            expanded = SYSTEM_FIELDS
+        elif item in user_columns or item in SYSTEM_FIELDS:
+            expanded = (item,)
+        else:
+            raise QueryError(f"No such column: {item}", "query.soql.no-such-column")
+        keep.extend(name for name in expanded if name not in keep)
+    system = any(name.startswith(":") for name in keep)
+    everything = set(keep) == set(SYSTEM_FIELDS) | set(user_columns)
+    return Selection(system=system, keep=None if everything else tuple(keep))
+
+
+# ---------------------------------------------------------------------------------------------- ranges
+
+
+def _day_range(start: date, days: int, condition: Condition) -> tuple[int, int]:
+    """Day indices [lo, hi) whose midnight satisfies a `date` comparison (rows are in date order)."""
+    delta = condition.literal - datetime.combine(start, datetime.min.time())
+    whole = delta.days  # floor, also for negative deltas
+    ceil = whole + (1 if delta - timedelta(days=whole) > timedelta(0) else 0)
+    bounds = {">=": (ceil, days), ">": (whole + 1, days), "<": (0, ceil), "<=": (0, whole + 1)}
+    lo, hi = bounds[condition.op]
+    return min(max(lo, 0), days), min(max(hi, 0), days)
+
+
+_COMPARE: dict[str, Callable[[float, float], bool]] = {
+    ">": lambda a, b: a > b,
+    ">=": lambda a, b: a >= b,
+    "<": lambda a, b: a < b,
+    "<=": lambda a, b: a <= b,
+}
+
+
+def _updated_range(batches: tuple[PublishBatch, ...], total: int, condition: Condition) -> tuple[int, int]:
+    """Seq range matching an `:updated_at` comparison.
+
+    Batches are appended in seq order with strictly increasing stamps, so matching batches are a suffix
+    (for > / >=) or a prefix (for < / <=) of the history: one contiguous seq range.
+    """
+    threshold = condition.literal.replace(tzinfo=UTC).timestamp()
+    matches = [b for b in batches if _COMPARE[condition.op](b.updated_at, threshold)]
+    if not matches:
+        return 0, 0
+    if condition.op in (">", ">="):
+        return matches[0].start_seq, total
+    return 0, matches[-1].end_seq
+
+
+# ---------------------------------------------------------------------------------------------- dataset
+
+
+class MirrorDataset:
+    """The mutable state of one mirrored dataset: publish history, faults, overrides and request log.
+
+    Readers take an immutable snapshot under the lock and render outside it; writers replace structures
+    rather than mutating them (copy-on-write), so pages stay consistent under `ThreadingHTTPServer`.
+    """
+
+    def __init__(
+        self,
+        dataset_id: str = DEFAULT_DATASET_ID,
+        start: date | str = DEFAULT_HISTORY_START,
+        through: date | str = DEFAULT_PUBLISHED_THROUGH,
+        *,
+        seed: int = 42,
+        cash_until: date | str | None = None,
+        base_epoch: int = DEFAULT_BASE_EPOCH,
+        name: str = DATASET_NAME,
+    ) -> None:
+        self.dataset_id = dataset_id
+        self.name = name
+        self.history_start = as_date(start)
+        self.seed = seed
+        self.base_epoch = base_epoch
+        self._initial_through = as_date(through)
+        self._initial_cash_until = None if cash_until is None else as_date(cash_until)
+        if self._initial_through < self.history_start:
+            raise ValueError(f"published_through {through} is before history start {start}")
+        self._lock = threading.Lock()
+        self._initialise()
+
+    def _initialise(self) -> None:
+        """(Re)build the construction state; shared by `__init__` and `reset` so they cannot diverge."""
+        self._table = SyntheticTable(self.history_start, self.seed, self._initial_cash_until)
+        self._days = (self._initial_through - self.history_start).days
+        initial_rows = self._days * ROWS_PER_DAY
+        self._batches: tuple[PublishBatch, ...] = (
+            (PublishBatch(0, initial_rows, self.base_epoch),) if initial_rows else ()
+        )
+        self._schema_changed_at = self.base_epoch
+        self._overrides: dict[int, dict[str, str | None]] = {}
+        self._extras: dict[str, ExtraValue] = {}
+        self._fail_queue: deque[FailSpec] = deque()
+        self._fail_always: FailSpec | None = None
+        self._requests: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
+
+    # ------------------------------------------------------------------ read-only views
+
+    @property
+    def published_through(self) -> date:
+        """Exclusive end date of published rows."""
+        return self.history_start + timedelta(days=self._days)
+
+    @property
+    def total_rows(self) -> int:
+        """Rows currently published."""
+        return self._days * ROWS_PER_DAY
+
+    @property
+    def batches(self) -> tuple[PublishBatch, ...]:
+        """Publish history, oldest first."""
+        return self._batches
+
+    @property
+    def rows_updated_at(self) -> int:
+        """Socrata's `rowsUpdatedAt`: the newest batch stamp (the base epoch before any rows exist)."""
+        return self._batches[-1].updated_at if self._batches else self.base_epoch  # stamps only increase
+
+    @property
+    def cash_until(self) -> date | None:
+        """Rows dated before this carry `vehicles_cash` instead of `vehicles_vtoll`."""
+        return self._table.cash_until
+
+    @property
+    def requests(self) -> list[RequestRecord]:
+        """Copy of the request log (data and metadata requests, oldest first)."""
+        with self._lock:
+            return list(self._requests)
+
+    def seq_of(self, day: date | str, plaza_id: int, hour: int, direction: str) -> int:
+        """Sequence number of a row, e.g. to `corrupt` it."""
+        return self._table.seq_of(as_date(day), plaza_id, hour, direction)
+
+    def user_columns(self) -> tuple[str, ...]:
+        """Columns the published rows can carry, in Socrata's listing order (drift and extras included)."""
+        with self._lock:
+            return self._user_columns()
+
+    def _user_columns(self) -> tuple[str, ...]:
+        """`user_columns` for a caller holding the lock."""
+        cash, through = self._table.cash_until, self.published_through
+        columns = [c for c in BASE_COLUMNS if c != VTOLL_COLUMN or cash is None or cash < through]
+        if cash is not None and cash > self.history_start:
+            columns.append(CASH_COLUMN)
+        columns.extend(name for name in self._extras if name not in columns)
+        return tuple(columns)
+
+    def metadata(self) -> dict[str, Any]:
+        """The `/api/views/{id}.json` document (the subset Socrata clients rely on)."""
+        with self._lock:
+            user_columns, rows_updated_at = self._user_columns(), self.rows_updated_at
+            view_modified = max(rows_updated_at, self._schema_changed_at)
+        columns = [
+            {
+                "id": index + 1,
+                "name": name,
+                "fieldName": name,
+                "dataTypeName": _COLUMN_TYPES.get(name, "text"),
+                "position": index + 1,
+            }
+            for index, name in enumerate(user_columns)
+        ]
+        return {
+            "id": self.dataset_id,
+            "name": self.name,
+            "assetType": "dataset",
+            "createdAt": self.base_epoch,
+            "rowsUpdatedAt": rows_updated_at,
+            "viewLastModified": view_modified,
+            "columns": columns,
+        }
+
+    def state(self) -> dict[str, Any]:
+        """Summary for `GET /admin/state` and admin answers."""
+        with self._lock:
+            return {
+                "dataset": self.dataset_id,
+                "history_start": self.history_start.isoformat(),
+                "published_through": self.published_through.isoformat(),
+                "rows": self.total_rows,
+                "rowsUpdatedAt": self.rows_updated_at,
+                "batches": [b.to_json() for b in self._batches],
+                "pending_failures": [f.to_json() for f in self._fail_queue],
+                "fail_always": None if self._fail_always is None else self._fail_always.to_json(),
+                "cash_until": None if self.cash_until is None else self.cash_until.isoformat(),
+                "extra_columns": list(self._extras),
+                "corrupted_rows": sorted(self._overrides),
+            }
+
+    # ------------------------------------------------------------------ publishing and overrides
+
+    def publish(self, days: int = 7, now: float | None = None) -> PublishBatch:
+        """Append the next `days` days as one batch stamped `max(previous + 1, now)`.
+
+        Strictly increasing stamps keep `:updated_at > watermark` an exact "what's new" query.
+        """
+        if days < 1:
+            raise ValueError(f"days must be >= 1, got {days}")
+        wall = time.time() if now is None else now
+        with self._lock:
+            stamp = max(self.rows_updated_at + 1, int(wall))
+            batch = PublishBatch(self.total_rows, self.total_rows + days * ROWS_PER_DAY, stamp)
+            self._batches = (*self._batches, batch)
+            self._days += days
+        return batch
+
+    def corrupt(self, seq: int, field_name: str, value: str | None) -> None:
+        """Serve `value` verbatim for one field of one row (`None` drops the field, as Socrata omits nulls)."""
+        if seq < 0:
+            raise ValueError(f"seq must be >= 0, got {seq}")
+        with self._lock:
+            overrides = dict(self._overrides)
+            overrides[seq] = {**overrides.get(seq, {}), field_name: None if value is None else str(value)}
+            self._overrides = overrides
+
+    def set_cash_until(self, cash_until: date | str | None) -> None:
+        """Switch the schema-drift boundary: rows dated before it carry `vehicles_cash`."""
+        with self._lock:
+            new = None if cash_until is None else as_date(cash_until)
+            self._table = SyntheticTable(self.history_start, self.seed, new)
+            self._touch_schema()
+
+    def extra_column(self, name: str, value: ExtraValue | None) -> None:
+        """Add a column to every row (constant or `fn(seq, row)`); `None` removes it again."""
+        if name in BASE_COLUMNS or name in (CASH_COLUMN, *SYSTEM_FIELDS) or not name:
+            raise ValueError(f"{name!r} is not a valid extra column name")
+        with self._lock:
+            extras: dict[str, ExtraValue] = dict(self._extras)
+            if value is None:
+                extras.pop(name, None)
+            else:
+                extras[name] = value
+            self._extras = extras
+            self._touch_schema()
+
+    def _touch_schema(self) -> None:
+        """Move `viewLastModified` on schema changes, as Socrata does (caller holds the lock)."""
+        self._schema_changed_at = max(self._schema_changed_at + 1, int(time.time()))
+
+    # ------------------------------------------------------------------ faults and request log
+
+    def fail_next(self, failures: Iterable[FailSpec | Mapping[str, Any] | int]) -> None:
+        """Queue failures for the next data requests, consumed one per request in order."""
+        parsed = [FailSpec.parse(item) for item in failures]
+        with self._lock:
+            self._fail_queue.extend(parsed)
+
+    def fail_always(self, failure: FailSpec | Mapping[str, Any] | int | None) -> None:
+        """Make every data request fail (after the queue is drained); `None` clears it."""
+        parsed = None if failure is None else FailSpec.parse(failure)
+        with self._lock:
+            self._fail_always = parsed
+
+    def clear_faults(self) -> None:
+        """Drop queued failures and `fail_always`."""
+        with self._lock:
+            self._fail_queue.clear()
+            self._fail_always = None
+
+    def take_fault(self) -> FailSpec | None:
+        """The failure to apply to the current data request, if any (consumes one queued failure)."""
+        with self._lock:
+            if self._fail_queue:
+                return self._fail_queue.popleft()
+            return self._fail_always
+
+    def record_request(self, record: RequestRecord) -> None:
+        """Append to the request log."""
+        with self._lock:
+            self._requests.append(record)
+
+    def clear_requests(self) -> None:
+        """Empty the request log (e.g. between test phases)."""
+        with self._lock:
+            self._requests.clear()
+
+    def reset(self) -> None:
+        """Back to the construction state: initial batch only, no faults, overrides, extras or log."""
+        with self._lock:
+            self._initialise()
+
+    # ------------------------------------------------------------------ queries
+
+    def _snapshot(self) -> _Snapshot:
+        with self._lock:
+            return _Snapshot(
+                self._table, self.total_rows, self._batches, self._overrides, self._extras, self._user_columns()
+            )
+
+    def query(self, params: Mapping[str, str]) -> list[dict[str, str]]:
+        """Rows for SODA parameters, in `:id` order; raises `QueryError` for what Socrata would refuse."""
+        parsed = parse_query(params)
+        snap = self._snapshot()
+        selection = resolve_select(parsed.select_items, snap.user_columns)
+        lo, hi = self._seq_range(snap, parsed.conditions)
+        first = min(lo + parsed.offset, hi)
+        last = min(first + parsed.limit, hi)
+        return list(self._render(snap, first, last, selection))
+
+    def _seq_range(self, snap: _Snapshot, conditions: tuple[Condition, ...]) -> tuple[int, int]:
+        """Intersect each condition's contiguous seq range."""
+        lo, hi = 0, snap.total_rows
+        days = snap.total_rows // ROWS_PER_DAY
+        for condition in conditions:
+            if condition.field == "date":
+                day_lo, day_hi = _day_range(self.history_start, days, condition)
+                c_lo, c_hi = day_lo * ROWS_PER_DAY, day_hi * ROWS_PER_DAY
+            else:
+                c_lo, c_hi = _updated_range(snap.batches, snap.total_rows, condition)
+            lo, hi = max(lo, c_lo), min(hi, c_hi)
+        return lo, max(lo, hi)
+
+    def _render(self, snap: _Snapshot, lo: int, hi: int, selection: Selection) -> Iterator[dict[str, str]]:
+        """Synthetic rows plus system fields, extra columns and overrides, then the `$select` projection."""
+        stamps = _BatchStamps(snap.batches) if selection.system else None
+        for seq, row in enumerate(snap.table.rows(lo, hi), start=lo):
+            if stamps is not None:
+                stamp = stamps.at(seq)
+                row = {":id": row_id(seq), ":created_at": stamp, ":updated_at": stamp, **row}
+            for name, value in snap.extras.items():
+                served = value(seq, row) if callable(value) else value
+                if served is not None:
+                    row[name] = str(served)
+            override = snap.overrides.get(seq)
+            if override:
+                _apply_override(row, override, selection.system)
+            if selection.keep is not None:
+                row = {name: row[name] for name in selection.keep if name in row}
+            yield row
+
+
+class _BatchStamps:
+    """`:updated_at` text for ascending seqs: one bisect per page, then a pointer walk (O(1) per row)."""
+
+    def __init__(self, batches: tuple[PublishBatch, ...]) -> None:
+        self._batches = batches
+        self._starts = [b.start_seq for b in batches]
+        self._index = -1
+        self._end = -1
+        self._text = ""
+
+    def at(self, seq: int) -> str:
+        if not self._starts:
+            return ""
+        if seq >= self._end or self._index < 0:
+            self._index = max(bisect.bisect_right(self._starts, seq) - 1, 0)
+            batch = self._batches[self._index]
+            self._end = batch.end_seq
+            self._text = iso_utc(batch.updated_at)
+        return self._text
+
+
+def _apply_override(row: dict[str, str], override: Mapping[str, str | None], system: bool) -> None:
+    """Corrupt a row in place; system-field overrides only show when system fields are selected."""
+    for name, value in override.items():
+        if name.startswith(":") and not system:
+            continue
+        if value is None:
+            row.pop(name, None)
+        else:
+            row[name] = value
+
+
+# ---------------------------------------------------------------------------------------------- admin JSON
+
+
+def apply_admin_faults(dataset: MirrorDataset, payload: Mapping[str, Any]) -> None:
+    """Apply a `POST /admin/faults` document; raises ValueError (-> 400) on anything malformed."""
+    allowed = {"fail_next", "fail_always", "clear", "corrupt", "cash_until", "extra_columns"}
+    unknown = set(payload) - allowed
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+    if payload.get("clear"):
+        dataset.clear_faults()
+    if "fail_next" in payload:
+        dataset.fail_next(_as_list(payload["fail_next"], "fail_next"))
+    if "fail_always" in payload:
+        dataset.fail_always(payload["fail_always"])
+    for item in _as_list(payload.get("corrupt", []), "corrupt"):
+        if not isinstance(item, Mapping) or "seq" not in item or "field" not in item:
+            raise ValueError(f"corrupt items need seq and field, got {item!r}")
+        dataset.corrupt(int(item["seq"]), str(item["field"]), item.get("value"))
+    if "cash_until" in payload:
+        dataset.set_cash_until(payload["cash_until"])
+    extras = payload.get("extra_columns", {})
+    if not isinstance(extras, Mapping):
+        raise ValueError("extra_columns must be an object {name: value | null}")
+    for name, value in extras.items():
+        dataset.extra_column(str(name), value)
+
+
+def _as_list(value: object, key: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise ValueError(f"{key} must be a list")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------- HTTP
+
+
+def _error_body(message: str, code: str | None = None) -> dict[str, Any]:
+    """Socrata's error document shape."""
+    body: dict[str, Any] = {"error": True, "message": message}
+    if code:
+        body["code"] = code
+    return body
+
+
+def _fault_body(fault: FailSpec) -> bytes:
+    """What an injected failure says: the configured body, or what Socrata would plausibly answer."""
+    if fault.body is not None:
+        return fault.body.encode()
+    if fault.status == HTTPStatus.ACCEPTED:
+        return json.dumps({"code": "processing", "message": "still processing, retry later"}).encode()
+    try:
+        phrase = HTTPStatus(fault.status).phrase
+    except ValueError:
+        phrase = "Injected failure"
+    return json.dumps(_error_body(phrase, "mirror.injected")).encode()
+
+
+class _MirrorHTTPServer(ThreadingHTTPServer):
+    """Carries the dataset to handlers; daemon threads so idle keep-alive connections never block exit."""
+
+    daemon_threads = True
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], dataset: MirrorDataset, verbose: bool) -> None:
+        super().__init__(address, _Handler)
+        self.dataset = dataset
+        self.verbose = verbose
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Routes requests; all JSON, all Content-Length-framed so HTTP/1.1 keep-alive works with httpx."""
+
+    server: _MirrorHTTPServer
+    protocol_version = "HTTP/1.1"
+    timeout = 60  # an idle keep-alive connection frees its thread after this long
+    _status = 0
+
+    def do_GET(self) -> None:
+        self._dispatch("GET")
+
+    def do_POST(self) -> None:
+        self._dispatch("POST")
+
+    def log_message(self, format: str, *args: Any) -> None:
+        if self.server.verbose:
+            super().log_message(format, *args)
+
+    # ------------------------------------------------------------------ routing
+
+    def _dispatch(self, method: str) -> None:
+        url = urlsplit(self.path)
+        path = url.path.rstrip("/") or "/"
+        params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
+        self._status = 0
+        if path.startswith("/admin/"):
+            self._admin(method, path)
+            return
+        try:
+            self._public(method, path, params)
+        except Exception as exc:
+            # A mirror bug should reach the test as a readable 500, not as a dropped connection.
+            if self._status:
+                raise
+            self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, _error_body(f"mirror bug: {exc!r}"))
+        finally:
+            token = self.headers.get("X-App-Token") or params.get("$$app_token")
+            self.server.dataset.record_request(RequestRecord(method, path, params, token, self._status))
+
+    def _public(self, method: str, path: str, params: dict[str, str]) -> None:
+        dataset = self.server.dataset
+        views = re.fullmatch(r"/api/views/([^/]+?)(?:\.json)?", path)
+        resource = re.fullmatch(r"/resource/([^/]+?)(?:\.json)?", path)
+        if method != "GET" or (views is None and resource is None):
+            self._send_json(HTTPStatus.NOT_FOUND, _error_body(f"no route for {method} {path}", "not_found"))
+        elif views is not None:
+            if views[1] != dataset.dataset_id:
+                self._send_json(HTTPStatus.NOT_FOUND, _error_body(f"Cannot find view with id {views[1]}"))
+            else:
+                self._send_json(HTTPStatus.OK, dataset.metadata())
+        elif resource is not None:
+            self._resource(resource[1], params)
+
+    def _resource(self, dataset_id: str, params: dict[str, str]) -> None:
+        """A data request: injected faults first (like a gateway in front), then the query."""
+        dataset = self.server.dataset
+        fault = dataset.take_fault()
+        if fault is not None and not fault.truncate:
+            headers = {} if fault.retry_after is None else {"Retry-After": f"{fault.retry_after:g}"}
+            self._send(fault.status, _fault_body(fault), headers)
+            return
+        if dataset_id != dataset.dataset_id:
+            self._send_json(HTTPStatus.NOT_FOUND, _error_body(f"Dataset {dataset_id} not found", "not_found"))
+            return
+        try:
+            rows = dataset.query(params)
+        except QueryError as exc:
+            self._send_json(HTTPStatus.BAD_REQUEST, _error_body(str(exc), exc.code))
+            return
+        body = json.dumps(rows, separators=(",", ":")).encode()
+        if fault is not None:  # truncate: a 200 whose body is cut in half (invalid JSON)
+            body = body[: len(body) // 2]
+        self._send(HTTPStatus.OK, body)
+
+    def _admin(self, method: str, path: str) -> None:
+        dataset = self.server.dataset
+        try:
+            payload = self._read_json() if method == "POST" else {}
+            if (method, path) == ("POST", "/admin/publish"):
+                batch = dataset.publish(int(payload.get("days", 7)), payload.get("now"))
+                answer: dict[str, Any] = {
+                    "rowsUpdatedAt": batch.updated_at,
+                    "start_seq": batch.start_seq,
+                    "end_seq": batch.end_seq,
+                    "first_id": row_id(batch.start_seq),
+                    "last_id": row_id(batch.end_seq - 1),
+                    "published_through": dataset.published_through.isoformat(),
+                }
+            elif (method, path) == ("POST", "/admin/faults"):
+                apply_admin_faults(dataset, payload)
+                answer = dataset.state()
+            elif (method, path) == ("POST", "/admin/reset"):
+                dataset.reset()
+                answer = dataset.state()
+            elif (method, path) == ("GET", "/admin/requests"):
+                answer = {"requests": [r.to_json() for r in dataset.requests]}
+            elif (method, path) == ("POST", "/admin/requests/clear"):
+                dataset.clear_requests()
+                answer = {"requests": []}
+            elif (method, path) == ("GET", "/admin/state"):
+                answer = dataset.state()
+            else:
+                self._send_json(HTTPStatus.NOT_FOUND, _error_body(f"no admin route {method} {path}"))
+                return
+        except (ValueError, TypeError) as exc:
+            self._send_json(HTTPStatus.BAD_REQUEST, _error_body(str(exc)))
+            return
+        self._send_json(HTTPStatus.OK, answer)
+
+    # ------------------------------------------------------------------ I/O
+
+    def _read_json(self) -> dict[str, Any]:
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        if not raw.strip():
+            return {}
+        payload = json.loads(raw)
+        if not isinstance(payload, dict):
+            raise ValueError("admin body must be a JSON object")
+        return payload
+
+    def _send_json(self, status: int, document: object) -> None:
+        self._send(status, json.dumps(document).encode())
+
+    def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
+        self._status = int(status)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json;charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        for name, value in (headers or {}).items():
+            self.send_header(name, value)
+        self.end_headers()
+        self.wfile.write(body)
+
+
+# ---------------------------------------------------------------------------------------------- server
+
+
+class MirrorServer:
+    """The mirror on a background thread: `start()` (port 0 picks a free port), `.url`, `stop()`.
+
+    `dataset` is the dataset id at construction; afterwards `.dataset` is the `MirrorDataset` state object
+    (publish, corrupt, fail_next, ...), which is what tests drive.
+    """
+
+    def __init__(
+        self,
+        dataset: str = DEFAULT_DATASET_ID,
+        start: date | str = DEFAULT_HISTORY_START,
+        through: date | str = DEFAULT_PUBLISHED_THROUGH,
+        seed: int = 42,
+        *,
+        cash_until: date | str | None = None,
+        base_epoch: int = DEFAULT_BASE_EPOCH,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        verbose: bool = False,
+    ) -> None:
+        self.dataset = MirrorDataset(dataset, start, through, seed=seed, cash_until=cash_until, base_epoch=base_epoch)
+        self.host = host
+        self.port = port
+        self._verbose = verbose
+        self._httpd: _MirrorHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> Self:
+        """Bind and serve on a daemon thread; returns self so `MirrorServer(...).start()` chains."""
+        if self._httpd is not None:
+            raise RuntimeError("mirror already started")
+        self._httpd = _MirrorHTTPServer((self.host, self.port), self.dataset, self._verbose)
+        self.port = self._httpd.server_address[1]
+        self._thread = threading.Thread(
+            target=self._httpd.serve_forever, kwargs={"poll_interval": 0.1}, name="socrata-mirror", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    @property
+    def url(self) -> str:
+        """Base URL, e.g. `http://127.0.0.1:38211` (Socrata paths go after it)."""
+        if self._httpd is None:
+            raise RuntimeError("mirror not started")
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self) -> None:
+        """Stop serving and release the port; safe to call twice."""
+        httpd, thread = self._httpd, self._thread
+        self._httpd, self._thread = None, None
+        if httpd is None:
+            return
+        httpd.shutdown()
+        httpd.server_close()
+        if thread is not None:
+            thread.join(timeout=5)
+
+    def __enter__(self) -> Self:
+        return self.start() if self._httpd is None else self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+
+
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m tollwatch.dev.mirror", description="Socrata-compatible mirror of MTA hourly traffic."
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port (printed as MIRROR_URL)")
+    parser.add_argument("--dataset", default=DEFAULT_DATASET_ID)
+    parser.add_argument("--start", type=as_date, default=DEFAULT_HISTORY_START, help="history start date")
+    parser.add_argument("--through", type=as_date, default=DEFAULT_PUBLISHED_THROUGH, help="exclusive end")
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--cash-until", type=as_date, default=None, help="rows before carry vehicles_cash")
+    parser.add_argument("--base-epoch", type=int, default=DEFAULT_BASE_EPOCH, help="initial batch stamp")
+    parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the single stdout line tells a supervisor where to connect."""
+    args = _parse_args(argv)
+    server = MirrorServer(
+        args.dataset,
+        args.start,
+        args.through,
+        seed=args.seed,
+        cash_until=args.cash_until,
+        base_epoch=args.base_epoch,
+        host=args.host,
+        port=args.port,
+        verbose=args.verbose,
+    ).start()
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    print(f"MIRROR_URL={server.url}", flush=True)
+    try:
+        while not stop.wait(0.5):  # a timed wait keeps the main thread responsive to signals
+            pass
+    finally:
+        server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,654 @@
+"""The local stack: Azurite (Blob), a Prefect server on SQLite and the Socrata mirror, on loopback ports.
+
+Why a manager instead of a compose file: the pipeline, its tests and the demo all need the same three
+services, started from the project's own pinned binaries (Azurite from `node_modules`, Prefect from this
+venv), with every byte of state under one directory that can be deleted to start over. Nothing listens on
+a fixed port, so several stacks (a demo and a test run, two test sessions) can run side by side.
+
+`<state>/stack.json` records what runs where, so `up`, `status` and `down` work from any process: `up` is
+idempotent (healthy services are reused), `down` stops process groups and forgets them. A file lock
+serialises concurrent `up`/`down` calls on the same directory.
+
+Usage::
+
+    with LocalStack(tmp_path / "stack", services=("azurite", "prefect"), prefect_ui=False) as endpoints:
+        os.environ.update(endpoints.env())
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import importlib.util
+import json
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tollwatch.dev.procs import ProcessRef, free_port, spawn, tail, terminate_group
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
+SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror")
+HOST = "127.0.0.1"
+DEFAULT_DATASET = "qzve-kjga"
+
+AZURITE_ACCOUNT = "devstoreaccount1"
+# Azurite's well-known development account key, published in Microsoft's Azurite documentation and identical
+# in every Azurite install. It only opens the local emulator: it is not a secret.
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+
+STATE_FILE = "stack.json"
+STATE_VERSION = 1
+STOP_TIMEOUT_S = 15.0
+_POLL_S = 0.2
+_PORT_RETRIES = 3
+
+
+class StackError(Exception):
+    """A user-facing problem starting/stopping the stack (message is shown as-is)."""
+
+
+@dataclass(frozen=True)
+class StackEndpoints:
+    """Where the running services listen. A service not part of the stack has an empty string."""
+
+    prefect_api_url: str
+    blob_connection_string: str
+    blob_url: str
+    mirror_url: str
+    state_dir: Path
+
+    def env(self) -> dict[str, str]:
+        """Environment variables that point tollwatch and prefect at this stack.
+
+        PREFECT_API_URL, TOLLWATCH_UPSTREAM_BASE_URL (= mirror_url), TOLLWATCH_STORAGE_CONNECTION_STRING and
+        TOLLWATCH_WAREHOUSE_DIR (= state_dir / 'warehouse'); variables of services that are not running are
+        left out rather than set empty, so they cannot shadow a real value.
+        """
+        values = {
+            "PREFECT_API_URL": self.prefect_api_url,
+            "TOLLWATCH_UPSTREAM_BASE_URL": self.mirror_url,
+            "TOLLWATCH_STORAGE_CONNECTION_STRING": self.blob_connection_string,
+            "TOLLWATCH_WAREHOUSE_DIR": str(self.state_dir / "warehouse"),
+        }
+        return {key: value for key, value in values.items() if value}
+
+
+@dataclass(frozen=True)
+class ServiceStatus:
+    """What `status` knows about one service: recorded where, still running, answering its health check."""
+
+    name: str
+    pid: int | None
+    url: str | None
+    alive: bool
+    healthy: bool
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class ServiceRecord:
+    """One running service as written to `stack.json`; enough for another process to check or stop it."""
+
+    name: str
+    pid: int
+    start_time: str | None
+    port: int
+    url: str
+    log: str
+    config: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def process(self) -> ProcessRef:
+        return ProcessRef(pid=self.pid, start_time=self.start_time)
+
+
+def azurite_connection_string(blob_url: str) -> str:
+    """The connection string for Azurite's dev account at `blob_url` (http://host:port/devstoreaccount1)."""
+    return (
+        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={blob_url};"
+    )
+
+
+# --------------------------------------------------------------------------------------------- health checks
+# Each returns None when healthy, else a short reason. They only use the record, so `status` works from any
+# process without knowing the parameters the stack was started with.
+
+
+def _check_azurite(record: ServiceRecord) -> str | None:
+    """A real authenticated Blob call: proves the account key and URL work, not just that a port is open."""
+    from azure.storage.blob import BlobServiceClient  # imported here: the SDK is slow to import for the CLI
+
+    client = BlobServiceClient.from_connection_string(
+        azurite_connection_string(record.url), retry_total=0, connection_timeout=2, read_timeout=5
+    )
+    try:
+        client.get_service_properties()
+    except Exception as exc:  # any failure is "unhealthy"; the reason goes into the status detail
+        return f"blob service properties failed: {type(exc).__name__}: {exc}"
+    finally:
+        client.close()
+    return None
+
+
+def _check_http(url: str) -> str | None:
+    # trust_env=False: a corporate HTTP(S)_PROXY must never be asked for a loopback address.
+    try:
+        response = httpx.get(url, timeout=3.0, trust_env=False)
+    except httpx.HTTPError as exc:
+        return f"GET {url}: {type(exc).__name__}: {exc}"
+    return None if response.status_code == 200 else f"GET {url}: HTTP {response.status_code}"
+
+
+def _check_prefect(record: ServiceRecord) -> str | None:
+    return _check_http(f"{record.url}/health")
+
+
+def _check_mirror(record: ServiceRecord) -> str | None:
+    """The mirror's admin state: unlike the data endpoints it is neither written to the request log nor does
+    it consume injected faults, so probing health never disturbs a test that asserts on either."""
+    return _check_http(f"{record.url}/admin/state")
+
+
+_CHECKS: dict[str, Callable[[ServiceRecord], str | None]] = {
+    "azurite": _check_azurite,
+    "prefect": _check_prefect,
+    "mirror": _check_mirror,
+}
+
+
+# ------------------------------------------------------------------------------------------------ services
+
+
+@dataclass
+class _Pending:
+    """A just-spawned service: its process, the chosen port (0 = the service reports it) and log offset."""
+
+    process: ProcessRef
+    port: int
+    log_offset: int
+
+
+@dataclass
+class _Service:
+    """How to start one service and recognise that it is ready. Subclasses fill in the specifics."""
+
+    name: str
+    state_dir: Path
+    startup_timeout_s: float = 60.0
+
+    @property
+    def log_path(self) -> Path:
+        return self.state_dir / "logs" / f"{self.name}.log"
+
+    def config(self) -> dict[str, Any]:
+        """Parameters that, when changed, require a restart instead of reusing the running service."""
+        return {}
+
+    def preflight(self) -> None:
+        """Raise StackError for problems the user must fix before anything is started."""
+
+    def argv(self, port: int) -> list[str]:
+        raise NotImplementedError
+
+    def env(self, port: int) -> dict[str, str]:
+        return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def choose_port(self) -> int:
+        """0 if the service binds port 0 and reports the real port; else a free port picked here."""
+        return 0
+
+    def launch(self) -> _Pending:
+        port = self.choose_port()
+        offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        process = spawn(self.argv(port), log_path=self.log_path, env=self.env(port), cwd=PROJECT_ROOT)
+        return _Pending(process=process, port=port, log_offset=offset)
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        """(port, base url) once known: from the log for port-0 services, immediately for fixed ports."""
+        raise NotImplementedError
+
+    def wait_ready(self, pending: _Pending) -> ServiceRecord:
+        """Block until the service answers its health check; StackError with the log tail if it never does."""
+        deadline = time.monotonic() + self.startup_timeout_s
+        reason = "did not report its address"
+        while time.monotonic() < deadline:
+            if not pending.process.alive():
+                self._on_exit(pending)
+                deadline = max(deadline, time.monotonic() + self.startup_timeout_s / 2)
+                continue
+            found = self.discover_url(pending)
+            if found is not None:
+                record = self._record(pending, *found)
+                failure = _CHECKS[self.name](record)
+                if failure is None:
+                    return record
+                reason = failure
+            time.sleep(_POLL_S)
+        raise self._failure(f"{self.name} not healthy after {self.startup_timeout_s:.0f}s ({reason})")
+
+    def _on_exit(self, pending: _Pending) -> None:
+        """Called when the process died during startup; may relaunch into `pending`, else raises."""
+        raise self._failure(f"{self.name} exited during startup")
+
+    def _record(self, pending: _Pending, port: int, url: str) -> ServiceRecord:
+        return ServiceRecord(
+            name=self.name,
+            pid=pending.process.pid,
+            start_time=pending.process.start_time,
+            port=port,
+            url=url,
+            log=str(self.log_path),
+            config=self.config(),
+        )
+
+    def _failure(self, message: str) -> StackError:
+        return StackError(f"{message}. Last lines of {self.log_path}:\n{tail(self.log_path)}")
+
+    def _log_since(self, pending: _Pending) -> str:
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(pending.log_offset)
+                return log.read().decode("utf-8", errors="replace")
+        except FileNotFoundError:
+            return ""
+
+
+_AZURITE_LISTENING = re.compile(r"Azurite Blob service successfully listens on (http://\S+?:(\d+))")
+_MIRROR_URL = re.compile(r"^MIRROR_URL=(http://\S+?:(\d+))\s*$", re.MULTILINE)
+
+
+@dataclass
+class _Azurite(_Service):
+    """Azurite Blob only, from the project's pinned `node_modules` (a global install may be another version).
+
+    It binds port 0 and logs the port it got, which avoids the pick-a-free-port race entirely.
+    """
+
+    @property
+    def binary(self) -> Path:
+        return PROJECT_ROOT / "node_modules" / ".bin" / "azurite-blob"
+
+    def preflight(self) -> None:
+        if not self.binary.exists():
+            raise StackError(
+                f"Azurite is not installed ({self.binary} is missing). Run `npm ci` in {PROJECT_ROOT} first."
+            )
+        if shutil.which("node") is None:
+            raise StackError("Node.js (`node`) is not on PATH; Azurite needs it. Install Node.js first.")
+
+    def argv(self, port: int) -> list[str]:
+        location = self.state_dir / "azurite"
+        location.mkdir(parents=True, exist_ok=True)
+        return [
+            str(self.binary),
+            "--blobHost", HOST,
+            "--blobPort", str(port),
+            "--location", str(location),
+            "--skipApiVersionCheck",  # the Python SDK may be newer than the emulator's API version
+            "--loose",
+            "--silent",
+            "--disableTelemetry",  # Azurite phones home by default; keep the local stack offline
+        ]  # fmt: skip
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        match = _AZURITE_LISTENING.search(self._log_since(pending))
+        if match is None:
+            return None
+        return int(match.group(2)), f"{match.group(1)}/{AZURITE_ACCOUNT}"
+
+
+@dataclass
+class _Prefect(_Service):
+    """`prefect server start` from this venv, on SQLite under the state dir, isolated from ~/.prefect.
+
+    Prefect needs its port up front (the UI is told the API URL at startup), so a free port is picked here;
+    if another process grabs it first, the server exits with "already in use" and is relaunched elsewhere.
+    """
+
+    ui: bool = True
+    startup_timeout_s: float = 90.0
+    _attempts: int = field(default=0, init=False, repr=False)
+
+    @property
+    def home(self) -> Path:
+        return self.state_dir / "prefect"
+
+    def config(self) -> dict[str, Any]:
+        return {"ui": self.ui}
+
+    def choose_port(self) -> int:
+        return free_port(HOST)
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "prefect", "server", "start",
+            "--host", HOST,
+            "--port", str(port),
+            "--ui" if self.ui else "--no-ui",
+            "--analytics-off",
+        ]  # fmt: skip
+
+    def env(self, port: int) -> dict[str, str]:
+        """The server's environment: no inherited PREFECT_* (a developer's PREFECT_API_URL or profile would
+        otherwise leak in), everything under the state dir, no analytics."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        return {
+            **inherited,
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_HOME": str(self.home),
+            "PREFECT_PROFILES_PATH": str(self.home / "profiles.toml"),
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "PREFECT_SERVER_API_HOST": HOST,
+            "PREFECT_SERVER_API_PORT": str(port),
+            "PREFECT_SERVER_UI_ENABLED": str(self.ui).lower(),
+            # Events reach the DB (and `events/filter`) within ~1 s instead of 5 s: snappier demos and tests.
+            "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+        }
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        return pending.port, f"http://{HOST}:{pending.port}/api"
+
+    def wait_ready(self, pending: _Pending) -> ServiceRecord:
+        self._attempts = 1
+        return super().wait_ready(pending)
+
+    def _on_exit(self, pending: _Pending) -> None:
+        """Relaunch on a new port if the chosen one was taken meanwhile (prefect checks and exits)."""
+        if "already in use" not in self._log_since(pending) or self._attempts >= _PORT_RETRIES:
+            super()._on_exit(pending)
+        self._attempts += 1
+        relaunched = self.launch()
+        pending.process, pending.port, pending.log_offset = (
+            relaunched.process,
+            relaunched.port,
+            relaunched.log_offset,
+        )
+
+
+@dataclass
+class _Mirror(_Service):
+    """The local Socrata mirror (`tollwatch.dev.mirror`), deterministic for a given range and seed."""
+
+    dataset: str = DEFAULT_DATASET
+    start: date = date(2024, 1, 1)
+    through: date = date(2025, 1, 1)
+    seed: int = 42
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "dataset": self.dataset,
+            "start": self.start.isoformat(),
+            "through": self.through.isoformat(),
+            "seed": self.seed,
+        }
+
+    def preflight(self) -> None:
+        if importlib.util.find_spec("tollwatch.dev.mirror") is None:
+            raise StackError("The Socrata mirror module `tollwatch.dev.mirror` is not available.")
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "tollwatch.dev.mirror",
+            "--host", HOST,
+            "--port", str(port),
+            "--dataset", self.dataset,
+            "--start", self.start.isoformat(),
+            "--through", self.through.isoformat(),
+            "--seed", str(self.seed),
+        ]  # fmt: skip
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        match = _MIRROR_URL.search(self._log_since(pending))
+        if match is None:
+            return None
+        return int(match.group(2)), match.group(1).rstrip("/")
+
+
+# ------------------------------------------------------------------------------------------------ the stack
+
+
+class LocalStack:
+    """Start, check and stop the local services, with all state under `state_dir`.
+
+    `services` selects a subset (tests of the function app need only Azurite + Prefect). `down` and `status`
+    act on every service recorded in the state dir, whichever instance or process started it.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        mirror_start: date = date(2024, 1, 1),
+        mirror_through: date = date(2025, 1, 1),
+        seed: int = 42,
+        services: tuple[str, ...] = SERVICES,
+        prefect_ui: bool = True,
+        mirror_dataset: str = DEFAULT_DATASET,
+    ) -> None:
+        unknown = sorted(set(services) - set(SERVICES))
+        if unknown:
+            raise StackError(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
+        self.state_dir = Path(state_dir).resolve()
+        self.services = tuple(name for name in SERVICES if name in services)
+        self._specs: dict[str, _Service] = {
+            "azurite": _Azurite("azurite", self.state_dir, startup_timeout_s=30.0),
+            "prefect": _Prefect("prefect", self.state_dir, ui=prefect_ui),
+            "mirror": _Mirror(
+                "mirror",
+                self.state_dir,
+                dataset=mirror_dataset,
+                start=mirror_start,
+                through=mirror_through,
+                seed=seed,
+            ),
+        }
+
+    # -- public API
+
+    def up(self) -> StackEndpoints:
+        """Start whatever of `services` is not already running healthy; reuse the rest.
+
+        Services are launched together and then awaited, so startup takes about as long as the slowest one.
+        If any fails, the ones launched by this call are stopped again and StackError is raised.
+        """
+        with self._locked():
+            records = self._load()
+            wanted = [self._specs[name] for name in self.services if not self._reusable(records.get(name))]
+            for spec in wanted:
+                self._forget(records, spec.name)
+            for spec in wanted:
+                spec.preflight()
+            self._save(records)  # stale entries are gone even if startup fails below
+            records.update(self._start(wanted))
+            self._save(records)
+            self._warehouse_dir().mkdir(parents=True, exist_ok=True)
+            return self._endpoints(records)
+
+    def down(self) -> None:
+        """Stop every recorded service (SIGTERM to its process group, SIGKILL after a timeout) and remove the
+        state file. Safe to call when nothing runs."""
+        with self._locked():
+            records = self._load()
+            for name in reversed(SERVICES):
+                if name in records:
+                    terminate_group(records[name].process, timeout=STOP_TIMEOUT_S)
+            self._state_path().unlink(missing_ok=True)
+
+    def status(self) -> dict[str, ServiceStatus]:
+        """Alive/healthy for each requested or recorded service, read from the state file."""
+        records = self._load()
+        names = [name for name in SERVICES if name in records or name in self.services]
+        return {name: _status_of(name, records.get(name)) for name in names}
+
+    def endpoints(self) -> StackEndpoints:
+        """Endpoints of the services recorded in the state dir (for a process that did not call `up`)."""
+        records = self._load()
+        if not records:
+            raise StackError(f"no local stack is recorded in {self.state_dir}; run `up` first")
+        return self._endpoints(records)
+
+    def __enter__(self) -> StackEndpoints:
+        return self.up()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.down()
+
+    # -- internals
+
+    def _reusable(self, record: ServiceRecord | None) -> bool:
+        if record is None or record.config != self._specs[record.name].config():
+            return False
+        return record.process.alive() and _CHECKS[record.name](record) is None
+
+    def _forget(self, records: dict[str, ServiceRecord], name: str) -> None:
+        """Stop a recorded but unusable (dead, unhealthy, reconfigured) service before replacing it."""
+        record = records.pop(name, None)
+        if record is not None:
+            terminate_group(record.process, timeout=STOP_TIMEOUT_S)
+
+    def _start(self, specs: Sequence[_Service]) -> dict[str, ServiceRecord]:
+        pending: dict[str, _Pending] = {}
+        try:
+            for spec in specs:
+                pending[spec.name] = spec.launch()
+            return {spec.name: spec.wait_ready(pending[spec.name]) for spec in specs}
+        except BaseException:
+            for launched in pending.values():
+                terminate_group(launched.process, timeout=STOP_TIMEOUT_S)
+            raise
+
+    def _endpoints(self, records: Mapping[str, ServiceRecord]) -> StackEndpoints:
+        blob_url = records["azurite"].url if "azurite" in records else ""
+        return StackEndpoints(
+            prefect_api_url=records["prefect"].url if "prefect" in records else "",
+            blob_connection_string=azurite_connection_string(blob_url) if blob_url else "",
+            blob_url=blob_url,
+            mirror_url=records["mirror"].url if "mirror" in records else "",
+            state_dir=self.state_dir,
+        )
+
+    def _warehouse_dir(self) -> Path:
+        return self.state_dir / "warehouse"
+
+    def _state_path(self) -> Path:
+        return self.state_dir / STATE_FILE
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """An exclusive lock on the state dir, so two `up` calls never start the same service twice."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with (self.state_dir / "stack.lock").open("a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _load(self) -> dict[str, ServiceRecord]:
+        try:
+            raw = json.loads(self._state_path().read_text())
+        except FileNotFoundError:
+            return {}
+        except (OSError, ValueError) as exc:
+            raise StackError(f"cannot read {self._state_path()} ({exc}); delete it and run `up`") from exc
+        if raw.get("version") != STATE_VERSION:
+            raise StackError(f"{self._state_path()} has an unknown format; stop the services and delete it")
+        return {name: ServiceRecord(**entry) for name, entry in raw.get("services", {}).items()}
+
+    def _save(self, records: Mapping[str, ServiceRecord]) -> None:
+        """Write the state atomically; the endpoints are included for readers that are not Python."""
+        payload = {
+            "version": STATE_VERSION,
+            "services": {name: asdict(record) for name, record in records.items()},
+            "endpoints": {key: str(value) for key, value in asdict(self._endpoints(records)).items() if value},
+        }
+        tmp = self._state_path().with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(payload, indent=2) + "\n")
+        os.replace(tmp, self._state_path())
+
+
+def _status_of(name: str, record: ServiceRecord | None) -> ServiceStatus:
+    if record is None:
+        return ServiceStatus(name=name, pid=None, url=None, alive=False, healthy=False, detail="not started")
+    if not record.process.alive():
+        return ServiceStatus(name, record.pid, record.url, alive=False, healthy=False, detail="not running")
+    failure = _CHECKS[name](record)
+    healthy = failure is None
+    return ServiceStatus(name, record.pid, record.url, alive=True, healthy=healthy, detail=failure or "")
+
+
+def default_state_dir() -> Path:
+    """`TOLLWATCH_STATE_DIR` if set, else `.tollwatch/` in the repository root."""
+    override = os.environ.get("TOLLWATCH_STATE_DIR")
+    return Path(override) if override else DEFAULT_STATE_DIR
+
+
+# --------------------------------------------------------------------------------------------- tiny CLI
+# `python -m tollwatch.dev.stack up|status|down`: for debugging the stack on its own; the project CLI wraps
+# the same API.
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m tollwatch.dev.stack", description="Manage the local stack.")
+    parser.add_argument("command", choices=("up", "status", "down", "env"))
+    parser.add_argument("--state-dir", type=Path, default=None)
+    parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset")
+    parser.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
+    parser.add_argument("--start", type=date.fromisoformat, default=date(2024, 1, 1))
+    parser.add_argument("--through", type=date.fromisoformat, default=date(2025, 1, 1))
+    parser.add_argument("--seed", type=int, default=42)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    stack = LocalStack(
+        args.state_dir or default_state_dir(),
+        services=tuple(s.strip() for s in args.services.split(",") if s.strip()),
+        prefect_ui=not args.no_ui,
+        mirror_start=args.start,
+        mirror_through=args.through,
+        seed=args.seed,
+    )
+    try:
+        if args.command == "up":
+            started = time.monotonic()
+            endpoints = stack.up()
+            print(f"# stack up in {time.monotonic() - started:.1f}s; state in {endpoints.state_dir}")
+            _print_env(endpoints.env())
+        elif args.command == "env":
+            _print_env(stack.endpoints().env())
+        elif args.command == "status":
+            for status in stack.status().values():
+                state = "healthy" if status.healthy else ("alive" if status.alive else "down")
+                line = f"{status.name:8} {state:8} pid={status.pid} {status.url or '-'} {status.detail}"
+                print(line.rstrip())
+        else:
+            stack.down()
+    except StackError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _print_env(env: Mapping[str, str]) -> None:
+    for key, value in env.items():
+        print(f"export {key}='{value}'")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
