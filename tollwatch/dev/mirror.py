@@ -752,6 +752,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     timeout = 60  # an idle keep-alive connection frees its thread after this long
     _status = 0
+    _record: Callable[[int], None] | None = None
 
     def do_GET(self) -> None:
         self._dispatch("GET")
@@ -770,9 +771,16 @@ class _Handler(BaseHTTPRequestHandler):
         path = url.path.rstrip("/") or "/"
         params = {k: v[-1] for k, v in parse_qs(url.query, keep_blank_values=True).items()}
         self._status = 0
+        self._record = None
         if path.startswith("/admin/"):
             self._admin(method, path)
             return
+        token = self.headers.get("X-App-Token") or params.get("$$app_token")
+        # Recorded just before the response is written (see _send), so a client that has its answer can
+        # already see its request in the log.
+        self._record = lambda status: self.server.dataset.record_request(
+            RequestRecord(method, path, params, token, status)
+        )
         try:
             self._public(method, path, params)
         except Exception as exc:
@@ -780,9 +788,6 @@ class _Handler(BaseHTTPRequestHandler):
             if self._status:
                 raise
             self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, _error_body(f"mirror bug: {exc!r}"))
-        finally:
-            token = self.headers.get("X-App-Token") or params.get("$$app_token")
-            self.server.dataset.record_request(RequestRecord(method, path, params, token, self._status))
 
     def _public(self, method: str, path: str, params: dict[str, str]) -> None:
         dataset = self.server.dataset
@@ -871,6 +876,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, headers: Mapping[str, str] | None = None) -> None:
         self._status = int(status)
+        if self._record is not None:
+            self._record(self._status)
+            self._record = None
         self.send_response(status)
         self.send_header("Content-Type", "application/json;charset=utf-8")
         self.send_header("Content-Length", str(len(body)))

@@ -1,0 +1,46 @@
+# tollwatch — every target bootstraps what it needs from nothing (python3, node/npm on PATH).
+SHELL := /bin/bash
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+STATE_DIR ?= .tollwatch
+
+.PHONY: demo test lint bootstrap up down status bench clean
+
+## demo: set everything up, start the local stack and ingest the sample through a Prefect flow run
+demo: bootstrap
+	$(BIN)/tollwatch demo --state-dir $(STATE_DIR)
+
+## test: set everything up and run the whole test suite against real local services
+test: bootstrap
+	$(BIN)/python -m pytest
+
+## lint: ruff over the code
+lint: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+## bootstrap: virtualenv with pinned dependencies + Azurite from npm (idempotent, fast when up to date)
+bootstrap: $(STAMP) node_modules/.package-lock.json
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+node_modules/.package-lock.json: package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+
+up: bootstrap
+	$(BIN)/tollwatch stack up --state-dir $(STATE_DIR)
+
+down:
+	@test -x $(BIN)/tollwatch && $(BIN)/tollwatch stack down --state-dir $(STATE_DIR) || true
+
+status: bootstrap
+	$(BIN)/tollwatch stack status --state-dir $(STATE_DIR)
+
+clean: down
+	rm -rf $(VENV) node_modules $(STATE_DIR)
