@@ -85,9 +85,7 @@ def emitter(settings: Settings) -> PrefectEventsEmitter:
 def related(settings: Settings) -> tuple[Resource, ...]:
     """Flow run, deployment and dataset: what lets one publish be traced end to end."""
     resources = [
-        Resource(
-            id=dataset_resource_id(settings.upstream_domain, settings.upstream_dataset_id), role="dataset"
-        )
+        Resource(id=dataset_resource_id(settings.upstream_domain, settings.upstream_dataset_id), role="dataset")
     ]
     if flow_run.id:
         resources.append(flow_run_resource(flow_run.id, flow_run.name))
@@ -127,8 +125,14 @@ def already_committed(request: IngestRequest) -> tuple[LandingManifest, LoadResu
         return None
     get_run_logger().info("refresh %s already committed as snapshot %s: no-op", request.refresh_id, snapshot_id)
     empty = LandingManifest(
-        dataset=request.dataset_id, mode=request.mode, refresh_id=request.refresh_id, run_id="(replay)",
-        window=request.window, where=request.where, container=settings.storage_container, prefix="",
+        dataset=request.dataset_id,
+        mode=request.mode,
+        refresh_id=request.refresh_id,
+        run_id="(replay)",
+        window=request.window,
+        where=request.where,
+        container=settings.storage_container,
+        prefix="",
     )
     return empty, LoadResult(snapshot_id, 0, 0, 0, already_committed=True)
 
@@ -221,7 +225,10 @@ def ingest(
     announce(TollwatchEvent.of(completed, related=related(settings)))
     logger.info(
         "done: %d rows fetched, %d written, %d rejected, snapshot %s",
-        completed.rows_fetched, completed.rows_written, completed.rows_rejected, completed.snapshot_id,
+        completed.rows_fetched,
+        completed.rows_written,
+        completed.rows_rejected,
+        completed.snapshot_id,
     )
     return completed
 

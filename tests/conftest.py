@@ -25,19 +25,20 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     finally:
         from prefect.logging.handlers import APILogHandler
 
-        APILogHandler.flush()  # send queued flow-run logs while the server is still up
+        APILogHandler().flush()  # send queued flow-run logs while the server is still up
         local.down()
 
 
 @pytest.fixture
 def mirror() -> Iterator[MirrorServer]:
-    """A Socrata-compatible mirror serving January–March 2024 (deterministic synthetic data)."""
+    """A Socrata-compatible mirror serving January-March 2024 (deterministic synthetic data)."""
     with MirrorServer("qzve-kjga", date(2024, 1, 1), date(2024, 4, 1)) as server:
         yield server
 
 
 @pytest.fixture
-def env(stack: StackEndpoints, mirror: MirrorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+def env(
+    stack: StackEndpoints, mirror: MirrorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
     """Point tollwatch and prefect at the stack, with a container and warehouse of this test's own."""
     from prefect.settings import PREFECT_API_URL, temporary_settings

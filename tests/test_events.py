@@ -29,7 +29,9 @@ def test_the_same_publish_always_gets_the_same_event_id():
 
 
 def test_backfill_chunk_ids_depend_on_window_and_request():
-    a = BackfillRequested(domain="d", dataset_id="abcd-efgh", start=date(2024, 1, 1), stop=date(2024, 2, 1), request_id="r1")
+    a = BackfillRequested(
+        domain="d", dataset_id="abcd-efgh", start=date(2024, 1, 1), stop=date(2024, 2, 1), request_id="r1"
+    )
     again = a.model_copy()
     rerun = a.model_copy(update={"request_id": "r2"})
     assert a.event_id() == again.event_id()
@@ -37,7 +39,9 @@ def test_backfill_chunk_ids_depend_on_window_and_request():
     assert a.refresh_id != rerun.refresh_id
 
 
-@pytest.mark.parametrize(("start", "stop"), [(date(2024, 2, 1), date(2024, 1, 1)), (date(2024, 1, 1), date(2024, 1, 1))])
+@pytest.mark.parametrize(
+    ("start", "stop"), [(date(2024, 2, 1), date(2024, 1, 1)), (date(2024, 1, 1), date(2024, 1, 1))]
+)
 def test_windows_must_move_forward(start, stop):
     with pytest.raises(ValidationError, match="stop is exclusive"):
         Window(start=start, stop=stop)
@@ -56,9 +60,16 @@ def test_prefect_body_has_the_shape_of_the_events_api():
     body = event.to_prefect()
     assert body["event"] == "tollwatch.dataset.refreshed" == EventName.DATASET_REFRESHED
     assert body["id"] == str(refreshed().event_id())
-    assert body["resource"] == {"prefect.resource.id": "socrata.data.ny.gov.qzve-kjga", "prefect.resource.role": "dataset"}
+    assert body["resource"] == {
+        "prefect.resource.id": "socrata.data.ny.gov.qzve-kjga",
+        "prefect.resource.role": "dataset",
+    }
     assert body["related"] == [
-        {"prefect.resource.id": f"prefect.flow-run.{run}", "prefect.resource.name": "a-run", "prefect.resource.role": "flow-run"}
+        {
+            "prefect.resource.id": f"prefect.flow-run.{run}",
+            "prefect.resource.name": "a-run",
+            "prefect.resource.role": "flow-run",
+        }
     ]
     assert body["payload"]["rows_updated_at"] == 1_767_225_600
     assert body["payload"]["previous_rows_updated_at"] == 1
@@ -66,9 +77,16 @@ def test_prefect_body_has_the_shape_of_the_events_api():
 
 def test_completion_resource_names_the_table_and_id_follows_the_refresh():
     done = IngestionCompleted(
-        table="bronze.bnt_traffic_hourly", catalog="tollwatch", mode="window",
-        window=Window(start=date(2024, 1, 1), stop=date(2024, 1, 2)), refresh_id="r", rows_fetched=1,
-        rows_written=1, rows_rejected=0, snapshot_id=7, landing_uri="http://x/raw/",
+        table="bronze.bnt_traffic_hourly",
+        catalog="tollwatch",
+        mode="window",
+        window=Window(start=date(2024, 1, 1), stop=date(2024, 1, 2)),
+        refresh_id="r",
+        rows_fetched=1,
+        rows_written=1,
+        rows_rejected=0,
+        snapshot_id=7,
+        landing_uri="http://x/raw/",
     )
     event = TollwatchEvent.of(done)
     assert event.resource.id == "iceberg.tollwatch.bronze.bnt_traffic_hourly"

@@ -94,9 +94,12 @@ def test_older_exports_with_vehicles_cash_load_into_the_cash_column(env, mirror:
     rows = table_rows()
     early = rows.filter(pc.less(rows["date"], date(2024, 1, 16)))
     late = rows.filter(pc.greater_equal(rows["date"], date(2024, 1, 16)))
-    assert early.num_rows == 15 * ROWS_PER_DAY and late.num_rows == 16 * ROWS_PER_DAY
-    assert early["vehicles_vtoll"].null_count == early.num_rows and early["vehicles_cash"].null_count == 0
-    assert late["vehicles_cash"].null_count == late.num_rows and late["vehicles_vtoll"].null_count == 0
+    assert early.num_rows == 15 * ROWS_PER_DAY
+    assert late.num_rows == 16 * ROWS_PER_DAY
+    assert early["vehicles_vtoll"].null_count == early.num_rows
+    assert early["vehicles_cash"].null_count == 0
+    assert late["vehicles_cash"].null_count == late.num_rows
+    assert late["vehicles_vtoll"].null_count == 0
 
 
 def test_malformed_rows_are_quarantined_counted_and_good_rows_loaded(env, mirror: MirrorServer):
@@ -149,11 +152,14 @@ def test_upstream_failing_forever_fails_the_flow_and_emits_ingestion_failed(env,
     events = wait_for_events(
         env["PREFECT_API_URL"],
         EventName.INGESTION_FAILED,
-        lambda e: e["payload"]["window"] == {"start": "2024-01-01", "stop": "2024-02-01"}
-        and e["payload"]["error_class"] == "UpstreamError",
+        lambda e: (
+            e["payload"]["window"] == {"start": "2024-01-01", "stop": "2024-02-01"}
+            and e["payload"]["error_class"] == "UpstreamError"
+        ),
     )
     payload = events[0]["payload"]
-    assert "HTTP 500" in payload["error_message"] and "after 3 attempts" in payload["error_message"]
+    assert "HTTP 500" in payload["error_message"]
+    assert "after 3 attempts" in payload["error_message"]
     related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in events[0]["related"]}
     assert related["flow-run"] == f"prefect.flow-run.{payload['flow_run_id']}"
     assert clients.table_store(load_settings()).table() is None  # nothing committed

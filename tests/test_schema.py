@@ -11,8 +11,14 @@ from tollwatch.schema import convert, dedupe_on_key, target_schema
 
 def row(**overrides):
     base = {
-        "plaza_id": "1", "date": "2024-01-01T00:00:00.000", "hour": "5", "direction": "I",
-        "vehicles_e_zpass": "100", "vehicles_vtoll": "7", ":id": "row-1", ":updated_at": "2026-01-01T00:00:00.000Z",
+        "plaza_id": "1",
+        "date": "2024-01-01T00:00:00.000",
+        "hour": "5",
+        "direction": "I",
+        "vehicles_e_zpass": "100",
+        "vehicles_vtoll": "7",
+        ":id": "row-1",
+        ":updated_at": "2026-01-01T00:00:00.000Z",
     }
     base.update(overrides)
     return {k: v for k, v in base.items() if v is not None}
@@ -23,8 +29,12 @@ def test_good_rows_are_typed():
     out = convert(rows, target_schema(rows[0]))
     assert out.rejected == []
     got = out.good.to_pylist()[0]
-    assert got["plaza_id"] == 1 and got["date"] == date(2024, 1, 1) and got["hour"] == 5
-    assert got["vehicles_e_zpass"] == 100 and got["vehicles_vtoll"] == 7 and got["vehicles_cash"] is None
+    assert got["plaza_id"] == 1
+    assert got["date"] == date(2024, 1, 1)
+    assert got["hour"] == 5
+    assert got["vehicles_e_zpass"] == 100
+    assert got["vehicles_vtoll"] == 7
+    assert got["vehicles_cash"] is None
     assert got["source_row_id"] == "row-1"
     assert out.good.schema.field("plaza_id").type == pa.int32()
 
@@ -61,7 +71,9 @@ def test_unknown_columns_are_kept_as_text_and_missing_optional_ones_become_null(
     schema = target_schema(rows[0])
     out = convert(rows, schema)
     got = out.good.to_pylist()[0]
-    assert got["vehicles_bus"] == "9" and got["vehicles_cash"] == 3 and got["vehicles_vtoll"] is None
+    assert got["vehicles_bus"] == "9"
+    assert got["vehicles_cash"] == 3
+    assert got["vehicles_vtoll"] is None
 
 
 def test_dedupe_keeps_the_latest_version_of_a_key():

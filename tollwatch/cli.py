@@ -90,7 +90,7 @@ def stack_up(
     typer.echo(f"Prefect UI/API : {endpoints.prefect_api_url.removesuffix('/api')}")
     typer.echo(f"Azurite blob   : {endpoints.blob_url}")
     typer.echo(f"Socrata mirror : {endpoints.mirror_url}")
-    typer.echo("Environment for other shells (eval \"$(tollwatch stack env)\"):")
+    typer.echo('Environment for other shells (eval "$(tollwatch stack env)"):')
     for key in sorted(endpoints.env()):
         typer.echo(f"  {key}")
 
@@ -183,9 +183,10 @@ def demo(
         {"start": date.fromisoformat(start), "stop": date.fromisoformat(stop), "request_id": "demo"}
     )
     _print_table_info()
+    replay = " (already committed: replay was a no-op)" if completed.already_committed else ""
     typer.echo(
         f"flow run {completed.flow_run_id}: fetched {completed.rows_fetched}, wrote {completed.rows_written}, "
-        f"rejected {completed.rows_rejected}{' (already committed: replay was a no-op)' if completed.already_committed else ''}"
+        f"rejected {completed.rows_rejected}{replay}"
     )
     typer.echo(f"Prefect UI: {endpoints.prefect_api_url.removesuffix('/api')}  (stop with `make down`)")
 

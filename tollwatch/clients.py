@@ -64,9 +64,7 @@ def table_store(settings: Settings):  # -> IcebergTableStore (pyiceberg imported
 def prefect_api_url(settings: Settings) -> str:
     url = str(settings.prefect_api_url) if settings.prefect_api_url else os.environ.get("PREFECT_API_URL")
     if not url:
-        raise ConfigurationError(
-            "no Prefect API to send events to: set PREFECT_API_URL (or TOLLWATCH_PREFECT_API_URL)"
-        )
+        raise ConfigurationError("no Prefect API to send events to: set PREFECT_API_URL (or TOLLWATCH_PREFECT_API_URL)")
     return url
 
 

@@ -97,7 +97,9 @@ def convert(rows: list[Mapping[str, object]], schema: pa.Schema) -> Converted:
         required = name in REQUIRED
         if required:
             reasons.append(_reason(pc.is_null(col), f"{name}: missing"))
-        reasons.append(_reason(pc.and_kleene(pc.is_valid(col), pc.invert(ok_format)), f"{name}: not a non-negative integer"))
+        reasons.append(
+            _reason(pc.and_kleene(pc.is_valid(col), pc.invert(ok_format)), f"{name}: not a non-negative integer")
+        )
         clean = pc.if_else(pc.fill_null(ok_format, False), pc.utf8_trim_whitespace(col), None)
         typed[name] = pc.cast(clean, schema.field(name).type)
 

@@ -27,7 +27,7 @@ class Settings(BaseSettings):
         None, description="override the base URL (the local mirror); default https://<upstream_domain>"
     )
     upstream_app_token: SecretStr | None = Field(None, description="Socrata X-App-Token (raises rate limits)")
-    upstream_page_size: int = Field(50_000, ge=1, le=50_000)
+    upstream_page_size: int = Field(10_000, ge=1, le=50_000, description="rows per request (10k measured fastest here)")
     upstream_timeout_s: float = Field(60.0, gt=0)
     upstream_max_attempts: int = Field(6, ge=1, le=20)
     upstream_backoff_max_s: float = Field(60.0, gt=0)

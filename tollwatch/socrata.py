@@ -158,11 +158,16 @@ class SocrataClient:
         self, path: str, *, params: dict[str, str], expect_array: bool = False
     ) -> tuple[bytes, list[dict[str, str]] | None]:
         """GET with retries; returns the raw body and, with `expect_array`, the parsed rows."""
+
         def before_sleep(state: RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
             log.warning(
                 "GET %s attempt %d/%d failed (%s); retrying in %.1fs",
-                path, state.attempt_number, self._max_attempts, exc, state.upcoming_sleep,
+                path,
+                state.attempt_number,
+                self._max_attempts,
+                exc,
+                state.upcoming_sleep,
             )
 
         retrying = Retrying(
@@ -175,9 +180,7 @@ class SocrataClient:
         try:
             return retrying(self._get_once, path, params, expect_array)
         except _Retryable as exc:
-            raise UpstreamError(
-                f"GET {path} failed after {self._max_attempts} attempts; last error: {exc}"
-            ) from exc
+            raise UpstreamError(f"GET {path} failed after {self._max_attempts} attempts; last error: {exc}") from exc
 
     def _get_once(
         self, path: str, params: dict[str, str], expect_array: bool

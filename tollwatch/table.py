@@ -67,8 +67,7 @@ def days_filter(days: Iterable[date]) -> BooleanExpression:
 def conform(batch: pa.Table, schema: pa.Schema) -> pa.Table:
     """Give a batch exactly the table's columns (missing optional ones as nulls), in the table's order."""
     columns = [
-        batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type)
-        for f in schema
+        batch[f.name].cast(f.type) if f.name in batch.column_names else pa.nulls(batch.num_rows, f.type) for f in schema
     ]
     return pa.Table.from_arrays(columns, schema=schema)
 
