@@ -158,7 +158,10 @@ def ingest(
     if start or stop:
         if not (start and stop):
             _fail("--start and --stop go together")
-        params |= {"start": date.fromisoformat(start), "stop": date.fromisoformat(stop)}  # type: ignore[arg-type]
+        from tollwatch.events import Window
+
+        window = Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop))  # type: ignore[arg-type]
+        params |= {"start": window.start, "stop": window.stop}
     if rows_updated_at is not None:
         params |= {"rows_updated_at": rows_updated_at, "previous_rows_updated_at": previous_rows_updated_at}
     completed = _run_ingest(params)
