@@ -1,0 +1,97 @@
+"""prefect.yaml on a real Prefect server: event triggers create ingest runs with typed parameters (no schedules)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tollwatch.emit import PrefectEventsEmitter
+from tollwatch.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.stack
+
+
+def _keys(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _keys(v)}
+    return set()
+
+
+def test_prefect_yaml_has_no_schedule_or_cron():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert not {"schedule", "schedules", "cron", "rrule", "interval"} & _keys(config)
+    assert all(d["triggers"] for d in config["deployments"])
+
+
+@pytest.fixture(scope="module")
+def deployed(stack):
+    env = {
+        **os.environ,
+        "PREFECT_API_URL": stack.prefect_api_url,
+        "TOLLWATCH_WORK_POOL": "tollwatch-test",
+        "TOLLWATCH_PROJECT_DIR": str(ROOT),
+    }
+    prefect = [sys.executable, "-m", "prefect"]
+    subprocess.run(
+        [*prefect, "work-pool", "create", "tollwatch-test", "--type", "process", "--overwrite"],
+        env=env,
+        check=True,
+        capture_output=True,
+        cwd=ROOT,
+    )
+    result = subprocess.run(
+        [*prefect, "--no-prompt", "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return stack.prefect_api_url
+
+
+def runs_of(api: str, key: str, value: object, timeout_s: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=10).json()
+        found = [r for r in runs if r["parameters"].get(key) == value]
+        if found:
+            return found
+        time.sleep(0.5)
+    return []
+
+
+def emit(api: str, payload) -> None:
+    PrefectEventsEmitter(httpx.Client(timeout=10), api).emit([TollwatchEvent.of(payload)])
+
+
+def test_dataset_refreshed_starts_an_ingest_run_with_typed_parameters(deployed):
+    emit(deployed, DatasetRefreshed(domain="data.ny.gov", dataset_id="qzve-kjga", rows_updated_at=1_800_000_123))
+    runs = runs_of(deployed, "rows_updated_at", 1_800_000_123)
+    assert len(runs) == 1
+    assert runs[0]["parameters"] == {"rows_updated_at": 1_800_000_123, "previous_rows_updated_at": None}
+    assert runs[0]["deployment_id"] is not None
+
+
+def test_backfill_requested_starts_a_window_run_and_a_duplicate_event_does_not(deployed):
+    chunk = BackfillRequested(
+        domain="data.ny.gov",
+        dataset_id="qzve-kjga",
+        start=date(2024, 5, 1),
+        stop=date(2024, 6, 1),
+        request_id="deploy-test",
+    )
+    emit(deployed, chunk)
+    emit(deployed, chunk)  # a retried emit: same deterministic id, dropped by Prefect
+    runs = runs_of(deployed, "request_id", "deploy-test")
+    time.sleep(3)  # give a (wrong) second run the chance to appear before counting
+    runs = runs_of(deployed, "request_id", "deploy-test")
+    assert len(runs) == 1
+    assert runs[0]["parameters"] == {"start": "2024-05-01", "stop": "2024-06-01", "request_id": "deploy-test"}
