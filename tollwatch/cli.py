@@ -219,3 +219,73 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         sys.exit(130)
+
+
+# ---------------------------------------------------------------------------------------------- functions
+# The Azure Function app, locally: serve its HTTP routes, run its timer once (tollwatch.dev.funchost).
+
+functions_app = typer.Typer(no_args_is_help=True, help="Run the Azure Function app's handlers locally.")
+app.add_typer(functions_app, name="functions")
+
+
+@functions_app.command("serve")
+@friendly
+def functions_serve(
+    port: Annotated[int, typer.Option(help="loopback port to listen on")] = 7071,
+    local_stack: Annotated[bool, typer.Option(help="use the running local stack for unset settings")] = True,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    verbose: bool = False,
+) -> None:
+    """Serve the app's HTTP routes on 127.0.0.1 with function-key auth (key: TOLLWATCH_FUNCTION_KEY)."""
+    from tollwatch.dev.funchost import FunctionHost, FunctionHostError, load_function_app
+
+    _configure_logging(verbose)
+    if local_stack and (state_dir / "stack.json").exists():
+        _use_stack(state_dir)
+    settings = load_settings()
+    key = settings.function_key.get_secret_value() if settings.function_key else None
+    try:
+        host = FunctionHost(load_function_app(), function_key=key, port=port)
+    except (FunctionHostError, OSError) as exc:
+        _fail(str(exc))
+        return
+    for route in host.routes.values():
+        auth = "function key" if route.needs_key else "anonymous"
+        typer.echo(f"  {','.join(sorted(route.methods)):13} {host.url}{route.path}  ({route.function_name}, {auth})")
+    typer.echo("send the key as header x-functions-key or query ?code=… ; Ctrl-C stops")
+    try:
+        host.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        host.stop()
+
+
+@app.command("watch")
+@friendly
+def watch(
+    once: Annotated[bool, typer.Option("--once", help="run the watch_upstream timer handler once")] = False,
+    past_due: Annotated[bool, typer.Option(help="tell the handler the tick is late (it logs the catch-up)")] = False,
+    local_stack: Annotated[bool, typer.Option(help="use the running local stack for unset settings")] = True,
+    state_dir: StateDir = DEFAULT_STATE_DIR,
+    verbose: bool = False,
+) -> None:
+    """Run the upstream watcher (the Function app's timer handler) in this process."""
+    from azure.core.exceptions import AzureError
+    from azure.functions.timer import TimerRequest  # the concrete class (func.TimerRequest is the abstract type)
+
+    from tollwatch.dev.funchost import FunctionHostError, find_function, load_function_app
+    from tollwatch.watermark import WatermarkConflict
+
+    if not once:
+        _fail("only --once is supported here: the schedule runs in Azure Functions (TOLLWATCH_WATCH_SCHEDULE)")
+    _configure_logging(verbose)
+    if local_stack and (state_dir / "stack.json").exists():
+        _use_stack(state_dir)
+    try:
+        handler = find_function(load_function_app(), "watch_upstream")
+        handler(TimerRequest(past_due=past_due))
+    except (FunctionHostError, WatermarkConflict) as exc:
+        _fail(str(exc))
+    except AzureError as exc:
+        _fail(f"blob storage: {type(exc).__name__}: {exc.message}")

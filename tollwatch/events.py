@@ -117,8 +117,16 @@ class _Payload(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class BlobRef(_Payload):
+    """The blob whose creation announced a publish (Event Grid `Microsoft.Storage.BlobCreated`)."""
+
+    url: str
+    etag: str
+    sequencer: str = Field(description="Event Grid's per-blob ordering key; string comparison orders events")
+
+
 class DatasetRefreshed(_Payload):
-    """The upstream dataset was republished (its `rowsUpdatedAt` moved)."""
+    """The upstream dataset was republished (its `rowsUpdatedAt` moved, or a blob announcing it was written)."""
 
     domain: str
     dataset_id: str
@@ -128,6 +136,9 @@ class DatasetRefreshed(_Payload):
     )
     window: Window | None = Field(default=None, description="days touched, when the producer knows them")
     source: str = Field(default="watcher", description="what noticed the publish: watcher, eventgrid, cli")
+    blob: BlobRef | None = Field(
+        default=None, description="Event Grid only: the blob whose creation announced this publish"
+    )
 
     @property
     def refresh_id(self) -> str:
@@ -135,7 +146,17 @@ class DatasetRefreshed(_Payload):
         return str(deterministic_id("refresh", self.domain, self.dataset_id, self.rows_updated_at))
 
     def event_id(self) -> uuid.UUID:
-        """Same publish seen twice (two watchers, Event Grid redelivery) → same event id."""
+        """Same publish seen twice (two watchers, Event Grid redelivery) → same event id.
+
+        A blob-announced publish is identified by the dataset plus the blob's URL and eTag: Event Grid
+        redelivers the very same blob version with the same pair, while a rewrite of the blob gets a new eTag
+        and so is a new refresh.
+        """
+        if self.blob is not None:
+            blob = self.blob
+            return deterministic_id(
+                "event", EventName.DATASET_REFRESHED, "blob", self.domain, self.dataset_id, blob.url, blob.etag
+            )
         return deterministic_id("event", EventName.DATASET_REFRESHED, self.refresh_id)
 
     def resource(self) -> Resource:

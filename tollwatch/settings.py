@@ -1,18 +1,35 @@
 """Settings, read once from `TOLLWATCH_*` environment variables (or a `.env` file).
 
-Secrets (app token, storage connection string, Prefect API key) are `SecretStr`: they never show up in
-`repr`, logs or events. Switching from the local stack to Azure/data.ny.gov is a matter of settings only.
+Secrets (app token, storage connection string, Prefect API key and webhook URL, Event Grid shared secrets
+and topic key, the dev host's function key) are `SecretStr`: they never show up in `repr`, logs or events.
+Switching from the local stack to Azure/data.ny.gov is a matter of settings only. List settings are comma
+separated (`TOLLWATCH_EVENTGRID_SECRETS=current,next`), since Azure app settings are flat strings.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Self
 
-from pydantic import AnyHttpUrl, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_STATE_DIR = Path(".tollwatch")
+
+
+def _comma_separated(value: object) -> object:
+    """App settings are flat strings: `a, b` means two values (a JSON list is accepted too)."""
+    if isinstance(value, str):
+        stripped = value.strip()
+        if stripped.startswith("["):
+            return value  # JSON list: let pydantic parse it
+        return [part.strip() for part in stripped.split(",") if part.strip()]
+    return value
+
+
+#: A list setting written as `a,b` in the environment (Azure app settings cannot hold JSON comfortably).
+CommaList = Annotated[list[str], NoDecode, BeforeValidator(_comma_separated)]
+SecretList = Annotated[list[SecretStr], NoDecode, BeforeValidator(_comma_separated)]
 
 
 class Settings(BaseSettings):
@@ -38,6 +55,13 @@ class Settings(BaseSettings):
         None, description="https://<account>.blob.core.windows.net, authenticated by DefaultAzureCredential"
     )
     storage_container: str = Field("tollwatch", pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$")
+    storage_retry_total: int = Field(
+        3,
+        ge=0,
+        le=10,
+        description="storage SDK retries per request (its backoff starts at 15 s; webhooks must "
+        "answer Event Grid within 30 s, so keep this low there)",
+    )
 
     # table (Iceberg through pyiceberg)
     catalog_name: str = "tollwatch"
@@ -56,12 +80,70 @@ class Settings(BaseSettings):
     prefect_api_url: AnyHttpUrl | None = Field(None, description="defaults to PREFECT_API_URL")
     prefect_api_key: SecretStr | None = Field(None, description="Prefect Cloud API key (Bearer)")
     prefect_api_auth_string: SecretStr | None = Field(None, description="self-hosted basic auth 'user:pass'")
+    prefect_webhook_url: SecretStr | None = Field(
+        None,
+        description="Prefect Cloud webhook (pass-through template) to send events to instead of the events API; "
+        "the opaque URL is a credential, hence secret. prefect_api_key is sent as Bearer when set",
+    )
+    emit_max_attempts: int = Field(4, ge=1, le=10, description="tries per event delivery (transient errors only)")
+    emit_backoff_max_s: float = Field(4.0, gt=0, description="longest pause between delivery tries")
+    emit_timeout_s: float = Field(10.0, gt=0, description="per-request timeout of event delivery")
+
+    # state blobs (watermark, Event Grid sequencers) in storage_container
+    state_prefix: str = Field("state", pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-/]*[A-Za-z0-9]$")
+
+    # Event Grid in (webhook route and trigger)
+    eventgrid_secrets: SecretList = Field(
+        default_factory=list,
+        description="shared secrets for the webhook route (header X-Tollwatch-Secret or query `secret`), comma "
+        "separated; two are accepted so a secret can be rotated without downtime; empty = function key only",
+    )
+    eventgrid_source_topics: CommaList = Field(
+        default_factory=list,
+        description="accepted Event Grid `topic` / CloudEvents `source` values (the storage account resource "
+        "ids), comma separated, case-insensitive; empty = any topic",
+    )
+    eventgrid_container: str = Field(
+        "upstream",
+        pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$",
+        description="container whose blobs signal a publish",
+    )
+    eventgrid_blob_prefix: str = Field("", description="only blobs whose name starts with this signal a publish")
+    eventgrid_allowed_origins: CommaList = Field(
+        default_factory=lambda: ["eventgrid.azure.net"],
+        description="WebHook-Request-Origin values granted in the CloudEvents OPTIONS handshake ('*' = any)",
+    )
+    eventgrid_max_body_bytes: int = Field(1_048_576, ge=1024, description="Event Grid batches are at most 1 MB")
+
+    # completions out to an Event Grid topic
+    eventgrid_topic_endpoint: AnyHttpUrl | None = Field(
+        None, description="publish tollwatch.ingestion.completed here as CloudEvents; unset = do not publish"
+    )
+    eventgrid_topic_key: SecretStr | None = Field(
+        None, description="topic access key; unset = Entra ID (DefaultAzureCredential)"
+    )
+    eventgrid_event_source: str = Field("/tollwatch", min_length=1, description="CloudEvents `source` of completions")
+
+    # backfill requests
+    backfill_max_days: int = Field(3660, ge=1, description="longest range one backfill request may cover")
+    backfill_max_chunks: int = Field(400, ge=1, description="most chunk events (= flow runs) one request may create")
+
+    # local Functions dev host (in Azure the Functions host manages keys)
+    function_key: SecretStr | None = Field(None, description="key `tollwatch functions serve` requires")
 
     @model_validator(mode="after")
     def _one_storage_auth(self) -> Self:
         if self.storage_connection_string and self.storage_account_url:
             raise ValueError("set either storage_connection_string or storage_account_url, not both")
         return self
+
+    @field_validator("eventgrid_secrets")
+    @classmethod
+    def _rotation_not_sprawl(cls, secrets: list[SecretStr]) -> list[SecretStr]:
+        """Two secrets make a rotation (current and next); more would be forgotten, never-revoked ones."""
+        if len(secrets) > 2:
+            raise ValueError(f"at most two secrets (current and next) are accepted at a time, got {len(secrets)}")
+        return secrets
 
     @property
     def upstream_url(self) -> str:
