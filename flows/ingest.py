@@ -24,11 +24,12 @@ from prefect.states import State
 
 from flows.report import ingest_report
 from tollwatch import clients
-from tollwatch.emit import PrefectEventsEmitter
+from tollwatch.emit import EventSink
 from tollwatch.events import (
     BackfillRequested,
     DatasetRefreshed,
     Durations,
+    EventName,
     IngestionCompleted,
     IngestionFailed,
     Resource,
@@ -68,7 +69,7 @@ def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestReque
     )
 
 
-def emitter(settings: Settings) -> PrefectEventsEmitter:
+def emitter(settings: Settings) -> EventSink:
     """Events go to the Prefect API this flow run reports to (unless tollwatch settings say otherwise)."""
     if settings.prefect_api_url is None:
         api = get_current_settings().api
@@ -139,7 +140,12 @@ def already_committed(request: IngestRequest) -> tuple[LandingManifest, LoadResu
 
 @task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
 def announce(event: TollwatchEvent) -> None:
-    emitter(load_settings()).emit([event])
+    """Tell Prefect (automations, subscriptions) and, when a topic is configured, Event Grid subscribers."""
+    settings = load_settings()
+    emitter(settings).emit([event])
+    publisher = clients.completion_publisher(settings)
+    if publisher is not None and event.event == EventName.INGESTION_COMPLETED:
+        publisher.publish(event)  # same id as the Prefect event, so subscribers can dedupe across both
 
 
 def emit_failure(flow: object, run: FlowRun, state: State) -> None:
