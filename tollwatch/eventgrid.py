@@ -68,6 +68,17 @@ class EventGridSchemaEvent(_Envelope):
     data_version: str = Field(alias="dataVersion")
     metadata_version: str | None = Field(default=None, alias="metadataVersion")
 
+    def normalised(self) -> GridEvent:
+        return GridEvent(
+            kind="eventgrid",
+            id=self.id,
+            topic=self.topic,
+            subject=self.subject,
+            type=self.event_type,
+            time=self.event_time,
+            data=self.data,
+        )
+
 
 class CloudEventSchemaEvent(_Envelope):
     """One CloudEvents 1.0 event in structured mode (JSON)."""
@@ -79,6 +90,17 @@ class CloudEventSchemaEvent(_Envelope):
     subject: str = ""
     time: datetime | None = None
     data: dict[str, Any] = Field(default_factory=dict)
+
+    def normalised(self) -> GridEvent:
+        return GridEvent(
+            kind="cloudevents",
+            id=self.id,
+            topic=self.source,
+            subject=self.subject,
+            type=self.type,
+            time=self.time,
+            data=self.data,
+        )
 
 
 class GridEvent(BaseModel):
@@ -194,32 +216,8 @@ def parse_events(items: Sequence[dict[str, Any]]) -> list[GridEvent]:
     events = []
     for index, item in enumerate(items):
         try:
-            if "specversion" in item:
-                cloud = CloudEventSchemaEvent.model_validate(item)
-                events.append(
-                    GridEvent(
-                        kind="cloudevents",
-                        id=cloud.id,
-                        topic=cloud.source,
-                        subject=cloud.subject,
-                        type=cloud.type,
-                        time=cloud.time,
-                        data=cloud.data,
-                    )
-                )
-            else:
-                grid = EventGridSchemaEvent.model_validate(item)
-                events.append(
-                    GridEvent(
-                        kind="eventgrid",
-                        id=grid.id,
-                        topic=grid.topic,
-                        subject=grid.subject,
-                        type=grid.event_type,
-                        time=grid.event_time,
-                        data=grid.data,
-                    )
-                )
+            schema = CloudEventSchemaEvent if "specversion" in item else EventGridSchemaEvent
+            events.append(schema.model_validate(item).normalised())
         except ValidationError as exc:
             raise Rejected(400, f"event {index}: {_describe(exc)}") from None
     return events
