@@ -118,24 +118,12 @@ def load(request: IngestRequest, manifest: LandingManifest) -> LoadResult:
 
 
 @task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def already_committed(request: IngestRequest) -> tuple[LandingManifest, LoadResult] | None:
-    """A refresh already in the table's snapshot history is not fetched again (replays are no-ops)."""
-    settings = load_settings()
-    snapshot_id = clients.table_store(settings).committed(request.refresh_id)
-    if snapshot_id is None:
-        return None
-    get_run_logger().info("refresh %s already committed as snapshot %s: no-op", request.refresh_id, snapshot_id)
-    empty = LandingManifest(
-        dataset=request.dataset_id,
-        mode=request.mode,
-        refresh_id=request.refresh_id,
-        run_id="(replay)",
-        window=request.window,
-        where=request.where,
-        container=settings.storage_container,
-        prefix="",
-    )
-    return empty, LoadResult(snapshot_id, 0, 0, 0, already_committed=True)
+def committed_snapshot(request: IngestRequest) -> int | None:
+    """The snapshot that already holds this refresh: a replay is not fetched again (it is a no-op)."""
+    snapshot_id = clients.table_store(load_settings()).committed(request.refresh_id)
+    if snapshot_id is not None:
+        get_run_logger().info("refresh %s already committed as snapshot %s: no-op", request.refresh_id, snapshot_id)
+    return snapshot_id
 
 
 @task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
@@ -200,14 +188,16 @@ def ingest(
 
     began = time.perf_counter()
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
-    replayed = already_committed(request)
-    if replayed is not None:
-        manifest, result = replayed
-    else:
+    previous = committed_snapshot(request)
+    if previous is None:
         manifest = land.with_options(**retry)(request)
-    fetched = time.perf_counter()
-    if replayed is None:
+        fetched = time.perf_counter()
         result = load.with_options(**retry)(request, manifest)
+        rows_fetched, landing_uri = manifest.rows, clients.landing_zone(settings).uri(manifest.prefix)
+    else:
+        fetched = time.perf_counter()
+        result = LoadResult(previous, 0, 0, 0, already_committed=True)
+        rows_fetched, landing_uri = 0, ""
     loaded = time.perf_counter()
 
     completed = IngestionCompleted(
@@ -216,11 +206,11 @@ def ingest(
         mode=request.mode,
         window=request.window or _touched(result),
         refresh_id=request.refresh_id,
-        rows_fetched=manifest.rows,
+        rows_fetched=rows_fetched,
         rows_written=result.rows_written,
         rows_rejected=result.rows_rejected,
         snapshot_id=result.snapshot_id,
-        landing_uri=clients.landing_zone(settings).uri(manifest.prefix),
+        landing_uri=landing_uri,
         already_committed=result.already_committed,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
