@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import httpx
@@ -178,16 +177,3 @@ def _secret(value: SecretStr | None) -> str | None:
 def _env_secret(name: str) -> str | None:
     value = os.environ.get(name)
     return value or None
-
-
-@dataclass
-class Clients:
-    """The clients an ingest run needs, built together."""
-
-    socrata: SocrataClient
-    landing: LandingZone
-    emitter: EventSink
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Clients:
-        return cls(socrata_client(settings), landing_zone(settings), event_emitter(settings))
