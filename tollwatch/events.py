@@ -53,6 +53,29 @@ def table_resource_id(catalog: str, table: str) -> str:
     return f"iceberg.{catalog}.{table}"
 
 
+#: Payload fields of the ingestion events that are copied onto the event's resource as labels, so a trigger
+#: (which can only match resource labels) can select on them: subscription `when:` conditions use these keys.
+INGESTION_LABELS: dict[str, str] = {
+    "table": "tollwatch.table",
+    "mode": "tollwatch.mode",
+    "already_committed": "tollwatch.already-committed",
+}
+
+
+def label_value(value: object) -> str:
+    """How a payload value is written as a label: booleans lower-case (`true`/`false`), the rest as text."""
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def ingestion_labels(payload: BaseModel) -> tuple[tuple[str, str], ...]:
+    """The INGESTION_LABELS of one ingestion payload, as resource labels."""
+    return tuple(
+        (label, label_value(getattr(payload, field)))
+        for field, label in INGESTION_LABELS.items()
+        if hasattr(payload, field)
+    )
+
+
 def job_resource_id(job: str | int, *, databricks: bool) -> str:
     """`databricks.job.<id>` or `local.job.<name>`: a downstream job as a Prefect resource."""
     return f"databricks.job.{job}" if databricks else f"local.job.{job}"
@@ -66,6 +89,9 @@ class Resource(BaseModel):
     id: str
     name: str | None = None
     role: str | None = None
+    labels: tuple[tuple[str, str], ...] = Field(
+        default=(), description="extra labels automations can match on (Prefect triggers match labels, not payloads)"
+    )
 
     def to_prefect(self) -> dict[str, str]:
         """The label dict Prefect expects."""
@@ -74,6 +100,7 @@ class Resource(BaseModel):
             labels["prefect.resource.name"] = self.name
         if self.role:
             labels["prefect.resource.role"] = self.role
+        labels.update(self.labels)
         return labels
 
 
@@ -225,7 +252,7 @@ class IngestionCompleted(_Payload):
         return deterministic_id("event", EventName.INGESTION_COMPLETED, self.refresh_id)
 
     def resource(self) -> Resource:
-        return Resource(id=table_resource_id(self.catalog, self.table), role="table")
+        return Resource(id=table_resource_id(self.catalog, self.table), role="table", labels=ingestion_labels(self))
 
 
 class IngestionFailed(_Payload):
@@ -247,7 +274,7 @@ class IngestionFailed(_Payload):
         return uuid.uuid4()
 
     def resource(self) -> Resource:
-        return Resource(id=table_resource_id(self.catalog, self.table), role="table")
+        return Resource(id=table_resource_id(self.catalog, self.table), role="table", labels=ingestion_labels(self))
 
 
 class JobFinished(_Payload):
