@@ -63,13 +63,14 @@ def socrata_client(settings: Settings, http: httpx.Client | None = None) -> Socr
     )
 
 
-def table_store(settings: Settings):  # -> IcebergTableStore (pyiceberg imported lazily: heavy)
+def table_store(settings: Settings, identifier: str | None = None):  # -> IcebergTableStore (pyiceberg: lazy, heavy)
+    """The bronze table, or `identifier` (a downstream job's output) in the same catalog."""
     from tollwatch.table import IcebergTableStore
 
     if not settings.catalog_properties:
         settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
     return IcebergTableStore.from_properties(
-        settings.catalog_name, settings.resolved_catalog_properties(), settings.table
+        settings.catalog_name, settings.resolved_catalog_properties(), identifier or settings.table
     )
 
 

@@ -71,6 +71,11 @@ class Settings(BaseSettings):
     )
     warehouse_dir: Path = Field(DEFAULT_STATE_DIR / "warehouse", description="local catalog + data files")
     table: str = Field("bronze.bnt_traffic_hourly", pattern=r"^[A-Za-z_][\w]*\.[A-Za-z_][\w]*$")
+    daily_totals_table: str = Field(
+        "silver.bnt_daily_totals",
+        pattern=r"^[A-Za-z_][\w]*\.[A-Za-z_][\w]*$",
+        description="output of the local `daily_totals` job, in the same catalog as `table`",
+    )
 
     # flow task retries (on top of the per-request retries of each client)
     task_retries: int = Field(2, ge=0, le=10, description="retries of each ingest task")
@@ -135,6 +140,13 @@ class Settings(BaseSettings):
     def _one_storage_auth(self) -> Self:
         if self.storage_connection_string and self.storage_account_url:
             raise ValueError("set either storage_connection_string or storage_account_url, not both")
+        return self
+
+    @model_validator(mode="after")
+    def _outputs_are_not_bronze(self) -> Self:
+        """A job replaces days of its output table: pointed at bronze, it would delete the ingested rows."""
+        if self.daily_totals_table == self.table:
+            raise ValueError(f"daily_totals_table must differ from table ({self.table})")
         return self
 
     @field_validator("eventgrid_secrets")

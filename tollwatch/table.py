@@ -16,7 +16,7 @@ import logging
 import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -54,6 +54,7 @@ class TableInfo:
     snapshot_id: int | None
     rows: int
     snapshots: int
+    committed_at: datetime | None = None
 
 
 def window_filter(window: Window) -> BooleanExpression:
@@ -131,7 +132,7 @@ class IcebergTableStore:
         """Replace every row in `window` with `months` (already deduped per key) in one commit."""
         table = self.ensure(schema)
         with table.transaction() as txn:
-            self._evolve(txn, table, schema)
+            self.evolve(txn, table, schema)
             with warnings.catch_warnings():  # "did not match any records" is expected on a first load
                 warnings.simplefilter("ignore", UserWarning)
                 txn.delete(window_filter(window), snapshot_properties=properties)
@@ -145,7 +146,7 @@ class IcebergTableStore:
         """Merge changed rows on the key: per month, overwrite the touched days with old-minus-changed + changed."""
         table = self.ensure(schema)
         with table.transaction() as txn:
-            self._evolve(txn, table, schema)
+            self.evolve(txn, table, schema)
             target = txn.table_metadata.schema().as_arrow()
             for batch in months:
                 if not batch.num_rows:
@@ -159,7 +160,7 @@ class IcebergTableStore:
         return self._snapshot_for(properties[REFRESH_ID])
 
     @staticmethod
-    def _evolve(txn: object, table: Table, schema: pa.Schema) -> None:
+    def evolve(txn: object, table: Table, schema: pa.Schema) -> None:
         """Add upstream columns the table does not have yet (Iceberg add-column; old rows read as null)."""
         current = {f.name for f in table.schema().fields}
         new = [f for f in schema if f.name not in current]
@@ -192,6 +193,7 @@ class IcebergTableStore:
             snapshot_id=snapshot.snapshot_id if snapshot else None,
             rows=rows,
             snapshots=len(table.snapshots()),
+            committed_at=datetime.fromtimestamp(snapshot.timestamp_ms / 1000, UTC) if snapshot else None,
         )
 
     def read(self, window: Window | None = None) -> pa.Table:
