@@ -1,0 +1,539 @@
+"""Automations and subscriptions as code, on a real Prefect server: validation before anything is applied,
+idempotent apply / update / prune, and what the server's automation services then actually do (webhook calls,
+notifications, deployment runs, the proactive freshness SLA) as seen by a loopback inbox."""
+
+from __future__ import annotations
+
+import shutil
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prefect.blocks.webhook import Webhook
+from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.events.actions import CallWebhook, DoNothing, RunDeployment, SendNotification
+from prefect.events.schemas.automations import Automation, AutomationCore, EventTrigger, Posture
+from prefect.settings import PREFECT_API_URL, temporary_settings
+from pydantic import SecretStr
+from typer.testing import CliRunner, Result
+
+from tollwatch.automations.apply import normalised, plan
+from tollwatch.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
+from tollwatch.automations.load import load_project
+from tollwatch.automations.models import MANAGED_TAG, PROJECT_TAG, AutomationsConfigError
+from tollwatch.cli_automations import automations_app
+from tollwatch.dev.blocks import ensure_local_blocks
+from tollwatch.dev.inbox import Inbox, Received
+from tollwatch.emit import PrefectEventsEmitter
+from tollwatch.events import IngestionCompleted, IngestionFailed, TollwatchEvent
+
+pytestmark = pytest.mark.stack
+
+ROOT = Path(__file__).resolve().parents[1]
+SHIPPED = ROOT / "automations"
+FIXTURES = Path(__file__).parent / "automations_fixtures"
+SHIPPED_NAMES = [
+    "tollwatch-freshness-sla",
+    "tollwatch-ingest-failed",
+    "tollwatch/sub/city-dashboard/refresh-tiles",
+    "tollwatch/sub/traffic-analytics/daily-totals",
+]
+HAND_MADE = "tollwatch-test:hand-made"  # tag of automations a test creates by hand (cleaned up, never pruned)
+GRACE_S = 3  # after the expected delivery, how long a wrong extra one gets to show up before counting
+
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def inbox() -> Iterator[Inbox]:
+    with Inbox() as box:
+        yield box
+
+
+@pytest.fixture(scope="module")
+def api(stack) -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        patch.setenv("PREFECT_API_URL", stack.prefect_api_url)
+        yield stack.prefect_api_url
+
+
+@pytest.fixture(scope="module")
+def server(api, inbox) -> dict[str, uuid.UUID]:
+    """What the shipped files name: the dev blocks (posting to the inbox) and a `run-job/run-job` deployment
+    (registered without a worker: runs it creates stay scheduled, which is all these tests look at)."""
+    with get_client(sync_client=True) as client:
+        ids = ensure_local_blocks(inbox.url, client)
+        flow_id = client.create_flow_from_name("run-job")
+        ids["run-job/run-job"] = client.create_deployment(flow_id=flow_id, name="run-job")
+    return ids
+
+
+def _remove_test_automations(client: SyncPrefectClient) -> None:
+    for automation in client.read_automations():
+        if {MANAGED_TAG, HAND_MADE} & set(automation.tags):
+            client.delete_automation(automation.id)
+
+
+@pytest.fixture
+def client(server) -> Iterator[SyncPrefectClient]:
+    """A client on the stack; every test starts and ends without tollwatch automations on the server."""
+    with get_client(sync_client=True) as api_client:
+        _remove_test_automations(api_client)
+        yield api_client
+        _remove_test_automations(api_client)
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+
+
+def cli_apply(directory: Path, *args: str) -> Result:
+    return runner.invoke(automations_app, ["apply", "--dir", str(directory), *args])
+
+
+def shipped_copy(tmp_path: Path) -> Path:
+    directory = tmp_path / "automations"
+    shutil.copytree(SHIPPED, directory)
+    return directory
+
+
+def write(directory: Path, relative: str, content: Any) -> Path:
+    path = directory / relative
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
+    return path
+
+
+def managed(client: SyncPrefectClient) -> dict[str, Automation]:
+    return {a.name: a for a in client.read_automations() if MANAGED_TAG in a.tags}
+
+
+def emit(api: str, *events: TollwatchEvent) -> None:
+    PrefectEventsEmitter(httpx.Client(timeout=10), api).emit(list(events))
+
+
+def completed(refresh_id: str, *, already_committed: bool = False) -> IngestionCompleted:
+    return IngestionCompleted(
+        table="bronze.bnt_traffic_hourly",
+        catalog="local",
+        mode="refresh",
+        window=None,
+        refresh_id=refresh_id,
+        rows_fetched=24,
+        rows_written=0 if already_committed else 24,
+        rows_rejected=0,
+        snapshot_id=7,
+        landing_uri="memory://landing/x.parquet",
+        already_committed=already_committed,
+    )
+
+
+def webhook_to(inbox: Inbox, name: str) -> str:
+    """A `webhook` block named `name` that POSTs to `<inbox>/<name>`; returns that path."""
+    Webhook(
+        url=SecretStr(f"{inbox.url}/{name}"),
+        headers={"Content-Type": "application/json"},  # type: ignore[arg-type]
+        allow_private_urls=True,
+    ).save(name, overwrite=True)
+    return f"/{name}"
+
+
+def call_webhook(name: str, block: str, **extra: Any) -> dict[str, Any]:
+    return {"name": name, **extra, "action": {"type": "call-webhook", "block": block}}
+
+
+def runs_of_deployment(api: str, deployment_id: uuid.UUID, refresh_id: str, timeout_s: float = 30) -> list[dict]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = {"limit": 50, "deployments": {"id": {"any_": [str(deployment_id)]}}}
+        runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
+        found = [r for r in runs if (r["parameters"].get("completion") or {}).get("refresh_id") == refresh_id]
+        if found:
+            return found
+        time.sleep(0.5)
+    return []
+
+
+# ------------------------------------------------------------------------------------- loading, compiling
+
+
+def test_shipped_directory_loads_and_compiles_against_the_real_server(server, client):
+    desired = {a.name: a for a in compile_project(load_project(SHIPPED), PrefectResolver(client))}
+
+    assert sorted(desired) == SHIPPED_NAMES  # automations/webhooks/ is not read
+    assert all({PROJECT_TAG, MANAGED_TAG} <= set(a.tags) for a in desired.values())
+
+    failed = desired["tollwatch-ingest-failed"]
+    assert isinstance(failed.trigger, EventTrigger)
+    assert (failed.trigger.posture, failed.trigger.expect) == (Posture.Reactive, {"tollwatch.ingestion.failed"})
+    [notify] = failed.actions
+    assert isinstance(notify, SendNotification)
+    assert notify.block_document_id == server["custom-webhook/tollwatch-alerts"]
+
+    sla = desired["tollwatch-freshness-sla"]
+    assert isinstance(sla.trigger, EventTrigger)
+    assert (sla.trigger.posture, sla.trigger.within) == (Posture.Proactive, timedelta(days=8))
+    assert sla.trigger.expect == {"tollwatch.dataset.refreshed"}
+    assert sla.trigger.match.root == {"prefect.resource.id": "socrata.*"}  # type: ignore[union-attr]
+    assert sla.actions[0].block_document_id == server["custom-webhook/tollwatch-alerts"]  # type: ignore[union-attr]
+
+    daily = desired["tollwatch/sub/traffic-analytics/daily-totals"]
+    assert isinstance(daily.trigger, EventTrigger)
+    assert daily.trigger.match.root == {  # type: ignore[union-attr]
+        "prefect.resource.id": "iceberg.*",
+        "tollwatch.table": "bronze.bnt_traffic_hourly",
+        "tollwatch.already-committed": "false",
+    }
+    [run] = daily.actions
+    assert isinstance(run, RunDeployment)
+    assert (run.source, run.deployment_id) == ("selected", server["run-job/run-job"])
+    assert run.parameters == {"job": "daily_totals", "completion": "{{ event.payload }}", "parameters": {}}
+
+    [hook] = desired["tollwatch/sub/city-dashboard/refresh-tiles"].actions
+    assert isinstance(hook, CallWebhook)
+    assert hook.block_document_id == server["webhook/city-dashboard-webhook"]
+    assert hook.payload == DEFAULT_WEBHOOK_PAYLOAD
+
+
+BAD_FILES = [
+    (
+        "subscriptions/missing-job.yaml",
+        "automations/subscriptions/missing-job.yaml: subscriptions[0].action.job: Field required",
+    ),
+    (
+        "subscriptions/unknown-key.yaml",
+        "automations/subscriptions/unknown-key.yaml: subscriptions[0].colour: Extra inputs are not permitted",
+    ),
+    (
+        "subscriptions/bad-event.yaml",
+        "automations/subscriptions/bad-event.yaml: subscriptions[0].events[0]: Input should be "
+        "'tollwatch.ingestion.completed' or 'tollwatch.ingestion.failed'",
+    ),
+    (
+        "subscriptions/bad-when.yaml",
+        "automations/subscriptions/bad-when.yaml: subscriptions[0].when: unknown condition 'status'; "
+        "allowed: mode, already_committed",
+    ),
+    (
+        "subscriptions/bad-template.yaml",
+        "automations/subscriptions/bad-template.yaml: subscriptions[0].action.payload: 'payload' is not a valid "
+        "template",
+    ),
+    (
+        "subscriptions/syntax-error.yaml",
+        "automations/subscriptions/syntax-error.yaml: YAML syntax error at line 5, column 1",
+    ),
+    (
+        "unknown-trigger-key.yaml",
+        "automations/unknown-trigger-key.yaml: trigger.expct: Extra inputs are not permitted",
+    ),
+]
+
+
+@pytest.mark.parametrize(("bad_file", "expected"), BAD_FILES, ids=[Path(f).stem for f, _ in BAD_FILES])
+def test_a_bad_file_is_named_with_its_field_and_nothing_is_applied(client, tmp_path, bad_file, expected):
+    directory = tmp_path / "automations"
+    shutil.copytree(FIXTURES / "good", directory)
+    shutil.copy(FIXTURES / "bad" / bad_file, directory / bad_file)
+    before = sorted(str(a.id) for a in client.read_automations())
+
+    result = cli_apply(directory)
+
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: ")
+    assert expected in result.stderr
+    assert "Traceback" not in result.output
+    assert sorted(str(a.id) for a in client.read_automations()) == before
+    # the valid file beside it was held back only because of the bad one
+    (directory / bad_file).unlink()
+    assert cli_apply(directory).stdout.splitlines() == [
+        "+ create tollwatch/sub/good-team/notify",
+        "1 created, 0 updated, 0 unchanged, 0 deleted",
+    ]
+
+
+def test_every_problem_of_every_file_is_reported_in_one_error(tmp_path):
+    directory = tmp_path / "automations"
+    shutil.copytree(FIXTURES / "good", directory)
+    shutil.copytree(FIXTURES / "bad", directory, dirs_exist_ok=True)
+    write(directory, "subscriptions/twice.yaml", {"team": "twice", "subscriptions": [call_webhook("a", "x")] * 2})
+
+    with pytest.raises(AutomationsConfigError) as caught:
+        load_project(directory)
+
+    lines = str(caught.value).splitlines()
+    for _, expected in BAD_FILES:
+        assert any(line.startswith(expected) for line in lines), expected
+    assert (
+        "automations/subscriptions/twice.yaml: subscriptions[1].name: 'tollwatch/sub/twice/a' is already declared "
+        "in automations/subscriptions/twice.yaml"
+    ) in lines
+    assert len(lines) == len(BAD_FILES) + 1
+
+
+def test_missing_block_and_deployment_are_named_with_how_to_create_them(client, tmp_path):
+    directory = tmp_path / "automations"
+    write(
+        directory,
+        "needs-deployment.yaml",
+        {
+            "name": "needs-deployment",
+            "trigger": {"type": "event", "posture": "Reactive", "expect": ["tollwatch.ingestion.failed"]},
+            "actions": [{"type": "run-deployment", "deployment": "nope/nope"}],
+        },
+    )
+    write(directory, "subscriptions/qa.yaml", {"team": "qa", "subscriptions": [call_webhook("hook", "no-such-hook")]})
+
+    result = cli_apply(directory)
+
+    assert result.exit_code == 1
+    assert (
+        "automations/needs-deployment.yaml: actions[0].deployment: deployment nope/nope does not exist on the "
+        "Prefect server; deploy first: prefect deploy --all"
+    ) in result.stderr
+    assert (
+        "automations/subscriptions/qa.yaml: subscriptions[0].action.block: block webhook/no-such-hook does not "
+        "exist on the Prefect server; create it first: `prefect block create webhook`"
+    ) in result.stderr
+    assert managed(client) == {}
+
+
+def test_without_a_prefect_api_the_cli_says_how_to_get_one(tmp_path, monkeypatch):
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(restore_defaults={PREFECT_API_URL}):
+        result = runner.invoke(automations_app, ["apply", "--dir", str(SHIPPED), "--state-dir", str(tmp_path)])
+
+    assert result.exit_code == 1
+    assert result.stderr == (
+        "error: PREFECT_API_URL is not set and no local stack is running: set it, or start one (`tollwatch stack up`)\n"
+    )
+
+
+# ---------------------------------------------------------------------------------------------- applying
+
+
+def test_apply_is_idempotent_updates_with_a_diff_and_dry_run_changes_nothing(client, tmp_path):
+    directory = shipped_copy(tmp_path)
+
+    first = cli_apply(directory)
+    assert first.exit_code == 0, first.output
+    assert first.stdout.splitlines() == [
+        *(f"+ create {name}" for name in SHIPPED_NAMES),
+        "4 created, 0 updated, 0 unchanged, 0 deleted",
+    ]
+    created = managed(client)
+    assert sorted(created) == SHIPPED_NAMES
+
+    second = cli_apply(directory)
+    assert second.stdout == "no changes: 4 automations up to date\n"
+    after_second = managed(client)
+    assert {n: a.id for n, a in after_second.items()} == {n: a.id for n, a in created.items()}
+    assert {n: normalised(a) for n, a in after_second.items()} == {n: normalised(a) for n, a in created.items()}
+
+    dashboard = directory / "subscriptions" / "city-dashboard.yaml"
+    dashboard.write_text(dashboard.read_text().replace("enabled: true", "enabled: false"))
+    dry = cli_apply(directory, "--dry-run")
+    lines = dry.stdout.splitlines()
+    assert "~ update tollwatch/sub/city-dashboard/refresh-tiles" in lines
+    assert [line for line in lines if "enabled:" in line] == ["    -enabled: true", "    +enabled: false"]
+    assert "= unchanged tollwatch-ingest-failed" in lines
+    assert lines[-1] == "dry run, nothing changed; would be: 0 created, 1 updated, 3 unchanged, 0 deleted"
+    assert managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"].enabled is True
+
+    real = cli_apply(directory)
+    assert real.stdout.splitlines()[-1] == "0 created, 1 updated, 3 unchanged, 0 deleted"
+    updated = managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"]
+    assert (updated.id, updated.enabled) == (created[updated.name].id, False)
+    assert cli_apply(directory).stdout == "no changes: 4 automations up to date\n"
+
+
+def test_prune_deletes_only_managed_automations_no_file_declares(client, tmp_path):
+    directory = shipped_copy(tmp_path)
+    assert cli_apply(directory).exit_code == 0
+    hand_made = client.create_automation(
+        AutomationCore(
+            name="made-by-hand",
+            tags=[PROJECT_TAG, HAND_MADE],  # tollwatch-related, but not managed by these files
+            trigger=EventTrigger(expect={"tollwatch.job.failed"}),
+            actions=[DoNothing()],
+        )
+    )
+    (directory / "freshness-sla.yaml").unlink()
+
+    kept = cli_apply(directory)
+    assert kept.stdout.splitlines() == [
+        "? not declared tollwatch-freshness-sla (tagged tollwatch:managed; --prune deletes it)",
+        "no changes: 3 automations up to date",
+    ]
+    assert "tollwatch-freshness-sla" in managed(client)
+
+    pruned = cli_apply(directory, "--prune")
+    assert "- delete tollwatch-freshness-sla" in pruned.stdout.splitlines()
+    assert pruned.stdout.splitlines()[-1] == "0 created, 0 updated, 3 unchanged, 1 deleted"
+    names = {a.name: a.id for a in client.read_automations()}
+    assert "tollwatch-freshness-sla" not in names
+    assert names["made-by-hand"] == hand_made
+
+
+def test_a_name_held_twice_on_the_server_updates_the_oldest_and_reports_the_rest(client, tmp_path):
+    directory = shipped_copy(tmp_path)
+    assert cli_apply(directory).exit_code == 0
+    original = managed(client)["tollwatch-ingest-failed"]
+    copy = client.create_automation(AutomationCore.model_validate(original.model_dump(exclude={"id"})))
+    failed = directory / "ingest-failed.yaml"
+    failed.write_text(failed.read_text().replace("Tell the on-call channel", "Page the on-call channel"))
+
+    result = cli_apply(directory)
+
+    assert f"! duplicate tollwatch-ingest-failed: kept in sync the oldest ({original.id}); left alone {copy}" in (
+        result.stdout
+    )
+    assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 3 unchanged, 0 deleted"
+    assert client.read_automation(original.id).description.startswith("Page")  # type: ignore[union-attr]
+    assert client.read_automation(copy).description.startswith("Tell")  # type: ignore[union-attr]
+
+
+def test_plan_ignores_set_order_and_server_ids():
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["b.x", "a.x", "c.x"], "within": 0}
+    declared = AutomationCore.model_validate({"name": "n", "trigger": trigger, "actions": [{"type": "do-nothing"}]})
+    server_copy = Automation.model_validate(
+        {
+            **declared.model_dump(mode="json"),
+            "id": str(uuid.uuid4()),
+            "trigger": {**trigger, "expect": ["c.x", "a.x", "b.x"]},
+        }
+    )
+    changed = Automation.model_validate({**server_copy.model_dump(mode="json"), "description": "edited in the UI"})
+
+    assert [c.kind for c in plan([declared], [server_copy]).changes] == ["unchanged"]
+    [update] = plan([declared], [changed]).changes
+    assert update.kind == "update"
+    assert "-description: edited in the UI" in update.diff.splitlines()
+
+
+# ----------------------------------------------------------------------- behaviour on the server's services
+
+
+def test_call_webhook_subscription_posts_the_event_once_per_event_id(api, client, inbox, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    path = webhook_to(inbox, f"qa-{tag}")
+    directory = tmp_path / "automations"
+    write(directory, "subscriptions/qa.yaml", {"team": "qa", "subscriptions": [call_webhook("hook", f"qa-{tag}")]})
+    assert cli_apply(directory).exit_code == 0
+    event = TollwatchEvent.of(completed(f"once-{tag}"))
+
+    emit(api, event)
+    emit(api, event)  # a retried emit: same id, so Prefect drops it
+    inbox.wait_for(path)
+    time.sleep(GRACE_S)
+
+    [delivery] = inbox.received(path)
+    body = delivery.json_body
+    assert body["id"] == str(event.id)
+    assert body["event"] == "tollwatch.ingestion.completed"
+    assert body["payload"] == event.payload
+    assert body["resource"]["prefect.resource.id"] == "iceberg.local.bronze.bnt_traffic_hourly"
+    assert body["resource"]["tollwatch.already-committed"] == "false"
+
+
+def test_disabled_and_conditional_subscriptions_stay_quiet(api, client, inbox, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    witness = webhook_to(inbox, f"witness-{tag}")
+    disabled = webhook_to(inbox, f"disabled-{tag}")
+    new_only = webhook_to(inbox, f"new-only-{tag}")
+    subscriptions = [
+        call_webhook("witness", f"witness-{tag}"),
+        call_webhook("disabled", f"disabled-{tag}", enabled=False),
+        call_webhook("new-only", f"new-only-{tag}", when={"already_committed": False}),
+    ]
+    directory = tmp_path / "automations"
+    write(directory, "subscriptions/qa.yaml", {"team": "qa", "subscriptions": subscriptions})
+    assert cli_apply(directory).exit_code == 0
+
+    emit(api, TollwatchEvent.of(completed(f"replay-{tag}", already_committed=True)))
+    inbox.wait_for(witness)  # the event was evaluated...
+    time.sleep(GRACE_S)
+    assert inbox.received(disabled) == []  # ...but the disabled subscription did nothing
+    assert inbox.received(new_only) == []  # ...and the replay did not match `already_committed: false`
+
+    emit(api, TollwatchEvent.of(completed(f"new-{tag}")))
+    [delivery] = inbox.wait_for(new_only)  # a new load does match it
+    assert delivery.json_body["payload"]["refresh_id"] == f"new-{tag}"
+    inbox.wait_for(witness, count=2)
+    time.sleep(GRACE_S)
+    assert inbox.received(disabled) == []
+
+
+def test_run_local_job_subscription_starts_run_job_with_the_payload_as_a_dict(api, client, server, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    directory = tmp_path / "automations"
+    (directory / "subscriptions").mkdir(parents=True)
+    shutil.copy(SHIPPED / "subscriptions" / "traffic-analytics.yaml", directory / "subscriptions")
+    assert cli_apply(directory).exit_code == 0
+    payload = completed(f"job-{tag}")
+
+    emit(api, TollwatchEvent.of(payload))
+
+    [run] = runs_of_deployment(api, server["run-job/run-job"], f"job-{tag}")
+    assert run["parameters"] == {
+        "job": "daily_totals",
+        "completion": payload.model_dump(mode="json"),  # JSON types kept: a dict, ints, null
+        "parameters": {},
+    }
+
+
+def _alert(text: str):
+    def matches(request: Received) -> bool:
+        return isinstance(request.json_body, dict) and text in f"{request.json_body}"
+
+    return matches
+
+
+def test_ingest_failed_automation_sends_the_error_to_the_alerts_block(api, client, inbox, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    assert cli_apply(shipped_copy(tmp_path)).exit_code == 0
+    flow_run_id = str(uuid.uuid4())
+    failure = IngestionFailed(
+        table="bronze.bnt_traffic_hourly",
+        catalog="local",
+        mode="window",
+        window=None,
+        refresh_id=None,
+        error_class="UpstreamError",
+        error_message=f"socrata answered 503 ({tag})",
+        flow_run_id=flow_run_id,
+    )
+
+    emit(api, TollwatchEvent.of(failure))
+
+    [alert] = inbox.wait_for("/alerts", match=_alert(tag))
+    assert alert.json_body == {
+        "subject": "tollwatch: ingest failed (window)",
+        "body": f"UpstreamError: socrata answered 503 ({tag}) (flow run {flow_run_id})",
+    }
+
+
+@pytest.mark.timeout(180)
+def test_freshness_sla_fires_when_no_refresh_arrives(client, inbox, tmp_path):
+    """The shipped proactive trigger, with `within` cut to the minimum Prefect accepts for a proactive trigger
+    (10 s: EventTrigger.enforce_minimum_within_for_proactive_triggers)."""
+    sla = yaml.safe_load((SHIPPED / "freshness-sla.yaml").read_text())
+    sla["trigger"]["within"] = 10
+    sla["actions"][0]["subject"] = subject = f"freshness test {uuid.uuid4().hex[:8]}"
+    directory = tmp_path / "automations"
+    write(directory, "freshness-sla.yaml", sla)
+    started = time.monotonic()
+    assert cli_apply(directory).exit_code == 0
+
+    [alert, *_] = inbox.wait_for("/alerts", match=_alert(subject), timeout_s=90)
+
+    print(f"freshness SLA (within=10s) fired {time.monotonic() - started:.1f}s after the apply")
+    assert alert.json_body["body"].startswith("No tollwatch.dataset.refreshed event matched socrata.*")
