@@ -18,13 +18,12 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.client.schemas.objects import FlowRun
-from prefect.runtime import deployment, flow_run
-from prefect.settings import get_current_settings
+from prefect.runtime import flow_run
 from prefect.states import State
 
+from flows.common import emit_quietly, emitter, run_resources
 from flows.report import ingest_report
 from tollwatch import clients
-from tollwatch.emit import EventSink
 from tollwatch.events import (
     BackfillRequested,
     DatasetRefreshed,
@@ -36,8 +35,6 @@ from tollwatch.events import (
     TollwatchEvent,
     Window,
     dataset_resource_id,
-    deployment_resource,
-    flow_run_resource,
 )
 from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing
 from tollwatch.landing import LandingManifest
@@ -69,30 +66,11 @@ def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestReque
     )
 
 
-def emitter(settings: Settings) -> EventSink:
-    """Events go to the Prefect API this flow run reports to (unless tollwatch settings say otherwise)."""
-    if settings.prefect_api_url is None:
-        api = get_current_settings().api
-        settings = settings.model_copy(
-            update={
-                "prefect_api_url": api.url,
-                "prefect_api_key": api.key,
-                "prefect_api_auth_string": getattr(api, "auth_string", None),
-            }
-        )
-    return clients.event_emitter(settings)
-
-
 def related(settings: Settings) -> tuple[Resource, ...]:
-    """Flow run, deployment and dataset: what lets one publish be traced end to end."""
-    resources = [
+    """The dataset, this flow run and its deployment."""
+    return run_resources(
         Resource(id=dataset_resource_id(settings.upstream_domain, settings.upstream_dataset_id), role="dataset")
-    ]
-    if flow_run.id:
-        resources.append(flow_run_resource(flow_run.id, flow_run.name))
-    if deployment.id:
-        resources.append(deployment_resource(deployment.id, deployment.name))
-    return tuple(resources)
+    )
 
 
 @task(name="fetch-and-land", cache_policy=NO_CACHE)
@@ -156,11 +134,7 @@ def emit_failure(flow: object, run: FlowRun, state: State) -> None:
         error_message=str(error)[:2000] if error else (state.message or ""),
         flow_run_id=str(run.id),
     )
-    event = TollwatchEvent.of(payload, related=related(settings))
-    try:
-        emitter(settings).emit([event])
-    except Exception as exc:  # the run already failed; losing the event must not hide the original error
-        logger.error("could not emit %s: %s", event.event, exc)
+    emit_quietly(settings, TollwatchEvent.of(payload, related=related(settings)), logger)
 
 
 @flow(name="ingest", on_failure=[emit_failure], log_prints=True)

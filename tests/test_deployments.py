@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import time
 from datetime import date
 from pathlib import Path
@@ -31,29 +28,26 @@ def _keys(node: object) -> set[str]:
 def test_prefect_yaml_has_no_schedule_or_cron():
     config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     assert not {"schedule", "schedules", "cron", "rrule", "interval"} & _keys(config)
-    assert all(d["triggers"] for d in config["deployments"])
+    triggers = {d["name"]: d.get("triggers", []) for d in config["deployments"]}
+    # ingest is started by events; run-job only by the subscription automations (tollwatch automations apply)
+    assert {t["expect"][0] for t in triggers["ingest"]} == {
+        "tollwatch.dataset.refreshed",
+        "tollwatch.backfill.requested",
+    }
+    assert triggers["run-job"] == []
 
 
 @pytest.fixture(scope="module")
 def deployed(stack):
-    env = {
-        **os.environ,
-        "PREFECT_API_URL": stack.prefect_api_url,
-        "TOLLWATCH_WORK_POOL": "tollwatch-test",
-        "TOLLWATCH_PROJECT_DIR": str(ROOT),
-    }
-    prefect = [sys.executable, "-m", "prefect"]
-    subprocess.run(
-        [*prefect, "work-pool", "create", "tollwatch-test", "--type", "process", "--overwrite"],
-        env=env,
-        check=True,
-        capture_output=True,
-        cwd=ROOT,
-    )
-    result = subprocess.run(
-        [*prefect, "--no-prompt", "deploy", "--all"], env=env, capture_output=True, text=True, cwd=ROOT
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    """`tollwatch deploy --target local` against the session's server (no worker: runs stay scheduled)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tollwatch.deploy import deploy
+
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+        output = deploy("local")
+    assert "ingest/ingest" in output
+    assert "run-job/run-job" in output
     return stack.prefect_api_url
 
 

@@ -1,0 +1,64 @@
+"""Deploy configuration: work pool definitions from prefect.yaml and the `checkout` pull step."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tollwatch.deploy import DeployError, checkout, deploy_environment, work_pool_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_prefect_yaml_defines_a_local_process_pool_and_a_git_backed_production_pool():
+    local = work_pool_spec("local")
+    production = work_pool_spec("production")
+    assert (local.name, local.type, local.git) == ("tollwatch-local", "process", None)
+    assert production.git is not None
+    assert production.git.branch == "main"
+    with pytest.raises(DeployError, match=r"no definitions\.work_pools\.staging"):
+        work_pool_spec("staging")
+
+
+def test_deploy_environment_points_local_runs_at_this_checkout(monkeypatch):
+    monkeypatch.delenv("TOLLWATCH_GIT_REPOSITORY", raising=False)
+    env = deploy_environment(work_pool_spec("local"), ROOT)
+    assert env["TOLLWATCH_WORK_POOL"] == "tollwatch-local"
+    assert env["TOLLWATCH_PROJECT_DIR"] == str(ROOT)
+    assert env["TOLLWATCH_GIT_REPOSITORY"] == ""
+
+    monkeypatch.setenv("TOLLWATCH_GIT_REPOSITORY", "https://example.org/fork.git")
+    assert (
+        deploy_environment(work_pool_spec("production"))["TOLLWATCH_GIT_REPOSITORY"] == "https://example.org/fork.git"
+    )
+
+
+def test_checkout_without_a_repository_uses_the_project_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert checkout(directory=str(ROOT)) == {"directory": str(ROOT)}
+    assert Path.cwd() == ROOT
+
+
+def test_checkout_clones_the_repository_the_way_a_production_worker_does(tmp_path, monkeypatch):
+    """A production worker clones the configured branch; here the repository is this very checkout."""
+    branch = subprocess.run(
+        ["git", "rev-parse", "--abbrev-ref", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    monkeypatch.chdir(tmp_path)
+    output = checkout(repository=f"file://{ROOT}", branch=branch)
+    cloned = Path(output["directory"])
+    assert cloned.is_absolute() or (tmp_path / cloned).exists()
+    assert (tmp_path / cloned / "flows" / "ingest.py").exists()
+
+
+@pytest.mark.parametrize("field", ["directory", "repository", "branch"])
+def test_checkout_refuses_variables_that_were_not_set_at_deploy_time(field):
+    with pytest.raises(DeployError, match=f"{field} is"):
+        checkout(**{"directory": str(ROOT), field: "{{ $TOLLWATCH_GIT_REPOSITORY }}"})
+
+
+def test_checkout_without_any_source_says_so():
+    with pytest.raises(DeployError, match="neither a git repository nor a project directory"):
+        checkout()

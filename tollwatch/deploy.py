@@ -1,0 +1,146 @@
+"""Deploy the project: create/update its work pool, then `prefect deploy --all` from `prefect.yaml`.
+
+`prefect.yaml` declares the work pools under `definitions.work_pools` (`local`: a process pool on this
+machine running this checkout; `production`: a pool whose workers fetch the code from git for every run).
+`tollwatch deploy --target <name>` reads that definition, makes the pool exist with that spec, and runs
+Prefect's own deploy with the environment `prefect.yaml` templates from (`TOLLWATCH_WORK_POOL`,
+`TOLLWATCH_PROJECT_DIR`, `TOLLWATCH_GIT_REPOSITORY`, `TOLLWATCH_GIT_BRANCH`).
+
+Also home of the pull step `checkout`, which runs on the worker before each flow run.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
+
+
+class DeployError(RuntimeError):
+    """Deploying failed; the message says which step and why."""
+
+
+class GitSource(BaseModel):
+    """Where production workers fetch the code from (the repository URL may come from the environment)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    repository: str = Field(description="clone URL; TOLLWATCH_GIT_REPOSITORY overrides it")
+    branch: str = "main"
+    access_token_secret: str = Field(
+        default="", description="name of a Prefect Secret block holding a token for private repositories"
+    )
+
+
+class WorkPoolSpec(BaseModel):
+    """One entry of `definitions.work_pools` in prefect.yaml."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    type: Literal["process"] = Field(
+        default="process", description="container pools (ACI, Kubernetes) need their worker package installed"
+    )
+    description: str = ""
+    concurrency_limit: int | None = Field(default=None, ge=1)
+    git: GitSource | None = Field(default=None, description="None: workers run the checkout they were started in")
+
+
+def work_pool_spec(target: str, prefect_file: Path = PREFECT_FILE) -> WorkPoolSpec:
+    """The named work pool definition from prefect.yaml."""
+    config = yaml.safe_load(prefect_file.read_text()) or {}
+    pools: dict[str, Any] = (config.get("definitions") or {}).get("work_pools") or {}
+    if target not in pools:
+        raise DeployError(f"{prefect_file.name}: no definitions.work_pools.{target} (have: {', '.join(pools)})")
+    return WorkPoolSpec.model_validate(pools[target])
+
+
+def deploy_environment(spec: WorkPoolSpec, project_dir: Path = PROJECT_ROOT) -> dict[str, str]:
+    """The variables prefect.yaml is templated from, for this pool (an explicit environment value wins)."""
+    git = spec.git
+    return {
+        "TOLLWATCH_WORK_POOL": spec.name,
+        "TOLLWATCH_PROJECT_DIR": str(project_dir),
+        "TOLLWATCH_GIT_REPOSITORY": os.environ.get("TOLLWATCH_GIT_REPOSITORY", git.repository if git else ""),
+        "TOLLWATCH_GIT_BRANCH": os.environ.get("TOLLWATCH_GIT_BRANCH", git.branch if git else ""),
+        "TOLLWATCH_GIT_TOKEN_SECRET": git.access_token_secret if git else "",
+    }
+
+
+def ensure_work_pool(spec: WorkPoolSpec) -> None:
+    """Create the pool, or bring an existing one in line with the spec (idempotent)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
+    from prefect.exceptions import ObjectAlreadyExists
+    from prefect.workers.process import ProcessWorker
+
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_work_pool(
+                WorkPoolCreate(
+                    name=spec.name,
+                    type=spec.type,
+                    description=spec.description,
+                    concurrency_limit=spec.concurrency_limit,
+                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                )
+            )
+        except ObjectAlreadyExists:
+            client.update_work_pool(
+                spec.name, WorkPoolUpdate(description=spec.description, concurrency_limit=spec.concurrency_limit)
+            )
+
+
+def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
+    """Ensure the target's work pool and deploy every deployment of prefect.yaml into it; returns Prefect's output."""
+    spec = work_pool_spec(target, project_dir / "prefect.yaml")
+    ensure_work_pool(spec)
+    env = {**os.environ, **deploy_environment(spec, project_dir)}
+    result = subprocess.run(
+        [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
+        cwd=project_dir,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise DeployError(f"prefect deploy failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result.stdout
+
+
+# ------------------------------------------------------------------------------------------------ pull step
+
+
+def checkout(directory: str = "", repository: str = "", branch: str = "", token_secret: str = "") -> dict[str, str]:
+    """Pull step: fetch the code the worker runs.
+
+    With a repository, clone it (Prefect's own `git_clone`, optionally with a token from a Secret block) and
+    return its directory, which Prefect makes the working directory; without one, use `directory` — the
+    checkout a local worker was started from. Values still looking like `{{ $VAR }}` were not set at deploy
+    time: that is an error, not a silent fallback to some other code.
+    """
+    from prefect.deployments.steps import git_clone, set_working_directory
+
+    for name, value in (("directory", directory), ("repository", repository), ("branch", branch)):
+        if "{{" in value:
+            raise DeployError(f"pull step: {name} is {value!r}; deploy with `tollwatch deploy` or set the variable")
+    if repository:
+        token = None
+        if token_secret:
+            from prefect.blocks.system import Secret
+
+            token = Secret.load(token_secret).get()
+        return git_clone(repository=repository, branch=branch or None, access_token=token)
+    if not directory:
+        raise DeployError("pull step: neither a git repository nor a project directory was configured")
+    set_working_directory(directory)
+    return {"directory": directory}
