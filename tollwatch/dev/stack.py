@@ -39,7 +39,11 @@ from tollwatch.dev.procs import ProcessRef, free_port, spawn, tail, terminate_gr
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
-SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror")
+SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror", "inbox", "worker")
+#: Started after the others, because they are configured with the others' endpoints.
+DEPENDENT_SERVICES: frozenset[str] = frozenset({"worker"})
+#: The work pool the local worker serves (prefect.yaml `definitions.work_pools.local`).
+LOCAL_WORK_POOL = "tollwatch-local"
 HOST = "127.0.0.1"
 DEFAULT_DATASET = "qzve-kjga"
 
@@ -68,6 +72,7 @@ class StackEndpoints:
     blob_url: str
     mirror_url: str
     state_dir: Path
+    inbox_url: str = ""
 
     def env(self) -> dict[str, str]:
         """Environment variables that point tollwatch and prefect at this stack.
@@ -161,10 +166,21 @@ def _check_mirror(record: ServiceRecord) -> str | None:
     return _check_http(f"{record.url}/admin/state")
 
 
+def _check_inbox(record: ServiceRecord) -> str | None:
+    return _check_http(f"{record.url}/_received")
+
+
+def _check_worker(record: ServiceRecord) -> str | None:
+    """A worker has no port; it is healthy while its process lives (it logs and retries API errors itself)."""
+    return None if record.process.alive() else "worker process exited"
+
+
 _CHECKS: dict[str, Callable[[ServiceRecord], str | None]] = {
     "azurite": _check_azurite,
     "prefect": _check_prefect,
     "mirror": _check_mirror,
+    "inbox": _check_inbox,
+    "worker": _check_worker,
 }
 
 
@@ -204,6 +220,9 @@ class _Service:
 
     def env(self, port: int) -> dict[str, str]:
         return {**os.environ, "PYTHONUNBUFFERED": "1"}
+
+    def bind(self, endpoints: StackEndpoints) -> None:
+        """Learn the endpoints of the services started before this one (only dependent services care)."""
 
     def choose_port(self) -> int:
         """0 if the service binds port 0 and reports the real port; else a free port picked here."""
@@ -357,6 +376,8 @@ class _Prefect(_Service):
             "PREFECT_SERVER_UI_ENABLED": str(self.ui).lower(),
             # Events reach the DB (and `events/filter`) within ~1 s instead of 5 s: snappier demos and tests.
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
+            # A run queued behind the deployment's concurrency limit is re-offered after 2 s instead of 30 s.
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
         }
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -418,6 +439,73 @@ class _Mirror(_Service):
         return int(match.group(2)), match.group(1).rstrip("/")
 
 
+_INBOX_URL = re.compile(r"^INBOX_URL=(http://\S+?:(\d+))\s*$", re.MULTILINE)
+
+
+@dataclass
+class _Inbox(_Service):
+    """A loopback receiver for notifications and subscription webhooks (`tollwatch.dev.inbox`); every request
+    is appended to `<state>/inbox/<first path segment>.jsonl`, so a human can read what was sent."""
+
+    def argv(self, port: int) -> list[str]:
+        log_dir = self.state_dir / "inbox"
+        return [sys.executable, "-m", "tollwatch.dev.inbox", "--host", HOST, "--port", "0", "--log-dir", str(log_dir)]
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        match = _INBOX_URL.search(self._log_since(pending))
+        if match is None:
+            return None
+        return int(match.group(2)), match.group(1).rstrip("/")
+
+
+#: Worker tuning for low event→run latency: poll for scheduled runs every second (Prefect's default is 10 s).
+WORKER_TUNING: dict[str, str] = {
+    "PREFECT_WORKER_QUERY_SECONDS": "1",
+    "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+}
+
+
+@dataclass
+class _Worker(_Service):
+    """`prefect worker start` for the local process pool, with the stack's endpoints in its environment, which
+    every flow run it starts inherits (so runs write to this stack's Azurite, warehouse and Prefect server)."""
+
+    pool: str = LOCAL_WORK_POOL
+    endpoint_env: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> dict[str, Any]:
+        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items()))}
+
+    def bind(self, endpoints: StackEndpoints) -> None:
+        self.endpoint_env = endpoints.env()
+
+    def preflight(self) -> None:
+        if "PREFECT_API_URL" not in self.endpoint_env:
+            raise StackError("the worker needs the Prefect server: start it with the `prefect` service")
+
+    def argv(self, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "prefect", "worker", "start",
+            "--pool", self.pool,
+            "--type", "process",
+            "--name", f"{self.pool}-worker",
+        ]  # fmt: skip
+
+    def env(self, port: int) -> dict[str, str]:
+        inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        return {
+            **inherited,
+            "PYTHONUNBUFFERED": "1",
+            "PREFECT_HOME": str(self.state_dir / "worker"),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            **WORKER_TUNING,
+            **self.endpoint_env,
+        }
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        return (0, f"pool:{self.pool}") if "started!" in self._log_since(pending) else None
+
+
 # ------------------------------------------------------------------------------------------------ the stack
 
 
@@ -455,6 +543,8 @@ class LocalStack:
                 through=mirror_through,
                 seed=seed,
             ),
+            "inbox": _Inbox("inbox", self.state_dir, startup_timeout_s=30.0),
+            "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0),
         }
 
     # -- public API
@@ -467,15 +557,21 @@ class LocalStack:
         """
         with self._locked():
             records = self._load()
-            wanted = [self._specs[name] for name in self.services if not self._reusable(records.get(name))]
-            for spec in wanted:
-                self._forget(records, spec.name)
-            for spec in wanted:
-                spec.preflight()
-            self._save(records)  # stale entries are gone even if startup fails below
-            records.update(self._start(wanted))
-            self._save(records)
             self._warehouse_dir().mkdir(parents=True, exist_ok=True)
+            first = [name for name in self.services if name not in DEPENDENT_SERVICES]
+            then = [name for name in self.services if name in DEPENDENT_SERVICES]
+            for phase in (first, then):
+                specs = [self._specs[name] for name in phase]
+                for spec in specs:
+                    spec.bind(self._endpoints(records))
+                wanted = [spec for spec in specs if not self._reusable(records.get(spec.name))]
+                for spec in wanted:
+                    self._forget(records, spec.name)
+                for spec in wanted:
+                    spec.preflight()
+                self._save(records)  # stale entries are gone even if startup fails below
+                records.update(self._start(wanted))
+                self._save(records)
             return self._endpoints(records)
 
     def down(self) -> None:
@@ -539,6 +635,7 @@ class LocalStack:
             blob_url=blob_url,
             mirror_url=records["mirror"].url if "mirror" in records else "",
             state_dir=self.state_dir,
+            inbox_url=records["inbox"].url if "inbox" in records else "",
         )
 
     def _warehouse_dir(self) -> Path:
