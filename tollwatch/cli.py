@@ -3,72 +3,18 @@
 from __future__ import annotations
 
 import json
-import logging
-import os
 import sys
-from collections.abc import Callable
 from datetime import date
-from functools import wraps
-from pathlib import Path
-from typing import Annotated, Any, ParamSpec, TypeVar
+from typing import Annotated, Any
 
 import typer
-from pydantic import ValidationError
 
+from tollwatch.cli_common import StateDir, configure_logging, fail, friendly, use_stack
 from tollwatch.settings import DEFAULT_STATE_DIR, load_settings
-
-P = ParamSpec("P")
-R = TypeVar("R")
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local stack.")
 app.add_typer(stack_app, name="stack")
-
-StateDir = Annotated[Path, typer.Option(help="where the local stack keeps its state", envvar="TOLLWATCH_STATE_DIR")]
-
-
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg="red", err=True)
-    raise typer.Exit(1)
-
-
-def friendly(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn the errors a user can fix into one red line and exit code 1."""
-
-    @wraps(fn)
-    def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from tollwatch.clients import ConfigurationError
-        from tollwatch.dev.stack import StackError
-        from tollwatch.emit import EmitError
-        from tollwatch.socrata import UpstreamError
-
-        try:
-            return fn(*args, **kwargs)
-        except ValidationError as exc:
-            _fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors()))
-        except (ConfigurationError, StackError, EmitError, UpstreamError, FileNotFoundError, ValueError) as exc:
-            _fail(str(exc))
-        raise AssertionError("unreachable")
-
-    return wrapper
-
-
-def _use_stack(state_dir: Path) -> None:
-    """Point settings and prefect at the running local stack, unless the user configured them explicitly."""
-    from tollwatch.dev.stack import LocalStack
-
-    endpoints = LocalStack(state_dir).endpoints()
-    for key, value in endpoints.env().items():
-        os.environ.setdefault(key, value)
-
-
-def _configure_logging(verbose: bool) -> None:
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("azure", "httpx", "urllib3", "pyiceberg"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
 
 # ---------------------------------------------------------------------------------------------- stack
 
@@ -151,13 +97,13 @@ def ingest(
     verbose: bool = False,
 ) -> None:
     """Run the ingest flow once, in this process, and print what it committed."""
-    _configure_logging(verbose)
+    configure_logging(verbose)
     if local_stack:
-        _use_stack(state_dir)
+        use_stack(state_dir)
     params: dict[str, Any] = {"request_id": request_id}
     if start or stop:
         if not (start and stop):
-            _fail("--start and --stop go together")
+            fail("--start and --stop go together")
         from tollwatch.events import Window
 
         window = Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop))  # type: ignore[arg-type]
@@ -172,36 +118,32 @@ def ingest(
 @friendly
 def demo(
     state_dir: StateDir = DEFAULT_STATE_DIR,
-    start: str = "2024-01-01",
-    stop: str = "2024-02-01",
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the ingest and downstream runs")] = 300.0,
 ) -> None:
-    """Start the local stack and ingest the sample month through the Prefect flow; print the table."""
-    from tollwatch.dev.stack import LocalStack
+    """The main job: stack up, deploy, apply automations, publish a week upstream, and follow it downstream."""
+    from tollwatch.demo import run_demo
 
-    _configure_logging(False)
-    endpoints = LocalStack(state_dir).up()
-    for key, value in endpoints.env().items():
-        os.environ.setdefault(key, value)
-    completed = _run_ingest(
-        {"start": date.fromisoformat(start), "stop": date.fromisoformat(stop), "request_id": "demo"}
-    )
+    configure_logging(False)
+    result = run_demo(state_dir, timeout_s=timeout, say=typer.echo)
+    typer.echo("")
+    typer.echo(result.trace.render())
+    typer.echo("")
     _print_table_info()
-    replay = " (already committed: replay was a no-op)" if completed.already_committed else ""
-    typer.echo(
-        f"flow run {completed.flow_run_id}: fetched {completed.rows_fetched}, wrote {completed.rows_written}, "
-        f"rejected {completed.rows_rejected}{replay}"
-    )
-    typer.echo(f"Prefect UI: {endpoints.prefect_api_url.removesuffix('/api')}  (stop with `make down`)")
+    typer.echo(f"Prefect UI: {result.prefect_ui}  (run again to publish one more week; stop with `make down`)")
+    if not result.succeeded:
+        fail("the chain did not end in tollwatch.job.completed: see the trace above and the Prefect UI")
 
 
 def _print_table_info() -> None:
     from tollwatch.clients import table_store
 
-    info = table_store(load_settings()).info()
-    typer.echo(f"table    : {info.identifier}")
-    typer.echo(f"location : {info.location}")
-    typer.echo(f"rows     : {info.rows}")
-    typer.echo(f"snapshot : {info.snapshot_id} ({info.snapshots} snapshots)")
+    settings = load_settings()
+    for identifier in (settings.table, settings.daily_totals_table):
+        info = table_store(settings, identifier).info()
+        typer.echo(f"table    : {info.identifier}")
+        typer.echo(f"location : {info.location}")
+        typer.echo(f"rows     : {info.rows}")
+        typer.echo(f"snapshot : {info.snapshot_id} ({info.snapshots} snapshots)")
 
 
 @app.command("table")
@@ -209,8 +151,22 @@ def _print_table_info() -> None:
 def table_info(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     """Where the bronze table is, how many rows it has, its current snapshot."""
     if (state_dir / "stack.json").exists():
-        _use_stack(state_dir)
+        use_stack(state_dir)
     _print_table_info()
+
+
+def _register_operating_commands() -> None:
+    from tollwatch import cli_ops
+    from tollwatch.cli_automations import automations_app
+
+    app.command("deploy")(friendly(cli_ops.deploy))
+    app.command("backfill")(friendly(cli_ops.backfill))
+    app.command("trace")(friendly(cli_ops.trace))
+    app.command("status")(friendly(cli_ops.status))
+    app.add_typer(automations_app, name="automations")
+
+
+_register_operating_commands()
 
 
 def main() -> None:
@@ -239,15 +195,15 @@ def functions_serve(
     """Serve the app's HTTP routes on 127.0.0.1 with function-key auth (key: TOLLWATCH_FUNCTION_KEY)."""
     from tollwatch.dev.funchost import FunctionHost, FunctionHostError, load_function_app
 
-    _configure_logging(verbose)
+    configure_logging(verbose)
     if local_stack and (state_dir / "stack.json").exists():
-        _use_stack(state_dir)
+        use_stack(state_dir)
     settings = load_settings()
     key = settings.function_key.get_secret_value() if settings.function_key else None
     try:
         host = FunctionHost(load_function_app(), function_key=key, port=port)
     except (FunctionHostError, OSError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
         return
     for route in host.routes.values():
         auth = "function key" if route.needs_key else "anonymous"
@@ -278,14 +234,14 @@ def watch(
     from tollwatch.watermark import WatermarkConflict
 
     if not once:
-        _fail("only --once is supported here: the schedule runs in Azure Functions (TOLLWATCH_WATCH_SCHEDULE)")
-    _configure_logging(verbose)
+        fail("only --once is supported here: the schedule runs in Azure Functions (TOLLWATCH_WATCH_SCHEDULE)")
+    configure_logging(verbose)
     if local_stack and (state_dir / "stack.json").exists():
-        _use_stack(state_dir)
+        use_stack(state_dir)
     try:
         handler = find_function(load_function_app(), "watch_upstream")
         handler(TimerRequest(past_due=past_due))
     except (FunctionHostError, WatermarkConflict) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except AzureError as exc:
-        _fail(f"blob storage: {type(exc).__name__}: {exc.message}")
+        fail(f"blob storage: {type(exc).__name__}: {exc.message}")

@@ -1,0 +1,112 @@
+"""Follow the ingest runs a backfill's chunk events started, until each one has ended.
+
+A chunk's run is found through the automation action the server took on that chunk's event (see
+`tollwatch.observe`), never by guessing from parameters, so a re-sent request finds the runs its
+first delivery started and a rerun finds only its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import date
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+from tollwatch.events import EventName, TollwatchEvent
+from tollwatch.observe import PrefectObserver
+
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+#: States of a chunk that never got (or lost) its run.
+NO_RUN = "NO RUN"
+NOT_STARTED = "WAITING"
+
+
+class ChunkOutcome(BaseModel):
+    """Where one chunk stands: its event, its run (if any yet), the run's state and what it loaded."""
+
+    model_config = ConfigDict(frozen=True)
+
+    start: date
+    stop: date
+    event_id: UUID
+    flow_run_id: UUID | None = None
+    flow_run_name: str | None = None
+    state: str = NOT_STARTED
+    rows_written: int | None = None
+    already_committed: bool = False
+    duration_s: float | None = None
+    message: str = ""
+    duplicate_runs: int = 0
+
+    @property
+    def done(self) -> bool:
+        return self.state in TERMINAL or self.state == NO_RUN
+
+    @property
+    def succeeded(self) -> bool:
+        return self.state == "COMPLETED" and self.duplicate_runs == 0
+
+
+def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> list[ChunkOutcome]:
+    """One outcome per chunk event, from the server's records right now."""
+    runs_by_event: dict[UUID, list[UUID]] = {}
+    for action in observer.actions_on([event.id for event in events]):
+        runs_by_event.setdefault(action.triggering_event_id, []).extend(action.flow_run_ids)
+    all_runs = [run_id for run_ids in runs_by_event.values() for run_id in run_ids]
+    runs = observer.flow_runs(all_runs)
+    completions = observer.emitted_by(all_runs, [EventName.INGESTION_COMPLETED, EventName.INGESTION_FAILED])
+    outcomes = []
+    for event in events:
+        start, stop = event.payload["start"], event.payload["stop"]
+        base = ChunkOutcome(start=start, stop=stop, event_id=event.id)
+        run_ids = runs_by_event.get(event.id, [])
+        run = runs.get(run_ids[0]) if run_ids else None
+        if run is None:
+            outcomes.append(base)
+            continue
+        state = run.state.type.value if run.state else "UNKNOWN"
+        completion = completions.get(run.id)
+        payload = completion.payload if completion is not None else {}
+        outcomes.append(
+            base.model_copy(
+                update={
+                    "flow_run_id": run.id,
+                    "flow_run_name": run.name,
+                    "state": state,
+                    "rows_written": payload.get("rows_written"),
+                    "already_committed": bool(payload.get("already_committed", False)),
+                    "duration_s": run.total_run_time.total_seconds() if state in TERMINAL else None,
+                    "message": (run.state.message or "") if run.state and state != "COMPLETED" else "",
+                    "duplicate_runs": len(set(run_ids)) - 1,
+                }
+            )
+        )
+    return outcomes
+
+
+def follow(
+    observer: PrefectObserver,
+    events: list[TollwatchEvent],
+    *,
+    timeout_s: float,
+    poll_s: float = 1.0,
+    on_progress: Callable[[list[ChunkOutcome]], None] | None = None,
+) -> list[ChunkOutcome]:
+    """Poll until every chunk's run has ended, or the timeout passes (chunks still without a run: NO RUN)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        outcomes = chunk_outcomes(observer, events)
+        if on_progress is not None:
+            on_progress(outcomes)
+        if all(outcome.done for outcome in outcomes):
+            return outcomes
+        if time.monotonic() >= deadline:
+            return [
+                outcome.model_copy(update={"state": NO_RUN, "message": "no run was started for this chunk"})
+                if outcome.flow_run_id is None
+                else outcome
+                for outcome in outcomes
+            ]
+        time.sleep(poll_s)

@@ -1,0 +1,207 @@
+"""Read back what the pipeline did from Prefect itself: which runs an event started, what a run announced.
+
+Prefect records the causal links we need, so tollwatch keeps no bookkeeping of its own:
+- when an automation (a deployment trigger or a subscription) acts on an event, the server emits
+  `prefect.automation.action.executed` whose related resources include `prefect.event.<triggering id>`
+  (role `triggering-event`) and, for run-deployment actions, `prefect.flow-run.<id>` (role `flow-run`);
+- every tollwatch event a flow emits relates to `prefect.flow-run.<id>` of the run that emitted it;
+- a flow run's state history gives when it was scheduled, started and finished.
+
+`PrefectObserver` wraps those reads behind small typed methods, used by `tollwatch backfill --wait`,
+`tollwatch trace` and `tollwatch status`. It takes a Prefect client, so tests use the real server.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import datetime, timedelta
+from typing import TYPE_CHECKING
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.events.schemas.events import ReceivedEvent
+
+ACTION_TRIGGERED = "prefect.automation.action.triggered"
+ACTION_EXECUTED = "prefect.automation.action.executed"
+ACTION_FAILED = "prefect.automation.action.failed"
+_PAGE = 50  # the events API refuses larger pages
+
+
+class ActionTaken(BaseModel):
+    """One automation action the server took because of one event."""
+
+    model_config = ConfigDict(frozen=True)
+
+    automation: str
+    action_type: str
+    triggering_event_id: UUID
+    flow_run_ids: tuple[UUID, ...]
+    at: datetime
+    failed: bool = False
+    reason: str = ""
+
+
+def _related_ids(event: ReceivedEvent, role: str) -> list[str]:
+    return [r.id for r in event.related if r.role == role]
+
+
+def _uuid_after(resource_id: str, prefix: str) -> UUID | None:
+    if not resource_id.startswith(prefix):
+        return None
+    try:
+        return UUID(resource_id[len(prefix) :])
+    except ValueError:
+        return None
+
+
+def _invocation(event: ReceivedEvent) -> tuple[str, str]:
+    return str(event.payload.get("invocation", "")), str(event.payload.get("action_index", ""))
+
+
+class PrefectObserver:
+    """Typed reads of events, automation actions and flow runs from one Prefect API."""
+
+    def __init__(self, client: SyncPrefectClient, *, lookback: timedelta = timedelta(days=30)) -> None:
+        self.client = client
+        self.lookback = lookback
+
+    # -- events
+
+    def events(
+        self,
+        *,
+        names: Sequence[str] | None = None,
+        ids: Iterable[UUID] | None = None,
+        related_ids: Iterable[str] | None = None,
+        since: datetime | None = None,
+        newest_first: bool = False,
+        limit: int = 1000,
+    ) -> list[ReceivedEvent]:
+        """Events matching all given criteria, oldest first unless asked (follows pagination up to `limit`)."""
+        from prefect.events.filters import (
+            EventFilter,
+            EventIDFilter,
+            EventNameFilter,
+            EventOccurredFilter,
+            EventOrder,
+            EventRelatedFilter,
+        )
+        from prefect.types._datetime import now
+
+        criteria: dict[str, object] = {
+            "occurred": EventOccurredFilter(since=since or now("UTC") - self.lookback, until=now("UTC") + timedelta(1)),
+            "order": EventOrder.DESC if newest_first else EventOrder.ASC,
+        }
+        if names:
+            criteria["event"] = EventNameFilter(name=list(names))
+        if ids is not None:
+            criteria["id"] = EventIDFilter(id=list(ids))
+        if related_ids is not None:
+            criteria["related"] = EventRelatedFilter(id=list(related_ids))
+        page = self.client.read_events(EventFilter(**criteria), limit=min(limit, _PAGE))
+        found = list(page.events)
+        while page.next_page and len(found) < limit:
+            page = self.client.read_events_page(str(page.next_page))
+            found.extend(page.events)
+        return found[:limit]
+
+    def event(self, event_id: UUID) -> ReceivedEvent | None:
+        found = self.events(ids=[event_id], limit=1)
+        return found[0] if found else None
+
+    def actions_on(self, event_ids: Iterable[UUID]) -> list[ActionTaken]:
+        """What automations did because of these events (run a deployment, call a webhook, notify)."""
+        wanted = [f"prefect.event.{event_id}" for event_id in event_ids]
+        if not wanted:
+            return []
+        actions = []
+        found = self.events(names=[ACTION_TRIGGERED, ACTION_EXECUTED, ACTION_FAILED], related_ids=wanted)
+        # `triggered` carries when the trigger fired; `executed`/`failed` (same invocation) what came of it
+        fired = {_invocation(e): e.occurred for e in found if e.event == ACTION_TRIGGERED}
+        for event in (e for e in found if e.event != ACTION_TRIGGERED):
+            triggering = [_uuid_after(r, "prefect.event.") for r in _related_ids(event, "triggering-event")]
+            runs = [_uuid_after(r, "prefect.flow-run.") for r in _related_ids(event, "flow-run")]
+            if not triggering or triggering[0] is None:
+                continue
+            actions.append(
+                ActionTaken(
+                    automation=event.resource.get("prefect.resource.name", event.resource.id),
+                    action_type=str(event.payload.get("action_type", "")),
+                    triggering_event_id=triggering[0],
+                    flow_run_ids=tuple(run for run in runs if run is not None),
+                    at=fired.get(_invocation(event), event.occurred),
+                    failed=event.event == ACTION_FAILED,
+                    reason=str(event.payload.get("reason", "")),
+                )
+            )
+        return actions
+
+    def action_starting(self, flow_run_id: UUID) -> ActionTaken | None:
+        """The automation action that created this flow run, if one did."""
+        for event in self.events(names=[ACTION_EXECUTED], related_ids=[f"prefect.flow-run.{flow_run_id}"]):
+            triggering = [_uuid_after(r, "prefect.event.") for r in _related_ids(event, "triggering-event")]
+            if triggering and triggering[0] is not None:
+                return ActionTaken(
+                    automation=event.resource.get("prefect.resource.name", event.resource.id),
+                    action_type=str(event.payload.get("action_type", "")),
+                    triggering_event_id=triggering[0],
+                    flow_run_ids=(flow_run_id,),
+                    at=event.occurred,
+                )
+        return None
+
+    def emitted_by(self, flow_run_ids: Iterable[UUID], names: Sequence[str]) -> dict[UUID, ReceivedEvent]:
+        """The (first) event of `names` each flow run emitted, by flow run id."""
+        runs = {f"prefect.flow-run.{run_id}": run_id for run_id in flow_run_ids}
+        if not runs:
+            return {}
+        found: dict[UUID, ReceivedEvent] = {}
+        for event in self.events(names=names, related_ids=list(runs)):
+            for resource_id in _related_ids(event, "flow-run"):
+                run_id = runs.get(resource_id)
+                if run_id is not None:
+                    found.setdefault(run_id, event)
+        return found
+
+    # -- flow runs
+
+    def flow_runs(self, ids: Iterable[UUID]) -> dict[UUID, FlowRun]:
+        from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+        wanted = list(ids)
+        if not wanted:
+            return {}
+        runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=wanted)))
+        return {run.id: run for run in runs}
+
+    def state_times(self, flow_run_id: UUID) -> dict[str, datetime]:
+        """When the run first entered each state type (SCHEDULED, PENDING, RUNNING, COMPLETED, …)."""
+        times: dict[str, datetime] = {}
+        for state in sorted(self.client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp):
+            times.setdefault(state.type.value, state.timestamp)
+        return times
+
+    def latest_runs(self, flow_name: str, limit: int = 1) -> list[FlowRun]:
+        """The newest runs of one flow (by creation)."""
+        from prefect.client.schemas.filters import FlowFilter, FlowFilterName
+        from prefect.client.schemas.sorting import FlowRunSort
+
+        return self.client.read_flow_runs(
+            flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
+            sort=FlowRunSort.EXPECTED_START_TIME_DESC,
+            limit=limit,
+        )
+
+
+@contextmanager
+def connect() -> Iterator[PrefectObserver]:
+    """An observer on the Prefect API the environment points at (PREFECT_API_URL), closed afterwards."""
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        yield PrefectObserver(client)
