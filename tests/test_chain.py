@@ -227,3 +227,22 @@ def test_trace_by_flow_run_id_finds_the_same_chain(chain):
         assert "tollwatch.dataset.refreshed" in trace.hops[0].what or "tollwatch.backfill" in trace.hops[0].what
         assert any(str(job_run.id) in hop.what for hop in trace.hops)
         assert isinstance(trace.origin_event_id, UUID)
+
+
+def test_trace_and_status_commands_print_the_chain_and_the_pipeline_state(chain):
+    with connect() as obs:
+        refreshed = obs.events(names=[EventName.DATASET_REFRESHED], newest_first=True, limit=1)[0]
+    traced = CliRunner().invoke(_cli(), ["trace", str(refreshed.id), "--no-local-stack"])
+    assert traced.exit_code == 0, traced.output
+    assert "tollwatch.ingestion.completed" in traced.output
+    assert "end to end:" in traced.output
+
+    status = CliRunner().invoke(_cli(), ["status", "--no-local-stack"])
+    assert status.exit_code == 0, status.output
+    assert f"event {refreshed.id}" in status.output
+    assert "rowsUpdatedAt" in status.output
+    assert "bronze.bnt_traffic_hourly snapshot" in status.output
+
+    unknown = CliRunner().invoke(_cli(), ["trace", "not-a-uuid", "--no-local-stack"])
+    assert unknown.exit_code == 1
+    assert "is not an event or flow run id" in unknown.output

@@ -62,3 +62,14 @@ def test_checkout_refuses_variables_that_were_not_set_at_deploy_time(field):
 def test_checkout_without_any_source_says_so():
     with pytest.raises(DeployError, match="neither a git repository nor a project directory"):
         checkout()
+
+
+def test_deploy_refuses_to_run_without_a_prefect_api(monkeypatch):
+    """Without PREFECT_API_URL prefect would deploy into a temporary server that vanishes with the command."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from tollwatch.deploy import deploy
+
+    monkeypatch.delenv("PREFECT_API_URL", raising=False)
+    with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(DeployError, match="PREFECT_API_URL"):
+        deploy("local")

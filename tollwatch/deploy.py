@@ -101,9 +101,14 @@ def ensure_work_pool(spec: WorkPoolSpec) -> None:
 
 def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
     """Ensure the target's work pool and deploy every deployment of prefect.yaml into it; returns Prefect's output."""
+    from prefect.settings import get_current_settings
+
+    api_url = get_current_settings().api.url
+    if not api_url:  # prefect would deploy into a temporary server that vanishes with the command
+        raise DeployError("PREFECT_API_URL is not set: start the local stack (`make up`) or point it at your server")
     spec = work_pool_spec(target, project_dir / "prefect.yaml")
     ensure_work_pool(spec)
-    env = {**os.environ, **deploy_environment(spec, project_dir)}
+    env = {**os.environ, **deploy_environment(spec, project_dir), "PREFECT_API_URL": str(api_url)}
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
         cwd=project_dir,
