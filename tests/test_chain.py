@@ -41,6 +41,13 @@ subscriptions:
 """
 
 
+FAIL_FAST = {
+    "TOLLWATCH_UPSTREAM_MAX_ATTEMPTS": "2",
+    "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2",
+    "TOLLWATCH_TASK_RETRIES": "0",
+}
+
+
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     """A stack of its own (its automations must not see other tests' events), deployed and applied."""
@@ -56,25 +63,25 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
         mirror_start=date(2024, 1, 1),
         mirror_through=date(2024, 2, 1),
     )
-    endpoints = local.up()
     automations = state / "automations"
     shutil.copytree(ROOT / "automations", automations)
     (automations / "subscriptions" / "chain-test.yaml").write_text(SUBSCRIPTION_DISABLED)
-    try:
-        with (
-            pytest.MonkeyPatch.context() as patch,
-            temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}),
-        ):
-            for key, value in {**endpoints.env(), "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2"}.items():
+    with pytest.MonkeyPatch.context() as patch:
+        # the worker (and every flow run it starts) inherits these: an upstream failure fails fast
+        for key, value in FAIL_FAST.items():
+            patch.setenv(key, value)
+        endpoints = local.up()
+        try:
+            for key, value in endpoints.env().items():
                 patch.setenv(key, value)
-            patch.setenv("TOLLWATCH_UPSTREAM_MAX_ATTEMPTS", "2")
-            deploy("local")
-            ensure_local_blocks(endpoints.inbox_url)
-            applied = CliRunner().invoke(_cli(), ["automations", "apply", "--dir", str(automations)])
-            assert applied.exit_code == 0, applied.output
-            yield endpoints
-    finally:
-        local.down()
+            with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+                deploy("local")
+                ensure_local_blocks(endpoints.inbox_url)
+                applied = CliRunner().invoke(_cli(), ["automations", "apply", "--dir", str(automations)])
+                assert applied.exit_code == 0, applied.output
+                yield endpoints
+        finally:
+            local.down()
 
 
 def _cli():
