@@ -162,11 +162,18 @@ def ingest(
 
     began = time.perf_counter()
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
-    previous = committed_snapshot(request)
+    run_page_url = None
+    # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
+    previous = committed_snapshot(request) if settings.engine == "local" else None
     if previous is None:
         manifest = land.with_options(**retry)(request)
         fetched = time.perf_counter()
-        result = load.with_options(**retry)(request, manifest)
+        if settings.engine == "databricks":
+            from flows.databricks import merge_on_databricks
+
+            result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
+        else:
+            result = load.with_options(**retry)(request, manifest)
         rows_fetched, landing_uri = manifest.rows, clients.landing_zone(settings).uri(manifest.prefix)
     else:
         fetched = time.perf_counter()
@@ -188,6 +195,7 @@ def ingest(
         already_committed=result.already_committed,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
+        run_page_url=run_page_url,
     )
     create_markdown_artifact(
         key="ingest-report", markdown=ingest_report(completed, result), description="rows per day and plaza"

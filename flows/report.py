@@ -24,6 +24,8 @@ def ingest_report(completed: IngestionCompleted, result: LoadResult) -> str:
         "",
         f"Landing: `{completed.landing_uri}`",
     ]
+    if completed.run_page_url:
+        lines += ["", f"Merged on Databricks: [{completed.run_page_url}]({completed.run_page_url})"]
     if result.reject_reasons:
         lines += ["", "## Rejected rows (quarantined under `rejected/`)", "", "| reason | rows |", "|---|---|"]
         lines += [f"| {reason} | {n} |" for reason, n in result.reject_reasons.most_common()]

@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.common import emit_quietly, emitter, run_resources
+from tollwatch.databricks import RunOutcome, idempotency_token
 from tollwatch.events import (
     IngestionCompleted,
     JobFinished,
@@ -58,6 +59,7 @@ def emit_job_failed(flow: object, run: FlowRun, state: State) -> None:
         completion = None
     payload = JobFinished(
         job=str(parameters.get("job", "unknown")),
+        databricks=parameters.get("databricks_job_id") is not None,
         succeeded=False,
         run_id=str(run.id),
         upstream_snapshot_id=completion.snapshot_id if completion else None,
@@ -72,11 +74,16 @@ def emit_job_failed(flow: object, run: FlowRun, state: State) -> None:
 
 
 @flow(name="run-job", on_failure=[emit_job_failed], log_prints=True)
-def run_job(job: str, completion: IngestionCompleted, parameters: dict[str, Any] | None = None) -> JobFinished:
+def run_job(
+    job: str,
+    completion: IngestionCompleted,
+    parameters: dict[str, Any] | None = None,
+    databricks_job_id: int | None = None,
+) -> JobFinished:
     """Run one downstream job for one completed load and announce the outcome.
 
-    `parameters` are the subscription's extra (event-templated) parameters; the local jobs take none today,
-    and they are logged so a team can see what its subscription passed.
+    A local job (by name, `tollwatch.jobs`) runs here; with `databricks_job_id` the Databricks job runs
+    (run-now, job parameters from the completion and the subscription's `parameters`) and this run waits for it.
     """
     logger = get_run_logger()
     logger.info(
@@ -87,24 +94,53 @@ def run_job(job: str, completion: IngestionCompleted, parameters: dict[str, Any]
         completion.window,
         parameters or {},
     )
-    local_job(job)  # an unknown job fails here, before any work, with the names that exist
-    result = run_local(job, completion)
+    run_id, run_page_url = (str(flow_run.id) if flow_run.id else None), None
+    if databricks_job_id is not None:
+        outcome = run_on_databricks(databricks_job_id, completion, parameters or {})
+        run_id, run_page_url = str(outcome.run_id), outcome.run_page_url
+    else:
+        local_job(job)  # an unknown job fails here, before any work, with the names that exist
+        result = run_local(job, completion)
+        if result is not None:
+            logger.info(
+                "%s: %d rows written to %s over %d days, snapshot %s",
+                job,
+                result.rows_written,
+                result.table,
+                result.days_replaced,
+                result.snapshot_id,
+            )
     payload = JobFinished(
         job=job,
+        databricks=databricks_job_id is not None,
         succeeded=True,
-        run_id=str(flow_run.id) if flow_run.id else None,
+        run_id=run_id,
+        run_page_url=run_page_url,
         upstream_snapshot_id=completion.snapshot_id,
         upstream_refresh_id=completion.refresh_id,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
     )
     announce(TollwatchEvent.of(payload, related=_related(completion)))
-    if result is not None:
-        logger.info(
-            "%s: %d rows written to %s over %d days, snapshot %s",
-            job,
-            result.rows_written,
-            result.table,
-            result.days_replaced,
-            result.snapshot_id,
-        )
     return payload
+
+
+def job_parameters(completion: IngestionCompleted, extra: dict[str, Any]) -> dict[str, str]:
+    """Databricks job parameters are strings: the upstream load first, the subscription's extras after."""
+    window = completion.window
+    values: dict[str, Any] = {
+        "upstream_table": completion.table,
+        "upstream_snapshot_id": completion.snapshot_id,
+        "upstream_refresh_id": completion.refresh_id,
+        "window_start": window.start.isoformat() if window else "",
+        "window_stop": window.stop.isoformat() if window else "",
+        **extra,
+    }
+    return {key: "" if value is None else str(value) for key, value in values.items()}
+
+
+def run_on_databricks(job_id: int, completion: IngestionCompleted, extra: dict[str, Any]) -> RunOutcome:
+    """run-now with a token derived from this flow run: a retried call cannot start the job twice."""
+    from flows.databricks import runner_for
+
+    token = idempotency_token("run-now", str(flow_run.id or "local"), job_id, completion.refresh_id)
+    return runner_for(load_settings()).run_now(job_id, job_parameters(completion, extra), token=token)

@@ -246,6 +246,7 @@ class IngestionCompleted(_Payload):
     already_committed: bool = Field(default=False, description="True when this refresh was a no-op replay")
     flow_run_id: str | None = None
     durations: Durations = Durations()
+    run_page_url: str | None = Field(default=None, description="the Databricks run that merged, when one did")
 
     def event_id(self) -> uuid.UUID:
         """One completion per refresh: a retried emit or a replayed run cannot announce it twice."""

@@ -133,7 +133,7 @@ def fetch_and_land(
 class LoadResult:
     """What a load did, for the completion event and the artifact."""
 
-    snapshot_id: int
+    snapshot_id: int | None
     rows_read: int
     rows_written: int
     rows_rejected: int

@@ -9,7 +9,7 @@ separated (`TOLLWATCH_EVENTGRID_SECRETS=current,next`), since Azure app settings
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Self
+from typing import Annotated, Literal, Self
 
 from pydantic import AnyHttpUrl, BeforeValidator, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -76,6 +76,23 @@ class Settings(BaseSettings):
         pattern=r"^[A-Za-z_][\w]*\.[A-Za-z_][\w]*$",
         description="output of the local `daily_totals` job, in the same catalog as `table`",
     )
+
+    # where the merge runs: in the flow's process (pyiceberg) or on Databricks (jobs/merge_bnt.py via Spark)
+    engine: Literal["local", "databricks"] = Field("local", description="local pyiceberg writer or Databricks")
+    databricks_credentials_block: str = Field(
+        "tollwatch-databricks", description="prefect-databricks DatabricksCredentials block name"
+    )
+    databricks_compute_block: str = Field("tollwatch", description="tollwatch-databricks-compute block name")
+    databricks_storage_block: str = Field("tollwatch", description="tollwatch-azure-storage-location block name")
+    databricks_catalog_block: str = Field("tollwatch", description="tollwatch-spark-iceberg-catalog block name")
+    databricks_merge_script: str = Field(
+        "/Workspace/Shared/tollwatch/jobs/merge_bnt.py",
+        description="where jobs/merge_bnt.py was uploaded (workspace path, dbfs:/ or abfss://)",
+    )
+    databricks_max_wait_s: float = Field(3600.0, gt=0, description="longer than this: cancel the run and fail")
+    databricks_poll_s: float = Field(10.0, ge=0, description="seconds between jobs/runs/get polls")
+    databricks_api_retries: int = Field(4, ge=0, le=10, description="retries of each Jobs API call on 429/5xx")
+    databricks_api_backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry")
 
     # flow task retries (on top of the per-request retries of each client)
     task_retries: int = Field(2, ge=0, le=10, description="retries of each ingest task")

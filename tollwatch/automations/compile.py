@@ -31,6 +31,7 @@ from tollwatch.automations.models import (
     CallWebhook,
     Loc,
     Project,
+    RunDatabricksJob,
     RunLocalJob,
     Subscription,
     SubscriptionFile,
@@ -218,13 +219,18 @@ def subscription_trigger(subscription: Subscription) -> dict[str, Any]:
     }
 
 
-def _subscription_action(action: RunLocalJob | CallWebhook) -> dict[str, Any]:
-    if isinstance(action, RunLocalJob):
+def _subscription_action(action: RunLocalJob | RunDatabricksJob | CallWebhook) -> dict[str, Any]:
+    if isinstance(action, RunLocalJob | RunDatabricksJob):
+        parameters: dict[str, Any] = {"completion": COMPLETION_PARAMETER, "parameters": action.parameters}
+        if isinstance(action, RunLocalJob):
+            parameters["job"] = action.job
+        else:
+            parameters |= {"job": str(action.job_id), "databricks_job_id": action.job_id}
         return {
             "type": "run-deployment",
             "source": "selected",
             "deployment_id": Reference("deployment", RUN_JOB_DEPLOYMENT),
-            "parameters": {"job": action.job, "completion": COMPLETION_PARAMETER, "parameters": action.parameters},
+            "parameters": parameters,
         }
     return {
         "type": "call-webhook",

@@ -140,6 +140,16 @@ class RunLocalJob(_Strict):
     )
 
 
+class RunDatabricksJob(_Strict):
+    """Run an existing Databricks job (run-now) through `run-job/run-job`, with job parameters from the event."""
+
+    type: Literal["run-databricks-job"]
+    job_id: int = Field(gt=0, description="the Databricks job id")
+    parameters: dict[str, Any] = Field(
+        default_factory=dict, description="extra job parameters; string values may be Jinja templates on `event`"
+    )
+
+
 class CallWebhook(_Strict):
     """POST to the team's endpoint. The URL (a secret) lives in a Prefect `webhook` block, never in this file."""
 
@@ -148,7 +158,7 @@ class CallWebhook(_Strict):
     payload: str | None = Field(default=None, description="Jinja template of the body; default: the event as JSON")
 
 
-SubscriptionAction = Annotated[RunLocalJob | CallWebhook, Field(discriminator="type")]
+SubscriptionAction = Annotated[RunLocalJob | RunDatabricksJob | CallWebhook, Field(discriminator="type")]
 
 
 class Subscription(_Strict):

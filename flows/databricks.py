@@ -1,0 +1,254 @@
+"""Run Spark work on Databricks through prefect-databricks: one-time merge runs and downstream jobs.
+
+Every REST call is a prefect-databricks task (`jobs_runs_submit`, `jobs_run_now`, `jobs_runs_get`,
+`jobs_runs_get_output`, `jobs_runs_cancel`) run with Prefect retries on 429/5xx/transport errors, so a
+throttled or flaky API is retried with backoff and each attempt shows up in the run's task list. A retried
+submit carries the same idempotency token, so Databricks returns the run the first attempt started.
+Waiting polls `jobs/runs/get` until a terminal life cycle; past `max_wait_s` the run is cancelled, so nothing
+keeps running (and billing) after we gave up on it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import httpx
+from prefect import Task, get_run_logger, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+from prefect.tasks import exponential_backoff
+from prefect_databricks import DatabricksCredentials
+from prefect_databricks.jobs import (
+    jobs_run_now,
+    jobs_runs_cancel,
+    jobs_runs_get,
+    jobs_runs_get_output,
+    jobs_runs_submit,
+)
+from prefect_databricks.models.jobs import NewCluster, RunSubmitTaskSettings, SparkPythonTask
+from prefect_databricks.rest import HTTPMethod, execute_endpoint
+
+from tollwatch.databricks import (
+    ComputeSpec,
+    DatabricksRunTimedOut,
+    MergeJobArgs,
+    RunOutcome,
+    idempotency_token,
+    merge_result,
+)
+from tollwatch.ingest import IngestRequest, LoadResult
+from tollwatch.landing import LandingManifest
+from tollwatch.settings import Settings
+
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+MERGE_TASK_KEY = "merge_bnt"
+
+
+def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
+    """Retry throttling, server errors and broken connections; a 4xx the API meant is final."""
+    error = _exception_of(state)
+    if isinstance(error, httpx.HTTPStatusError):
+        return error.response.status_code in TRANSIENT_STATUS
+    return isinstance(error, httpx.TransportError)
+
+
+def _exception_of(state: State[Any]) -> BaseException | None:
+    """The failed state's exception, read without `State.result` (a coroutine inside async tasks, and these
+    prefect-databricks tasks are async)."""
+    data = state.data
+    if isinstance(data, BaseException):
+        return data
+    inner = getattr(data, "result", None)  # a ResultRecord when results are persisted
+    return inner if isinstance(inner, BaseException) else None
+
+
+def _retrying(task: Task[..., Any], retries: int, backoff_s: float) -> Task[..., Any]:
+    return task.with_options(
+        retries=retries,
+        retry_delay_seconds=exponential_backoff(backoff_factor=backoff_s),
+        retry_jitter_factor=0.5,
+        retry_condition_fn=_transient,
+    )
+
+
+class DatabricksRunner:
+    """Submit, wait, cancel — with one credentials object, so an OAuth token is fetched once and refreshed
+    by prefect-databricks only when it is about to expire."""
+
+    def __init__(
+        self,
+        credentials: DatabricksCredentials,
+        *,
+        retries: int = 4,
+        backoff_s: float = 2.0,
+        poll_s: float = 10.0,
+        max_wait_s: float = 3600,
+    ) -> None:
+        self.credentials = credentials
+        self.retries = retries
+        self.backoff_s = backoff_s
+        self.poll_s = poll_s
+        self.max_wait_s = max_wait_s
+
+    def _call(self, task: Task[..., Any], **kwargs: Any) -> Any:
+        retrying = _retrying(task, self.retries, self.backoff_s)
+        return retrying.submit(databricks_credentials=self.credentials, **kwargs).result()
+
+    # -- one-time merge run
+
+    def merge(
+        self, compute: ComputeSpec, script: str, args: MergeJobArgs, *, run_name: str, token: str
+    ) -> tuple[RunOutcome, dict[str, Any] | None]:
+        """Submit `jobs/merge_bnt.py` as a spark_python_task, wait, and read the result line it printed."""
+        task = merge_task(compute, script, args)
+        if compute.kind == "serverless":
+            submitted = self._call(
+                _submit_serverless, body=serverless_body(task, compute, run_name, token, self.max_wait_s)
+            )
+        else:
+            submitted = self._call(
+                jobs_runs_submit,
+                tasks=[RunSubmitTaskSettings.model_validate(task)],
+                run_name=run_name,
+                idempotency_token=token,
+                timeout_seconds=int(self.max_wait_s),
+            )
+        outcome, run = self.wait(int(submitted["run_id"]))
+        outcome.raise_for_failure()
+        task_runs = [t for t in run.get("tasks", []) if t.get("task_key") == MERGE_TASK_KEY]
+        output = self._call(jobs_runs_get_output, run_id=int(task_runs[0]["run_id"])) if task_runs else {}
+        return outcome, merge_result(output.get("logs"))
+
+    # -- an existing job
+
+    def run_now(self, job_id: int, job_parameters: dict[str, str], *, token: str) -> RunOutcome:
+        started = self._call(jobs_run_now, job_id=job_id, idempotency_token=token, job_parameters=job_parameters)
+        outcome, _ = self.wait(int(started["run_id"]))
+        outcome.raise_for_failure()
+        return outcome
+
+    # -- waiting
+
+    def wait(self, run_id: int) -> tuple[RunOutcome, dict[str, Any]]:
+        """Poll until the run is in a terminal life cycle; past max_wait_s, cancel it and raise."""
+        logger = get_run_logger()
+        deadline = time.monotonic() + self.max_wait_s
+        last = ""
+        while True:
+            run = self._call(jobs_runs_get, run_id=run_id)
+            outcome = RunOutcome.from_run(run)
+            state = f"{outcome.life_cycle_state}/{outcome.result_state or '-'}"
+            if state != last:
+                logger.info("Databricks run %s: %s %s", run_id, state, outcome.run_page_url or "")
+                last = state
+            if outcome.finished:
+                return outcome, run
+            if time.monotonic() >= deadline:
+                self._call(jobs_runs_cancel, run_id=run_id)
+                raise DatabricksRunTimedOut(
+                    f"Databricks run {run_id} still {outcome.life_cycle_state} after {self.max_wait_s:.0f}s: "
+                    f"cancelled ({outcome.run_page_url or 'no url'})"
+                )
+            time.sleep(self.poll_s)
+
+
+def merge_task(compute: ComputeSpec, script: str, args: MergeJobArgs) -> dict[str, Any]:
+    """The one task of a merge run, as the Jobs API takes it (validated by prefect-databricks' models)."""
+    task: dict[str, Any] = {
+        "task_key": MERGE_TASK_KEY,
+        "spark_python_task": SparkPythonTask(python_file=script, parameters=args.argv()).model_dump(exclude_none=True),
+    }
+    if compute.kind == "existing_cluster":
+        task["existing_cluster_id"] = compute.existing_cluster_id
+    elif compute.kind == "job_cluster":
+        cluster = NewCluster(
+            spark_version=compute.spark_version,
+            node_type_id=compute.node_type_id,
+            num_workers=compute.num_workers,
+            spark_conf=compute.spark_conf or None,
+            custom_tags={"tollwatch-flow-run-id": args.flow_run_id or "none", "tollwatch-refresh-id": args.refresh_id},
+        )
+        task["new_cluster"] = cluster.model_dump(mode="json", exclude_none=True)
+    else:
+        task["environment_key"] = "tollwatch"
+    if compute.libraries:
+        task["libraries"] = compute.libraries
+    return task
+
+
+def serverless_body(
+    task: dict[str, Any], compute: ComputeSpec, run_name: str, token: str, timeout_s: float
+) -> dict[str, Any]:
+    """runs/submit for serverless: prefect-databricks' models predate `environments`, so this one body is
+    built here and sent through its generic `execute_endpoint`."""
+    return {
+        "run_name": run_name,
+        "idempotency_token": token,
+        "timeout_seconds": int(timeout_s),
+        "tasks": [task],
+        "environments": [{"environment_key": "tollwatch", "spec": {"client": compute.serverless_environment_version}}],
+    }
+
+
+@task(name="jobs_runs_submit (serverless)")
+async def _submit_serverless(databricks_credentials: DatabricksCredentials, body: dict[str, Any]) -> dict[str, Any]:
+    response = await execute_endpoint.fn(
+        "/2.1/jobs/runs/submit", databricks_credentials, http_method=HTTPMethod.POST, json=body
+    )
+    response.raise_for_status()
+    return dict(response.json())
+
+
+def runner_for(settings: Settings) -> DatabricksRunner:
+    """The runner with the workspace credentials block named in settings."""
+    credentials = DatabricksCredentials.load(settings.databricks_credentials_block)
+    return DatabricksRunner(
+        credentials,
+        retries=settings.databricks_api_retries,
+        backoff_s=settings.databricks_api_backoff_s,
+        poll_s=settings.databricks_poll_s,
+        max_wait_s=settings.databricks_max_wait_s,
+    )
+
+
+def merge_on_databricks(
+    settings: Settings, request: IngestRequest, manifest: LandingManifest, flow_run_id: str
+) -> tuple[LoadResult, str | None]:
+    """Merge one landing with `jobs/merge_bnt.py` on Databricks; the load result and the run page URL."""
+    from flows.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
+
+    storage = AzureStorageLocation.load(settings.databricks_storage_block)
+    catalog = SparkIcebergCatalog.load(settings.databricks_catalog_block)
+    compute = DatabricksCompute.load(settings.databricks_compute_block).spec()
+    if catalog.spark_conf() and compute.kind == "job_cluster":
+        compute = compute.model_copy(update={"spark_conf": {**catalog.spark_conf(), **compute.spark_conf}})
+    window = request.window
+    args = MergeJobArgs(
+        landing=storage.abfss(manifest.prefix),
+        table=catalog.table(settings.table),
+        mode=request.mode,
+        refresh_id=request.refresh_id,
+        start=window.start if window else None,
+        stop=window.stop if window else None,
+        flow_run_id=flow_run_id,
+    )
+    outcome, printed = runner_for(settings).merge(
+        compute,
+        settings.databricks_merge_script,
+        args,
+        run_name=f"tollwatch merge {request.mode} refresh={request.refresh_id[:8]} flow-run={flow_run_id}",
+        token=idempotency_token("merge", flow_run_id, request.refresh_id),
+    )
+    printed = printed or {}
+    result = LoadResult(
+        snapshot_id=printed.get("snapshot_id"),
+        rows_read=int(printed.get("rows_read", manifest.rows)),
+        rows_written=int(printed.get("rows_written", 0)),
+        rows_rejected=int(printed.get("rows_rejected", 0)),
+        already_committed=bool(printed.get("already_committed", False)),
+        reject_reasons=Counter(printed.get("rejected_by_reason") or {}),
+    )
+    get_run_logger().info("merged on Databricks: %s", outcome.run_page_url)
+    return result, outcome.run_page_url

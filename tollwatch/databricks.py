@@ -1,0 +1,133 @@
+"""What tollwatch asks of Databricks, as plain models: compute, the merge job's arguments, run outcomes.
+
+No HTTP here: requests go through prefect-databricks (flows/databricks.py). This module decides what to send
+and how to read what comes back, so those rules are testable without any client:
+- idempotency tokens are derived from the flow run (≤ 64 chars, as the Jobs API requires), so a retried
+  submit returns the run the first attempt started instead of starting a second one;
+- a run is successful only when TERMINATED with result SUCCESS; every other end is a failure with a reason.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date
+from typing import Any, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from tollwatch.events import deterministic_id
+
+#: Life-cycle states after which a run never changes again.
+TERMINAL_LIFE_CYCLES = frozenset({"TERMINATED", "SKIPPED", "INTERNAL_ERROR"})
+RESULT_MARKER = "TOLLWATCH_RESULT="
+
+
+class DatabricksRunFailed(RuntimeError):
+    """The Databricks run ended in anything but TERMINATED/SUCCESS (the message names the state and reason)."""
+
+
+class DatabricksRunTimedOut(DatabricksRunFailed):
+    """We stopped waiting (and cancelled the run)."""
+
+
+class ComputeSpec(BaseModel):
+    """Where a Spark task runs; exactly the fields its `kind` needs."""
+
+    model_config = ConfigDict(frozen=True)
+
+    kind: Literal["existing_cluster", "job_cluster", "serverless"] = "job_cluster"
+    existing_cluster_id: str | None = None
+    spark_version: str = "15.4.x-scala2.12"
+    node_type_id: str = "Standard_D4ds_v5"
+    num_workers: int = Field(2, ge=0)
+    spark_conf: dict[str, str] = Field(default_factory=dict)
+    libraries: list[dict[str, Any]] = Field(default_factory=list)
+    serverless_environment_version: str = "2"
+
+    @model_validator(mode="after")
+    def _needs(self) -> Self:
+        if self.kind == "existing_cluster" and not self.existing_cluster_id:
+            raise ValueError("kind=existing_cluster needs existing_cluster_id")
+        if self.kind == "serverless" and self.libraries:
+            raise ValueError("serverless tasks take dependencies in their environment, not cluster libraries")
+        return self
+
+
+class MergeJobArgs(BaseModel):
+    """The arguments of `jobs/merge_bnt.py` (a `spark_python_task` receives them as argv)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    landing: str = Field(description="abfss:// URI of the landed pages of this load")
+    table: str = Field(description="catalog.namespace.table")
+    mode: Literal["window", "refresh"]
+    refresh_id: str
+    start: date | None = None
+    stop: date | None = None
+    flow_run_id: str | None = None
+    format: Literal["iceberg", "parquet"] = "iceberg"
+
+    def argv(self) -> list[str]:
+        args = ["--landing", self.landing, "--table", self.table, "--format", self.format]
+        args += ["--mode", self.mode, "--refresh-id", self.refresh_id]
+        if self.start and self.stop:
+            args += ["--start", self.start.isoformat(), "--stop", self.stop.isoformat()]
+        if self.flow_run_id:
+            args += ["--flow-run-id", self.flow_run_id]
+        return args
+
+
+def idempotency_token(purpose: str, flow_run_id: str, *parts: object) -> str:
+    """Stable for one flow run (its retries reuse it), different across runs; 36 chars ≤ the API's 64."""
+    return str(deterministic_id("databricks", purpose, flow_run_id, *parts))
+
+
+class RunOutcome(BaseModel):
+    """What a finished run looked like, read from `jobs/runs/get`."""
+
+    run_id: int
+    run_page_url: str | None = None
+    life_cycle_state: str
+    result_state: str | None = None
+    state_message: str = ""
+
+    @classmethod
+    def from_run(cls, run: dict[str, Any]) -> RunOutcome:
+        state = run.get("state") or {}
+        return cls(
+            run_id=int(run["run_id"]),
+            run_page_url=run.get("run_page_url"),
+            life_cycle_state=str(state.get("life_cycle_state", "")),
+            result_state=state.get("result_state"),
+            state_message=str(state.get("state_message", "")),
+        )
+
+    @property
+    def finished(self) -> bool:
+        return self.life_cycle_state in TERMINAL_LIFE_CYCLES
+
+    @property
+    def succeeded(self) -> bool:
+        return self.life_cycle_state == "TERMINATED" and self.result_state == "SUCCESS"
+
+    def raise_for_failure(self) -> None:
+        """FAILED, TIMEDOUT, CANCELED (result states) and SKIPPED, INTERNAL_ERROR (life cycles) fail the caller."""
+        if self.succeeded:
+            return
+        ended = self.result_state if self.life_cycle_state == "TERMINATED" else self.life_cycle_state
+        reason = f": {self.state_message}" if self.state_message else ""
+        raise DatabricksRunFailed(
+            f"Databricks run {self.run_id} ended {ended}{reason} ({self.run_page_url or 'no url'})"
+        )
+
+
+def merge_result(logs: str | None) -> dict[str, Any] | None:
+    """The `TOLLWATCH_RESULT=` line the merge job prints (the last one wins), or None if it printed none."""
+    found = None
+    for line in (logs or "").splitlines():
+        if line.startswith(RESULT_MARKER):
+            try:
+                found = json.loads(line[len(RESULT_MARKER) :])
+            except ValueError:
+                continue
+    return found
