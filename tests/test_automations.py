@@ -537,3 +537,29 @@ def test_freshness_sla_fires_when_no_refresh_arrives(client, inbox, tmp_path):
 
     print(f"freshness SLA (within=10s) fired {time.monotonic() - started:.1f}s after the apply")
     assert alert.json_body["body"].startswith("No tollwatch.dataset.refreshed event matched socrata.*")
+
+
+DATABRICKS_SUBSCRIPTION = """\
+team: finance
+subscriptions:
+  - name: revenue-model
+    action:
+      type: run-databricks-job
+      job_id: 987
+      parameters: {rows: "{{ event.payload.rows_written }}"}
+"""
+
+
+def test_run_databricks_job_subscription_starts_run_job_with_the_job_id(api, client, server, tmp_path):
+    tag = uuid.uuid4().hex[:8]
+    directory = tmp_path / "automations"
+    write(directory, "subscriptions/finance.yaml", DATABRICKS_SUBSCRIPTION)
+    assert cli_apply(directory).exit_code == 0
+    payload = completed(f"dbx-{tag}")
+
+    emit(api, TollwatchEvent.of(payload))
+
+    [run] = runs_of_deployment(api, server["run-job/run-job"], f"dbx-{tag}")
+    assert run["parameters"]["databricks_job_id"] == 987
+    assert run["parameters"]["job"] == "987"
+    assert run["parameters"]["parameters"] == {"rows": payload.rows_written}
