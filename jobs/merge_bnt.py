@@ -17,8 +17,8 @@ Steps, and why:
    explicit all-string schema: Socrata sends every value as a JSON string.
 3. Type and validate exactly like `tollwatch.schema.convert`; a failing row is dropped and counted under its
    first reason. Rows outside the requested window (--start/--stop, in either mode) are rejected too, as the
-   local writer does (nobody would ever delete them). One deliberate difference: a number too large for its
-   column is rejected as `<column>: out of range`, where the local writer's cast raises and fails the load.
+   local writer does (nobody would ever delete them). A number too large for its column is rejected as
+   `<column>: out of range`, as in the local writer.
 4. Dedupe on the natural key like `dedupe_on_key`: the latest row (page order, then position in the page) wins.
 5. Write. Window: every row of the window is replaced (a day with no new rows ends up empty). Refresh: merge
    on the key (existing rows whose key is not in the load, plus the load). Both rewrite whole months: the table
@@ -303,7 +303,6 @@ def _integer(raw: Column, name: str, dtype: T.DataType) -> tuple[list[Column], C
     fits = (F.length(digits) < len(limit)) | ((F.length(digits) == len(limit)) & (digits <= F.lit(limit)))
     reasons = [_reason(raw.isNull(), f"{name}: missing")] if name in REQUIRED else []
     reasons.append(_reason(raw.isNotNull() & ~ok, f"{name}: not a non-negative integer"))
-    # tollwatch.schema's cast raises on overflow (the whole load fails); here the row is rejected instead.
     reasons.append(_reason(ok & ~fits, f"{name}: out of range"))
     return reasons, F.when(ok & fits, digits.cast(dtype))
 

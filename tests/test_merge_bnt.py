@@ -404,7 +404,7 @@ def test_typing_and_dedupe_edge_cases_match_the_local_writer(writers: Writers):
 
 
 def test_numbers_beyond_the_column_type_are_rejected_not_fatal(spark: SparkSession, tmp_path: Path):
-    """The local writer's cast raises on such a value (the whole load fails); the job rejects the row."""
+    """A value too large for its column is one quarantined row (as in tollwatch.schema), not a failed load."""
     landed = tmp_path / "landed"
     landed.mkdir()
     rows = [

@@ -81,3 +81,17 @@ def test_dedupe_keeps_the_latest_version_of_a_key():
     out = convert(rows, target_schema(rows[0]))
     deduped = dedupe_on_key(out.good).to_pylist()
     assert [(r["hour"], r["vehicles_e_zpass"]) for r in deduped] == [(6, 100), (5, 2)]
+
+
+def test_numbers_too_large_for_their_column_are_quarantined_not_fatal():
+    """One absurd value must not fail a whole load (it used to raise in the cast)."""
+    rows = [
+        row(hour="99999999999"),
+        row(vehicles_e_zpass="9223372036854775808"),
+        row(plaza_id="2147483648"),
+        row(plaza_id="2147483647", vehicles_e_zpass="09223372036854775807"),
+    ]
+    out = convert(rows, target_schema(rows[0]))
+    reasons = sorted(r["reason"] for r in out.rejected)
+    assert reasons == ["hour: out of range", "plaza_id: out of range", "vehicles_e_zpass: out of range"]
+    assert out.good.to_pylist()[0]["vehicles_e_zpass"] == 2**63 - 1

@@ -101,7 +101,9 @@ def convert(rows: list[Mapping[str, object]], schema: pa.Schema) -> Converted:
             _reason(pc.and_kleene(pc.is_valid(col), pc.invert(ok_format)), f"{name}: not a non-negative integer")
         )
         clean = pc.if_else(pc.fill_null(ok_format, False), pc.utf8_trim_whitespace(col), None)
-        typed[name] = pc.cast(clean, schema.field(name).type)
+        fits = _fits(clean, schema.field(name).type)
+        reasons.append(_reason(pc.invert(fits), f"{name}: out of range"))
+        typed[name] = pc.cast(pc.if_else(fits, clean, None), schema.field(name).type)
 
     reasons.append(_reason(pc.or_(pc.less(typed["hour"], 0), pc.greater(typed["hour"], 23)), "hour: not 0-23"))
     reasons.append(_reason(pc.less(typed["plaza_id"], 1), "plaza_id: must be >= 1"))
@@ -139,6 +141,16 @@ def convert(rows: list[Mapping[str, object]], schema: pa.Schema) -> Converted:
     good = table.filter(good_mask).cast(schema)
     rejected = _rejected_rows(rows, reason)
     return Converted(good=good, rejected=rejected)
+
+
+def _fits(digits: pa.Array, dtype: pa.DataType) -> pa.Array:
+    """Whether each decimal string fits `dtype` (null stays null): a value too large for its column is one bad
+    row to quarantine, not a cast error that fails the whole load."""
+    limit = str(2 ** (dtype.bit_width - 1) - 1)
+    significant = pc.replace_substring_regex(digits, r"^0+([0-9])", r"\1")
+    length = pc.utf8_length(significant)
+    same_length = pc.and_(pc.equal(length, len(limit)), pc.less_equal(significant, limit))
+    return pc.fill_null(pc.or_(pc.less(length, len(limit)), same_length), True)
 
 
 def _raw_names(schema: pa.Schema) -> list[str]:
