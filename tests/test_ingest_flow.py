@@ -181,3 +181,29 @@ def test_completion_event_matches_the_committed_snapshot(env):
     assert event["id"] == str(result.event_id())
     roles = {r["prefect.resource.role"] for r in event["related"]}
     assert {"flow-run", "dataset"} <= roles
+
+
+def test_a_commit_that_loses_a_race_with_a_concurrent_load_is_rebuilt_not_failed(env, monkeypatch):
+    """Two backfill chunks of one month commit at once: the loser's delete would hide the winner's new files
+    (pyiceberg raises a conflict); it must retry on the new table state, and both days end up in the table."""
+    import tollwatch.table
+
+    # January as one data file: a day's replace rewrites that file, so two day-chunks of January truly conflict
+    ingest(start=JAN.start, stop=JAN.stop, request_id="seed")
+    real_conform = tollwatch.table.conform
+    raced = []
+
+    def conform_then_lose_the_race(batch, schema):
+        if not raced:  # our delete is staged, our append not yet: another run commits Jan 9 meanwhile
+            raced.append("winner")
+            ingest(start=date(2024, 1, 9), stop=date(2024, 1, 10), request_id="winner")
+        return real_conform(batch, schema)
+
+    monkeypatch.setattr(tollwatch.table, "conform", conform_then_lose_the_race)
+    loser = ingest(start=date(2024, 1, 8), stop=date(2024, 1, 9), request_id="loser")
+
+    assert raced  # the race really happened
+    assert loser.rows_written == ROWS_PER_DAY
+    rows = table_rows()
+    assert rows.num_rows == 31 * ROWS_PER_DAY  # nothing lost, nothing doubled
+    assert len(pc.unique(rows["date"])) == 31

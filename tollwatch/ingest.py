@@ -24,6 +24,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
+from pyiceberg.exceptions import CommitFailedException, ValidationException
+from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
 from tollwatch.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.landing import LandingManifest, LandingZone
@@ -199,16 +201,49 @@ def load_landing(
                 result.rows_rejected += len(converted.rejected)
                 result.reject_reasons.update(r["reason"] for r in converted.rejected)  # type: ignore[misc]
             spool.add(good)
-        written = _Counted(spool.months(), result)
-        props = request.snapshot_properties(flow_run_id)
-        if request.mode == "window" and request.window:
-            result.snapshot_id = store.commit_window(request.window, written, schema, props)
-        else:
-            result.snapshot_id = store.commit_merge(written, schema, props)
+        result.snapshot_id = _commit(store, request, spool, schema, request.snapshot_properties(flow_run_id), result)
     if result.rows_rejected:
         log.warning("quarantined %d rows: %s", result.rows_rejected, dict(result.reject_reasons))
     log.info("committed snapshot %s: %d rows written", result.snapshot_id, result.rows_written)
     return result
+
+
+#: A concurrent writer committed first: the catalog refused our commit (CommitFailedException), or our delete
+#: would hide files the other commit just added to the same partition (ValidationException).
+COMMIT_CONFLICTS = (CommitFailedException, ValidationException)
+COMMIT_ATTEMPTS = 6
+
+
+def _commit(
+    store: IcebergTableStore,
+    request: IngestRequest,
+    spool: _MonthSpool,
+    schema: pa.Schema,
+    props: dict[str, str],
+    result: LoadResult,
+) -> int:
+    """One Iceberg commit; after a conflict with a concurrent load, rebuild it on the new table state.
+
+    Two backfill chunks of the same month commit at the same time routinely (the deployment runs two at once):
+    the loser re-reads the table and commits again, instead of failing the run.
+    """
+    for attempt in Retrying(
+        stop=stop_after_attempt(COMMIT_ATTEMPTS),
+        wait=wait_random_exponential(multiplier=0.2, max=5),
+        retry=retry_if_exception_type(COMMIT_CONFLICTS),
+        before_sleep=lambda state: log.warning(
+            "commit conflicted with a concurrent load (%s); retrying on the new table state", state.outcome.exception()
+        ),
+        reraise=True,
+    ):
+        with attempt:
+            result.rows_written = 0
+            result.rows_per_day_plaza.clear()
+            written = _Counted(spool.months(), result)
+            if request.mode == "window" and request.window:
+                return store.commit_window(request.window, written, schema, props)
+            return store.commit_merge(written, schema, props)
+    raise AssertionError("unreachable: Retrying re-raises the last conflict")
 
 
 class _Counted:
