@@ -73,3 +73,12 @@ def test_deploy_refuses_to_run_without_a_prefect_api(monkeypatch):
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(DeployError, match="PREFECT_API_URL"):
         deploy("local")
+
+
+def test_the_local_pool_starts_runs_through_the_warm_client_and_production_cold():
+    from tollwatch.deploy import base_job_template
+
+    local = base_job_template(work_pool_spec("local"))["variables"]["properties"]["command"]["default"]
+    production = base_job_template(work_pool_spec("production"))["variables"]["properties"]["command"]["default"]
+    assert local.endswith(" -m tollwatch.warm.client")
+    assert production is None  # Prefect's own `python -m prefect.engine`

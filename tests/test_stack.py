@@ -142,7 +142,7 @@ def test_status_from_a_second_instance(shared: tuple[LocalStack, StackEndpoints]
 
     statuses = other.status()
 
-    assert set(statuses) == {"azurite", "prefect", "mirror", "inbox", "worker"}
+    assert set(statuses) == {"azurite", "prefect", "mirror", "inbox", "warm", "worker"}
     assert all(s.alive and s.healthy for s in statuses.values()), statuses
     assert statuses["prefect"].url == endpoints.prefect_api_url
     assert other.endpoints() == endpoints
@@ -257,3 +257,16 @@ def test_inbox_records_what_it_is_sent(shared: tuple[LocalStack, StackEndpoints]
         assert client.post(f"{endpoints.inbox_url}/alerts", json={"subject": "s"}).status_code == 204
         received = client.get(f"{endpoints.inbox_url}/_received").json()
     assert [r["path"] for r in received if r["path"] == "/alerts"] == ["/alerts"]
+
+
+def test_warm_server_is_ready_and_its_socket_is_in_the_worker_environment(
+    shared: tuple[LocalStack, StackEndpoints],
+) -> None:
+    """Runs the worker starts reach the warm server through TOLLWATCH_WARM_SOCKET (else they run cold)."""
+    local, _ = shared
+    worker = _pids(local.state_dir)["worker"]
+    environ = dict(
+        item.split("=", 1) for item in Path(f"/proc/{worker.pid}/environ").read_text().split("\0") if "=" in item
+    )
+    assert Path(environ["TOLLWATCH_WARM_SOCKET"]).is_socket()
+    assert local.status()["warm"].healthy

@@ -52,6 +52,21 @@ class WorkPoolSpec(BaseModel):
     description: str = ""
     concurrency_limit: int | None = Field(default=None, ge=1)
     git: GitSource | None = Field(default=None, description="None: workers run the checkout they were started in")
+    warm: bool = Field(
+        default=False,
+        description="start runs through tollwatch.warm (a pre-imported process forks each run) instead of a cold "
+        "`python -m prefect.engine`; falls back to cold when no warm server is reachable",
+    )
+
+
+def base_job_template(spec: WorkPoolSpec) -> dict[str, Any]:
+    """Prefect's process template; a warm pool defaults its `command` to the warm client."""
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    if spec.warm:
+        template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m tollwatch.warm.client"
+    return template
 
 
 def work_pool_spec(target: str, prefect_file: Path = PREFECT_FILE) -> WorkPoolSpec:
@@ -80,7 +95,6 @@ def ensure_work_pool(spec: WorkPoolSpec) -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
-    from prefect.workers.process import ProcessWorker
 
     with get_client(sync_client=True) as client:
         try:
@@ -90,12 +104,17 @@ def ensure_work_pool(spec: WorkPoolSpec) -> None:
                     type=spec.type,
                     description=spec.description,
                     concurrency_limit=spec.concurrency_limit,
-                    base_job_template=ProcessWorker.get_default_base_job_template(),
+                    base_job_template=base_job_template(spec),
                 )
             )
         except ObjectAlreadyExists:
             client.update_work_pool(
-                spec.name, WorkPoolUpdate(description=spec.description, concurrency_limit=spec.concurrency_limit)
+                spec.name,
+                WorkPoolUpdate(
+                    description=spec.description,
+                    concurrency_limit=spec.concurrency_limit,
+                    base_job_template=base_job_template(spec),
+                ),
             )
 
 

@@ -39,9 +39,9 @@ from tollwatch.dev.procs import ProcessRef, free_port, spawn, tail, terminate_gr
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
-SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror", "inbox", "worker")
+SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror", "inbox", "warm", "worker")
 #: Started after the others, because they are configured with the others' endpoints.
-DEPENDENT_SERVICES: frozenset[str] = frozenset({"worker"})
+DEPENDENT_SERVICES: frozenset[str] = frozenset({"warm", "worker"})
 #: The work pool the local worker serves (prefect.yaml `definitions.work_pools.local`).
 LOCAL_WORK_POOL = "tollwatch-local"
 HOST = "127.0.0.1"
@@ -170,6 +170,11 @@ def _check_inbox(record: ServiceRecord) -> str | None:
     return _check_http(f"{record.url}/_received")
 
 
+def _check_warm(record: ServiceRecord) -> str | None:
+    socket_path = record.url.removeprefix("unix:")
+    return None if Path(socket_path).exists() else f"no socket at {socket_path}"
+
+
 def _check_worker(record: ServiceRecord) -> str | None:
     """A worker has no port; it is healthy while its process lives (it logs and retries API errors itself)."""
     return None if record.process.alive() else "worker process exited"
@@ -180,6 +185,7 @@ _CHECKS: dict[str, Callable[[ServiceRecord], str | None]] = {
     "prefect": _check_prefect,
     "mirror": _check_mirror,
     "inbox": _check_inbox,
+    "warm": _check_warm,
     "worker": _check_worker,
 }
 
@@ -466,6 +472,48 @@ WORKER_TUNING: dict[str, str] = {
 
 
 @dataclass
+class _Warm(_Service):
+    """The warm flow-run server (`tollwatch.warm.server`): imports prefect, the flows and their libraries
+    once, then forks a ready child for each run the worker starts (see tollwatch/warm)."""
+
+    endpoint_env: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def socket(self) -> Path:
+        return self.state_dir / "warm.sock"
+
+    def config(self) -> dict[str, Any]:
+        return {"env": dict(sorted(self.endpoint_env.items()))}
+
+    def bind(self, endpoints: StackEndpoints) -> None:
+        self.endpoint_env = endpoints.env()
+
+    def argv(self, port: int) -> list[str]:
+        return [sys.executable, "-m", "tollwatch.warm.server", "--socket", str(self.socket)]
+
+    def env(self, port: int) -> dict[str, str]:
+        return _worker_environment(self.state_dir, self.endpoint_env)
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
+
+
+def _worker_environment(state_dir: Path, endpoint_env: dict[str, str]) -> dict[str, str]:
+    """What the worker, the warm server and so every flow run see: the stack's endpoints, fast polling, the
+    warm socket, and none of the developer's own PREFECT_* settings."""
+    inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+    return {
+        **inherited,
+        "PYTHONUNBUFFERED": "1",
+        "PREFECT_HOME": str(state_dir / "worker"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "TOLLWATCH_WARM_SOCKET": str(state_dir / "warm.sock"),
+        **WORKER_TUNING,
+        **endpoint_env,
+    }
+
+
+@dataclass
 class _Worker(_Service):
     """`prefect worker start` for the local process pool, with the stack's endpoints in its environment, which
     every flow run it starts inherits (so runs write to this stack's Azurite, warehouse and Prefect server)."""
@@ -492,15 +540,7 @@ class _Worker(_Service):
         ]  # fmt: skip
 
     def env(self, port: int) -> dict[str, str]:
-        inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
-        return {
-            **inherited,
-            "PYTHONUNBUFFERED": "1",
-            "PREFECT_HOME": str(self.state_dir / "worker"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            **WORKER_TUNING,
-            **self.endpoint_env,
-        }
+        return _worker_environment(self.state_dir, self.endpoint_env)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"pool:{self.pool}") if "started!" in self._log_since(pending) else None
@@ -544,6 +584,7 @@ class LocalStack:
                 seed=seed,
             ),
             "inbox": _Inbox("inbox", self.state_dir, startup_timeout_s=30.0),
+            "warm": _Warm("warm", self.state_dir, startup_timeout_s=60.0),
             "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0),
         }
 
