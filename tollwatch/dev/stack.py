@@ -382,8 +382,8 @@ class _Prefect(_Service):
             "PREFECT_SERVER_UI_ENABLED": str(self.ui).lower(),
             # Events reach the DB (and `events/filter`) within ~1 s instead of 5 s: snappier demos and tests.
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-            # A run queued behind the deployment's concurrency limit is re-offered after 2 s instead of 30 s.
-            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "2",
+            # A run queued behind the deployment's concurrency limit is re-offered after 1 s instead of 30 s.
+            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
         }
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -498,7 +498,7 @@ class _Warm(_Service):
         return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
 
 
-def _worker_environment(state_dir: Path, endpoint_env: dict[str, str]) -> dict[str, str]:
+def _worker_environment(state_dir: Path, endpoint_env: dict[str, str], tuned: bool = True) -> dict[str, str]:
     """What the worker, the warm server and so every flow run see: the stack's endpoints, fast polling, the
     warm socket, and none of the developer's own PREFECT_* settings."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
@@ -508,7 +508,7 @@ def _worker_environment(state_dir: Path, endpoint_env: dict[str, str]) -> dict[s
         "PREFECT_HOME": str(state_dir / "worker"),
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TOLLWATCH_WARM_SOCKET": str(state_dir / "warm.sock"),
-        **WORKER_TUNING,
+        **(WORKER_TUNING if tuned else {}),
         **endpoint_env,
     }
 
@@ -520,9 +520,10 @@ class _Worker(_Service):
 
     pool: str = LOCAL_WORK_POOL
     endpoint_env: dict[str, str] = field(default_factory=dict)
+    tuned: bool = True
 
     def config(self) -> dict[str, Any]:
-        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items()))}
+        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items())), "tuned": self.tuned}
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
@@ -540,7 +541,7 @@ class _Worker(_Service):
         ]  # fmt: skip
 
     def env(self, port: int) -> dict[str, str]:
-        return _worker_environment(self.state_dir, self.endpoint_env)
+        return _worker_environment(self.state_dir, self.endpoint_env, self.tuned)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"pool:{self.pool}") if "started!" in self._log_since(pending) else None
@@ -566,6 +567,7 @@ class LocalStack:
         services: tuple[str, ...] = SERVICES,
         prefect_ui: bool = True,
         mirror_dataset: str = DEFAULT_DATASET,
+        worker_tuning: bool = True,
     ) -> None:
         unknown = sorted(set(services) - set(SERVICES))
         if unknown:
@@ -585,7 +587,7 @@ class LocalStack:
             ),
             "inbox": _Inbox("inbox", self.state_dir, startup_timeout_s=30.0),
             "warm": _Warm("warm", self.state_dir, startup_timeout_s=60.0),
-            "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0),
+            "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0, tuned=worker_tuning),
         }
 
     # -- public API
