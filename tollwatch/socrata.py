@@ -189,6 +189,9 @@ class SocrataClient:
             response = self._http.get(path, params=params, headers=self._headers)
         except httpx.TransportError as exc:
             raise _Retryable(f"{type(exc).__name__}: {exc}") from exc
+        # httpx links a response and its stream both ways, so this page's body (~2.3 MB per 10k rows) would be
+        # freed only by a full GC: over a long window every fetched body stayed alive. Break the cycle.
+        response.stream = httpx.ByteStream(b"")
         if response.status_code in RETRYABLE_STATUS:
             raise _Retryable(
                 f"HTTP {response.status_code} {response.reason_phrase}: {response.text[:200]}",
