@@ -16,6 +16,10 @@ demo: bootstrap
 test: bootstrap
 	$(BIN)/python -m pytest
 
+## bench: every benchmark figure beside its same-run baseline (~15 min; not part of the tests)
+bench: bootstrap
+	$(BIN)/python -m bench
+
 ## lint: ruff over the code
 lint: bootstrap
 	$(BIN)/ruff check .
