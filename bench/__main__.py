@@ -30,7 +30,7 @@ def _table(figures: list[Figure]) -> str:
     return "\n".join(lines + (["", "notes:", *notes] if notes else []))
 
 
-def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: float) -> list[Figure]:
+def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: float | None) -> list[Figure]:
     """BASELINE, FLOOR and cost growth on a stack of their own; the event-driven rate set beside them."""
     import tempfile
     from pathlib import Path
@@ -61,6 +61,8 @@ def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: floa
         finally:
             stack.down()
     baseline = next((f for f in figures if f.name.startswith("BASELINE") and f.unit == "rows/s"), None)
+    if events_rows_per_s is None:  # figure 3's event-driven backfill was not run
+        return figures
     figures.append(
         Figure(
             group="3 full-history backfill",
@@ -80,7 +82,9 @@ def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: floa
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
-    parser.add_argument("--only", default="1,2,3,4,5", help="comma-separated figure numbers")
+    parser.add_argument(
+        "--only", default="1,2,3,4,5", help="comma-separated figure numbers (5 also measures 3's BASELINE and FLOOR)"
+    )
     args = parser.parse_args(argv)
     wanted = {part.strip() for part in args.only.split(",")}
 
@@ -94,13 +98,14 @@ def main(argv: list[str] | None = None) -> int:
     def full_history() -> list[Figure]:
         found, result = latency.figure_full_history(*history)
         extra["full_history"] = result
-        return found + _throughput(history, quick, result["rows_per_s"])
+        return found
 
     steps: list[tuple[str, Callable[[], list[Figure]]]] = [
         ("1", lambda: latency.figure_event_to_running(samples=5 if quick else 30)),
         ("2", lambda: latency.figure_publish_to_downstream(samples=3 if quick else 10)),
         ("3", full_history),
         ("4", lambda: latency.figure_fan_out(events=20 if quick else 200)),
+        ("5", lambda: _throughput(history, quick, extra.get("full_history", {}).get("rows_per_s"))),  # type: ignore[union-attr]
     ]
     began = time.monotonic()
     for number, step in steps:

@@ -86,7 +86,12 @@ def backfill(
     _print_outcomes(outcomes)
     failed = [o for o in outcomes if not o.succeeded]
     if failed:
-        fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete")
+        from tollwatch.follow import START_FAILED
+
+        hint = ""
+        if any(o.state == START_FAILED for o in failed):
+            hint = "; runs that could not be started are requested again with --rerun (the same ids are deduplicated)"
+        fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete{hint}")
 
 
 def _follow_with_progress(events: list, timeout_s: float) -> list[ChunkOutcome]:

@@ -20,6 +20,8 @@ from tollwatch.observe import PrefectObserver
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 #: States of a chunk that never got (or lost) its run.
 NO_RUN = "NO RUN"
+#: The automation tried to create the run and the server refused (e.g. 503 from a busy SQLite server).
+START_FAILED = "START FAILED"
 NOT_STARTED = "WAITING"
 
 
@@ -42,7 +44,7 @@ class ChunkOutcome(BaseModel):
 
     @property
     def done(self) -> bool:
-        return self.state in TERMINAL or self.state == NO_RUN
+        return self.state in TERMINAL or self.state in (NO_RUN, START_FAILED)
 
     @property
     def succeeded(self) -> bool:
@@ -52,8 +54,11 @@ class ChunkOutcome(BaseModel):
 def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> list[ChunkOutcome]:
     """One outcome per chunk event, from the server's records right now."""
     runs_by_event: dict[UUID, list[UUID]] = {}
+    start_failures: dict[UUID, str] = {}
     for action in observer.actions_on([event.id for event in events]):
         runs_by_event.setdefault(action.triggering_event_id, []).extend(action.flow_run_ids)
+        if action.failed:
+            start_failures[action.triggering_event_id] = action.reason or "the automation action failed"
     all_runs = [run_id for run_ids in runs_by_event.values() for run_id in run_ids]
     runs = observer.flow_runs(all_runs)
     completions = observer.emitted_by(all_runs, [EventName.INGESTION_COMPLETED, EventName.INGESTION_FAILED])
@@ -64,7 +69,8 @@ def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> l
         run_ids = runs_by_event.get(event.id, [])
         run = runs.get(run_ids[0]) if run_ids else None
         if run is None:
-            outcomes.append(base)
+            failure = start_failures.get(event.id)
+            outcomes.append(base.model_copy(update={"state": START_FAILED, "message": failure}) if failure else base)
             continue
         state = run.state.type.value if run.state else "UNKNOWN"
         completion = completions.get(run.id)
