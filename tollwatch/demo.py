@@ -86,7 +86,7 @@ def run_demo(state_dir: Path, *, timeout_s: float = 300, say: Callable[[str], No
     from tollwatch.dev.blocks import ensure_local_blocks
     from tollwatch.dev.stack import LocalStack
 
-    say("starting the local stack (Azurite, Prefect server, Socrata mirror, inbox, worker) …")
+    say("starting the local stack (Azurite, Prefect server, Socrata mirror, inbox, warm server, worker) …")
     endpoints = LocalStack(state_dir).up()
     for key, value in endpoints.env().items():
         os.environ[key] = value
