@@ -182,32 +182,27 @@ def publish_to_downstream_running(samples: int = 10) -> tuple[list[float], dict[
             event_id = watch_once()
             ingest_run = _run_of(observer, event_id)
             _wait_final(observer, ingest_run)
-            completion = observer.emitted_by([ingest_run], ["tollwatch.ingestion.completed"])
-            while not completion:
-                time.sleep(0.2)
-                completion = observer.emitted_by([ingest_run], ["tollwatch.ingestion.completed"])
-            job_run = next(
-                run for action in _wait_actions(observer, completion[ingest_run].id) for run in action.flow_run_ids
-            )
+            completion = _announced(observer, ingest_run, "tollwatch.ingestion.completed")
+            job_run = _run_of(observer, completion)
             running = _state_time(observer, job_run, "RUNNING")
             _wait_final(observer, job_run)
             totals.append(running - published)
             time.sleep(1.5)  # events reach the events table within ~1 s
             for hop in build_trace(observer, event_id).hops:
-                label = hop.what.split(" (id=")[0].split(" id=")[0]
-                for name in (label.split(" ")[-1],):
-                    hops.setdefault(f"{hop.depth}:{name}", []).append(hop.since_previous_s or 0.0)
+                step = hop.what.split(" (")[0].split(" id=")[0].split()[-1]  # "scheduled", "call-webhook", …
+                hops.setdefault(f"{hop.depth}:{step}", []).append(hop.since_previous_s or 0.0)
     return totals[1:], hops  # the first publish warms the silver table up: dropped
 
 
-def _wait_actions(observer: PrefectObserver, event_id: UUID, timeout_s: float = 60) -> list:
+def _announced(observer: PrefectObserver, run_id: UUID, name: str, timeout_s: float = 60) -> UUID:
+    """The id of the event `name` the run emitted (events are stored within ~1 s of being sent)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        actions = [a for a in observer.actions_on([event_id]) if a.flow_run_ids]
-        if actions:
-            return actions
+        found = observer.emitted_by([run_id], [name])
+        if run_id in found:
+            return found[run_id].id
         time.sleep(0.2)
-    raise TimeoutError(f"no downstream run for {event_id}")
+    raise TimeoutError(f"run {run_id} did not announce {name} within {timeout_s}s")
 
 
 def figure_publish_to_downstream(samples: int = 10) -> list[Figure]:
@@ -234,7 +229,7 @@ def backfill_through_events(
     start: date, stop: date, chunk: Chunk, *, mirror_through: date, timeout_s: float = 1800
 ) -> dict[str, float]:
     """Emit one backfill event per chunk at once and wait until every run ended: wall time, rows, runs."""
-    from tollwatch.follow import chunk_outcomes
+    from tollwatch.follow import follow
 
     with bench_stack(tuned=True, mirror_start=start, mirror_through=mirror_through) as bench, connect() as observer:
         request_id = f"bench-{time.time_ns()}"
@@ -247,11 +242,7 @@ def backfill_through_events(
         began = time.time()
         bench.emit(*events)
         accepted = time.time()
-        deadline = time.monotonic() + timeout_s
-        outcomes = chunk_outcomes(observer, events)
-        while not all(o.done for o in outcomes) and time.monotonic() < deadline:
-            time.sleep(2)
-            outcomes = chunk_outcomes(observer, events)
+        outcomes = follow(observer, events, timeout_s=timeout_s, poll_s=2.0)
         finished = time.time()
         runs = {o.flow_run_id for o in outcomes if o.flow_run_id}
         return {

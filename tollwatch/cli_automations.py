@@ -1,7 +1,7 @@
 """`tollwatch automations …`: apply the automations and subscriptions under `automations/` to a Prefect server.
 
-Kept apart from `tollwatch.cli` (which registers `automations_app`) so it does not import the main CLI; it
-prints its own errors (one red line each, exit code 1) instead of relying on the main CLI's decorator.
+Kept apart from `tollwatch.cli` (which registers `automations_app`); errors print as one red line
+(`tollwatch.cli_common.fail`) with exit code 1.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import httpx
 import typer
 
 from tollwatch.automations.models import AutomationsConfigError
+from tollwatch.cli_common import fail
 from tollwatch.settings import DEFAULT_STATE_DIR
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
@@ -24,13 +25,6 @@ automations_app = typer.Typer(no_args_is_help=True, help="Prefect automations an
 @automations_app.callback()
 def _group() -> None:
     """Prefect automations and downstream subscriptions as code (files under `automations/`)."""
-
-
-def _fail(message: str) -> None:
-    """One red `error:` line per problem on stderr, exit code 1."""
-    for line in message.splitlines() or [message]:
-        typer.secho(f"error: {line}", fg="red", err=True)
-    raise typer.Exit(1)
 
 
 def _api_url(local_stack: bool, state_dir: Path) -> str:
@@ -91,8 +85,8 @@ def apply_command(
     try:
         run_apply(directory, dry_run=dry_run, prune=prune, api_url=_api_url(local_stack, state_dir))
     except AutomationsConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     except httpx.HTTPStatusError as exc:
-        _fail(f"the Prefect API refused {exc.request.method} {exc.request.url.path}: {exc.response.text[:500]}")
+        fail(f"the Prefect API refused {exc.request.method} {exc.request.url.path}: {exc.response.text[:500]}")
     except httpx.HTTPError as exc:
-        _fail(f"cannot reach the Prefect API: {type(exc).__name__}: {exc}")
+        fail(f"cannot reach the Prefect API: {type(exc).__name__}: {exc}")
