@@ -23,6 +23,7 @@ from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
+from tests.support import payloads
 from tollwatch.automations.apply import normalised, plan
 from tollwatch.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
 from tollwatch.automations.load import load_project
@@ -121,15 +122,13 @@ def emit(api: str, *events: TollwatchEvent) -> None:
 
 
 def completed(refresh_id: str, *, already_committed: bool = False) -> IngestionCompleted:
-    return IngestionCompleted(
-        table="bronze.bnt_traffic_hourly",
+    return payloads.completion(
         catalog="local",
         mode="refresh",
         window=None,
         refresh_id=refresh_id,
         rows_fetched=24,
         rows_written=0 if already_committed else 24,
-        rows_rejected=0,
         snapshot_id=7,
         landing_uri="memory://landing/x.parquet",
         already_committed=already_committed,

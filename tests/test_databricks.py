@@ -311,22 +311,11 @@ def test_ingest_fails_with_the_databricks_reason(databricks_blocks, api):
 
 def test_run_job_runs_a_databricks_job_with_parameters_from_the_completion(databricks_blocks, api):
     from flows.run_job import run_job
-    from tollwatch.events import IngestionCompleted, Window
+    from tests.support import payloads
 
     run_now = api.post(f"{API}/run-now").mock(return_value=httpx.Response(200, json={"run_id": 42}))
     api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "SUCCESS"))
-    completion = IngestionCompleted(
-        table="bronze.bnt_traffic_hourly",
-        catalog="tollwatch",
-        mode="window",
-        window=Window(start=date(2024, 1, 1), stop=date(2024, 2, 1)),
-        refresh_id="r-9",
-        rows_fetched=10,
-        rows_written=10,
-        rows_rejected=0,
-        snapshot_id=77,
-        landing_uri="abfss://…",
-    )
+    completion = payloads.completion(refresh_id="r-9", snapshot_id=77, landing_uri="abfss://…")
 
     finished = run_job(job="987", completion=completion, parameters={"team": "finance"}, databricks_job_id=987)
 

@@ -8,11 +8,11 @@ from datetime import date
 import pytest
 from pydantic import ValidationError
 
+from tests.support.payloads import completion
 from tollwatch.events import (
     BackfillRequested,
     DatasetRefreshed,
     EventName,
-    IngestionCompleted,
     TollwatchEvent,
     Window,
     flow_run_resource,
@@ -76,17 +76,12 @@ def test_prefect_body_has_the_shape_of_the_events_api():
 
 
 def test_completion_resource_names_the_table_and_id_follows_the_refresh():
-    done = IngestionCompleted(
-        table="bronze.bnt_traffic_hourly",
-        catalog="tollwatch",
-        mode="window",
+    done = completion(
         window=Window(start=date(2024, 1, 1), stop=date(2024, 1, 2)),
         refresh_id="r",
         rows_fetched=1,
         rows_written=1,
-        rows_rejected=0,
         snapshot_id=7,
-        landing_uri="http://x/raw/",
     )
     event = TollwatchEvent.of(done)
     assert event.resource.id == "iceberg.tollwatch.bronze.bnt_traffic_hourly"

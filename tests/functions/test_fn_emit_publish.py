@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import uuid
-from datetime import date
 from pathlib import Path
 
 import httpx
@@ -24,9 +23,10 @@ from tests.support.funcapp import (
     json_of,
     settle,
 )
+from tests.support.payloads import completion
 from tollwatch import clients
 from tollwatch.emit import EmitError, PrefectEventsEmitter, WebhookEmitter
-from tollwatch.events import DatasetRefreshed, EventName, IngestionCompleted, TollwatchEvent, Window
+from tollwatch.events import DatasetRefreshed, EventName, TollwatchEvent
 from tollwatch.publish import CompletionPublisher, PublishError
 
 pytestmark = pytest.mark.stack
@@ -133,20 +133,7 @@ def test_prefect_api_4xx_is_not_retried(fenv):
 
 
 def completed_event() -> TollwatchEvent:
-    return TollwatchEvent.of(
-        IngestionCompleted(
-            table="bronze.bnt_traffic_hourly",
-            catalog="tollwatch",
-            mode="window",
-            window=Window(start=date(2024, 1, 1), stop=date(2024, 2, 1)),
-            refresh_id="r-1",
-            rows_fetched=10,
-            rows_written=10,
-            rows_rejected=0,
-            snapshot_id=42,
-            landing_uri="http://x/raw/",
-        )
-    )
+    return TollwatchEvent.of(completion())
 
 
 def test_no_topic_configured_means_no_publisher(fenv):
