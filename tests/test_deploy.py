@@ -6,8 +6,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
-from tollwatch.deploy import DeployError, checkout, deploy_environment, work_pool_spec
+from tollwatch.deploy import DeployError, checkout, deploy_environment, deployment_queues, work_pool_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -82,3 +83,24 @@ def test_the_local_pool_starts_runs_through_the_warm_client_and_production_cold(
     production = base_job_template(work_pool_spec("production"))["variables"]["properties"]["command"]["default"]
     assert local.endswith(" -m tollwatch.warm.client")
     assert production is None  # Prefect's own `python -m prefect.engine`
+
+
+def test_each_deployment_gets_a_queue_limited_like_the_deployment():
+    queues = {q.name: (q.concurrency_limit, q.deployments) for q in deployment_queues(ROOT / "prefect.yaml")}
+    assert queues == {"ingest": (2, ("ingest",)), "jobs": (4, ("run-job",))}
+
+
+def test_two_limited_deployments_cannot_share_a_queue(tmp_path):
+    shared = {"name": "pool", "work_queue_name": "q"}
+    (tmp_path / "prefect.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "deployments": [
+                    {"name": "a", "work_pool": shared, "concurrency_limit": {"limit": 2}},
+                    {"name": "b", "work_pool": shared},
+                ]
+            }
+        )
+    )
+    with pytest.raises(DeployError, match="a and b share work queue 'q'"):
+        deployment_queues(tmp_path / "prefect.yaml")

@@ -51,6 +51,17 @@ def deployed(stack):
     return stack.prefect_api_url
 
 
+def test_deploy_creates_one_queue_per_deployment_with_its_concurrency_limit(deployed):
+    """The worker is only handed runs that can start (no rejected Pending proposals while a backfill queues)."""
+    queues = httpx.post(f"{deployed}/work_pools/tollwatch-local/queues/filter", json={}, timeout=10).json()
+    limits = {q["name"]: q["concurrency_limit"] for q in queues}
+    assert limits["ingest"] == 2
+    assert limits["jobs"] == 4
+    deployments = httpx.post(f"{deployed}/deployments/filter", json={}, timeout=10).json()
+    queue_of = {d["name"]: d["work_queue_name"] for d in deployments}
+    assert (queue_of["ingest"], queue_of["run-job"]) == ("ingest", "jobs")
+
+
 def runs_of(api: str, key: str, value: object, timeout_s: float = 30) -> list[dict]:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

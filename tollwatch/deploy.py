@@ -78,6 +78,45 @@ def work_pool_spec(target: str, prefect_file: Path = PREFECT_FILE) -> WorkPoolSp
     return WorkPoolSpec.model_validate(pools[target])
 
 
+class QueueSpec(BaseModel):
+    """A work queue a deployment runs from, limited like the deployment itself."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    concurrency_limit: int | None
+    deployments: tuple[str, ...]
+
+
+def deployment_queues(prefect_file: Path = PREFECT_FILE) -> list[QueueSpec]:
+    """One queue per deployment (`work_pool.work_queue_name`), with the deployment's concurrency limit.
+
+    Why: Prefect enforces a deployment concurrency limit when a worker proposes Pending, so with 190 runs
+    queued behind a limit of 2 the worker fetches and proposes every one of them each poll and the server
+    rejects 188 (a write and an event each): on SQLite that churn starves the automations creating runs. A
+    queue limit is applied inside the scheduled-runs query instead, so the worker is only handed runs that
+    can start. The deployment limit stays the guarantee (it also covers runs started outside this pool).
+    """
+    config = yaml.safe_load(prefect_file.read_text()) or {}
+    queues: dict[str, QueueSpec] = {}
+    for deployment in config.get("deployments") or []:
+        name = deployment.get("name", "?")
+        queue = ((deployment.get("work_pool") or {}).get("work_queue_name")) or "default"
+        limit = (deployment.get("concurrency_limit") or {}).get("limit")
+        limit = limit if isinstance(limit, int) else None
+        if queue in queues:
+            known = queues[queue]
+            if known.concurrency_limit is not None or limit is not None:
+                raise DeployError(
+                    f"{prefect_file.name}: deployments {', '.join(known.deployments)} and {name} share work queue "
+                    f"{queue!r}, but a queue limit can only mirror one deployment's concurrency limit"
+                )
+            queues[queue] = known.model_copy(update={"deployments": (*known.deployments, name)})
+        else:
+            queues[queue] = QueueSpec(name=queue, concurrency_limit=limit, deployments=(name,))
+    return list(queues.values())
+
+
 def deploy_environment(spec: WorkPoolSpec, project_dir: Path = PROJECT_ROOT) -> dict[str, str]:
     """The variables prefect.yaml is templated from, for this pool (an explicit environment value wins)."""
     git = spec.git
@@ -90,8 +129,8 @@ def deploy_environment(spec: WorkPoolSpec, project_dir: Path = PROJECT_ROOT) -> 
     }
 
 
-def ensure_work_pool(spec: WorkPoolSpec) -> None:
-    """Create the pool, or bring an existing one in line with the spec (idempotent)."""
+def ensure_work_pool(spec: WorkPoolSpec, queues: list[QueueSpec] | None = None) -> None:
+    """Create the pool and its queues, or bring existing ones in line with the spec (idempotent)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate, WorkPoolUpdate
     from prefect.exceptions import ObjectAlreadyExists
@@ -116,6 +155,21 @@ def ensure_work_pool(spec: WorkPoolSpec) -> None:
                     base_job_template=base_job_template(spec),
                 ),
             )
+        for queue in queues or []:
+            _ensure_work_queue(client, spec.name, queue)
+
+
+def _ensure_work_queue(client: Any, pool: str, queue: QueueSpec) -> None:
+    from prefect.exceptions import ObjectAlreadyExists
+
+    description = f"runs of {', '.join(queue.deployments)}"
+    try:
+        client.create_work_queue(
+            name=queue.name, work_pool_name=pool, concurrency_limit=queue.concurrency_limit, description=description
+        )
+    except ObjectAlreadyExists:
+        existing = client.read_work_queue_by_name(queue.name, work_pool_name=pool)
+        client.update_work_queue(existing.id, concurrency_limit=queue.concurrency_limit, description=description)
 
 
 def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
@@ -126,7 +180,7 @@ def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
     if not api_url:  # prefect would deploy into a temporary server that vanishes with the command
         raise DeployError("PREFECT_API_URL is not set: start the local stack (`make up`) or point it at your server")
     spec = work_pool_spec(target, project_dir / "prefect.yaml")
-    ensure_work_pool(spec)
+    ensure_work_pool(spec, deployment_queues(project_dir / "prefect.yaml"))
     env = {**os.environ, **deploy_environment(spec, project_dir), "PREFECT_API_URL": str(api_url)}
     result = subprocess.run(
         [sys.executable, "-m", "prefect", "--no-prompt", "deploy", "--all"],
