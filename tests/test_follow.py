@@ -4,26 +4,90 @@ for the Prefect API here; tests/test_chain.py runs the same code against a real 
 from __future__ import annotations
 
 from datetime import UTC, date, datetime
+from uuid import UUID, uuid4
+
+from prefect.client.schemas.objects import FlowRun, State, StateType
 
 from tollwatch.events import BackfillRequested, TollwatchEvent
-from tollwatch.follow import START_FAILED, chunk_outcomes
+from tollwatch.follow import START_FAILED, chunk_outcomes, follow
 from tollwatch.observe import ActionTaken
 
 
 class RecordedObserver:
     """Answers with what a busy SQLite server recorded: the automation's run-deployment action failed (503)."""
 
-    def __init__(self, actions: list[ActionTaken]) -> None:
+    def __init__(self, actions: list[ActionTaken], runs: dict[UUID, FlowRun] | None = None) -> None:
         self.actions = actions
+        self.runs = runs or {}
 
     def actions_on(self, event_ids):
         return [a for a in self.actions if a.triggering_event_id in set(event_ids)]
 
     def flow_runs(self, ids):
-        return {}
+        return {i: self.runs[i] for i in ids if i in self.runs}
 
     def emitted_by(self, flow_run_ids, names):
         return {}
+
+
+def _chunk_event() -> TollwatchEvent:
+    return TollwatchEvent.of(
+        BackfillRequested(
+            domain="data.ny.gov", dataset_id="qzve-kjga", start=date(2013, 1, 1), stop=date(2013, 2, 1), request_id="r"
+        )
+    )
+
+
+def _action(event_id: UUID, run_id: UUID | None = None) -> ActionTaken:
+    return ActionTaken(
+        automation="ingest-on-backfill-requested",
+        action_type="run-deployment",
+        triggering_event_id=event_id,
+        flow_run_ids=(run_id,) if run_id else (),
+        at=datetime.now(UTC),
+        failed=run_id is None,
+        reason="" if run_id else "Unexpected status from 'run-deployment' action: 503",
+    )
+
+
+def test_a_chunk_whose_run_could_not_start_is_requested_again_under_a_new_id_with_the_same_payload():
+    event = _chunk_event()
+    observer = RecordedObserver([_action(event.id)])
+    resent: list[TollwatchEvent] = []
+
+    def resend(events: list[TollwatchEvent]) -> None:  # the server accepts the restart and runs it to completion
+        resent.extend(events)
+        for again in events:
+            run = FlowRun(id=uuid4(), name="second-try", flow_id=uuid4(), state=State(type=StateType.COMPLETED))
+            observer.runs[run.id] = run
+            observer.actions.append(_action(again.id, run.id))
+
+    [outcome] = follow(observer, [event], timeout_s=5, poll_s=0, resend=resend)  # type: ignore[arg-type]
+
+    assert [e.payload for e in resent] == [event.payload]
+    assert resent[0].id != event.id
+    assert outcome.state == "COMPLETED"
+    assert outcome.succeeded
+    assert outcome.restarts == 1
+    assert outcome.flow_run_name == "second-try"
+
+
+def test_restarts_are_bounded_and_the_chunk_then_ends_start_failed():
+    event = _chunk_event()
+    observer = RecordedObserver([_action(event.id)])
+    resent: list[TollwatchEvent] = []
+
+    def resend(events: list[TollwatchEvent]) -> None:  # every attempt is refused again
+        resent.extend(events)
+        observer.actions.extend(_action(e.id) for e in events)
+
+    [outcome] = follow(observer, [event], timeout_s=5, poll_s=0, resend=resend, max_restarts=2)  # type: ignore[arg-type]
+
+    assert len(resent) == 2
+    assert len({e.id for e in resent} | {event.id}) == 3
+    assert outcome.state == START_FAILED
+    assert outcome.restarts == 2
+    assert not outcome.succeeded
 
 
 def test_a_chunk_whose_run_could_not_be_started_is_done_and_says_why():

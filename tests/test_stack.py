@@ -241,14 +241,26 @@ def _wait_dead(ref: ProcessRef, timeout: float = 10.0) -> None:
 def test_worker_runs_with_the_stack_endpoints_and_fast_polling(shared: tuple[LocalStack, StackEndpoints]) -> None:
     """Flow runs inherit the worker's environment: it must point at this stack's services."""
     local, endpoints = shared
-    worker = _pids(local.state_dir)["worker"]
-    environ = dict(
-        item.split("=", 1) for item in Path(f"/proc/{worker.pid}/environ").read_text().split("\0") if "=" in item
-    )
+    environ = _environ_of(_pids(local.state_dir)["worker"].pid)
     assert environ["PREFECT_API_URL"] == endpoints.prefect_api_url
     assert environ["TOLLWATCH_UPSTREAM_BASE_URL"] == endpoints.mirror_url
     assert environ["TOLLWATCH_STORAGE_CONNECTION_STRING"] == endpoints.blob_connection_string
     assert environ["PREFECT_WORKER_QUERY_SECONDS"] == "1"
+
+
+def _environ_of(pid: int) -> dict[str, str]:
+    raw = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    return dict(item.split("=", 1) for item in raw if "=" in item)
+
+
+def test_server_and_worker_retry_sqlite_busy_503s_longer_than_prefects_default(
+    shared: tuple[LocalStack, StackEndpoints],
+) -> None:
+    """The automations (inside the server) and the worker both create/submit runs through Prefect's client."""
+    local, _ = shared
+    pids = _pids(local.state_dir)
+    for service in ("prefect", "worker"):
+        assert _environ_of(pids[service].pid)["PREFECT_CLIENT_MAX_RETRIES"] == "8", service
 
 
 def test_inbox_records_what_it_is_sent(shared: tuple[LocalStack, StackEndpoints]) -> None:

@@ -16,6 +16,9 @@ from tollwatch.observe import PrefectObserver, connect
 from tollwatch.settings import DEFAULT_STATE_DIR, load_settings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from tollwatch.events import TollwatchEvent
     from tollwatch.follow import ChunkOutcome
 
 LocalStackOption = Annotated[bool, typer.Option(help="use the running local stack for unset settings")]
@@ -73,7 +76,8 @@ def backfill(
         dataset_id=settings.upstream_dataset_id,
         requested_by=f"cli:{getpass.getuser()}",
     )
-    clients.event_emitter(settings).emit(plan.events)
+    emitter = clients.event_emitter(settings)
+    emitter.emit(plan.events)
     typer.echo(
         f"backfill {plan.request_id}: {len(plan.events)} {request.chunk} chunk event(s) emitted for "
         f"{request.window}{' (rerun)' if rerun else ''}"
@@ -82,19 +86,21 @@ def backfill(
         for window, event in zip(plan.chunks, plan.events, strict=True):
             typer.echo(f"  {window}  event {event.id}")
         return
-    outcomes = _follow_with_progress(plan.events, timeout)
+    outcomes = _follow_with_progress(plan.events, timeout, resend=emitter.emit)
     _print_outcomes(outcomes)
     failed = [o for o in outcomes if not o.succeeded]
     if failed:
-        from tollwatch.follow import START_FAILED
+        from tollwatch.follow import RESTARTABLE
 
         hint = ""
-        if any(o.state == START_FAILED for o in failed):
-            hint = "; runs that could not be started are requested again with --rerun (the same ids are deduplicated)"
+        if any(o.state in RESTARTABLE for o in failed):
+            hint = "; runs that could not start were requested again twice already: try again later with --rerun"
         fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete{hint}")
 
 
-def _follow_with_progress(events: list, timeout_s: float) -> list[ChunkOutcome]:
+def _follow_with_progress(
+    events: list, timeout_s: float, resend: Callable[[list[TollwatchEvent]], object]
+) -> list[ChunkOutcome]:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tollwatch.follow import follow
@@ -120,7 +126,7 @@ def _follow_with_progress(events: list, timeout_s: float) -> list[ChunkOutcome]:
                 description=", ".join(f"{n} {s}" for s, n in sorted(states.items())),
             )
 
-        return follow(obs, events, timeout_s=timeout_s, on_progress=update)
+        return follow(obs, events, timeout_s=timeout_s, on_progress=update, resend=resend)
 
 
 def _print_outcomes(outcomes: list[ChunkOutcome]) -> None:
@@ -133,6 +139,7 @@ def _print_outcomes(outcomes: list[ChunkOutcome]) -> None:
     for o in outcomes:
         rows = "" if o.rows_written is None else f"{o.rows_written:,}" + (" (replay)" if o.already_committed else "")
         state = o.state + (f" ({o.duplicate_runs + 1} runs)" if o.duplicate_runs else "")
+        state += f" (requested {o.restarts + 1}x)" if o.restarts else ""
         table.add_row(
             f"[{o.start}, {o.stop})",
             state + (f": {o.message}" if o.message else ""),

@@ -3,6 +3,12 @@
 A chunk's run is found through the automation action the server took on that chunk's event (see
 `tollwatch.observe`), never by guessing from parameters, so a re-sent request finds the runs its
 first delivery started and a rerun finds only its own.
+
+A chunk whose run never started (the automation's create call was refused, e.g. a 503 from a busy SQLite
+server) or crashed before it ran (the worker could not submit it) is requested again, a bounded number of
+times, with a restart event: the same payload under a new id (`restart_event`). The same payload means the
+same refresh id, so if the first attempt did commit after all, the ingest's snapshot ledger makes the restart a
+no-op rather than a duplicate load.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from tollwatch.events import EventName, TollwatchEvent
+from tollwatch.events import EventName, TollwatchEvent, deterministic_id
 from tollwatch.observe import PrefectObserver
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
@@ -23,6 +29,8 @@ NO_RUN = "NO RUN"
 #: The automation tried to create the run and the server refused (e.g. 503 from a busy SQLite server).
 START_FAILED = "START FAILED"
 NOT_STARTED = "WAITING"
+#: States after which a chunk is requested again: its run never started or never got to run its code.
+RESTARTABLE = frozenset({START_FAILED, "CRASHED"})
 
 
 class ChunkOutcome(BaseModel):
@@ -41,6 +49,7 @@ class ChunkOutcome(BaseModel):
     duration_s: float | None = None
     message: str = ""
     duplicate_runs: int = 0
+    restarts: int = 0
 
     @property
     def done(self) -> bool:
@@ -92,6 +101,11 @@ def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> l
     return outcomes
 
 
+def restart_event(event: TollwatchEvent, attempt: int) -> TollwatchEvent:
+    """The same chunk request under a new deterministic id (the server deduplicates the original id)."""
+    return event.model_copy(update={"id": deterministic_id("restart", event.id, attempt)})
+
+
 def follow(
     observer: PrefectObserver,
     events: list[TollwatchEvent],
@@ -99,11 +113,27 @@ def follow(
     timeout_s: float,
     poll_s: float = 1.0,
     on_progress: Callable[[list[ChunkOutcome]], None] | None = None,
+    resend: Callable[[list[TollwatchEvent]], object] | None = None,
+    max_restarts: int = 2,
 ) -> list[ChunkOutcome]:
-    """Poll until every chunk's run has ended, or the timeout passes (chunks still without a run: NO RUN)."""
+    """Poll until every chunk's run has ended, or the timeout passes (chunks still without a run: NO RUN).
+
+    With `resend`, a chunk that ends START FAILED or CRASHED is requested again with `restart_event`, at most
+    `max_restarts` times; its outcome is then that of its latest request, with `restarts` counting them.
+    """
     deadline = time.monotonic() + timeout_s
+    current = list(events)  # the latest request of each chunk
+    restarts = [0] * len(events)
     while True:
-        outcomes = chunk_outcomes(observer, events)
+        found = chunk_outcomes(observer, current)
+        outcomes = [o.model_copy(update={"restarts": n}) for o, n in zip(found, restarts, strict=True)]
+        again = [i for i, o in enumerate(outcomes) if o.state in RESTARTABLE and o.restarts < max_restarts]
+        if resend is not None and again:
+            for i in again:
+                restarts[i] += 1
+                current[i] = restart_event(events[i], restarts[i])
+                outcomes[i] = outcomes[i].model_copy(update={"state": NOT_STARTED, "restarts": restarts[i]})
+            resend([current[i] for i in again])
         if on_progress is not None:
             on_progress(outcomes)
         if all(outcome.done for outcome in outcomes):

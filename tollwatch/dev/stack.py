@@ -384,6 +384,7 @@ class _Prefect(_Service):
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
             # A run queued behind the deployment's concurrency limit is re-offered after 1 s instead of 30 s.
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
+            **SQLITE_503_RETRIES,
         }
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -471,6 +472,13 @@ WORKER_TUNING: dict[str, str] = {
 }
 
 
+#: A Prefect server on SQLite answers a write that collides with another ("database is locked") with 503, and
+#: Prefect's clients retry a 503 after 2, 4, 8, … s — by default 5 times. Under a burst of backfill runs the
+#: automations' run creation (the server's own client) and the worker's submissions exhausted those 5 and lost
+#: the run; 8 tries ride out the burst. Set for the server (its actions service) and the worker (and its runs).
+SQLITE_503_RETRIES: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "8"}
+
+
 @dataclass
 class _Warm(_Service):
     """The warm flow-run server (`tollwatch.warm.server`): imports prefect, the flows and their libraries
@@ -509,6 +517,7 @@ def _worker_environment(state_dir: Path, endpoint_env: dict[str, str], tuned: bo
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TOLLWATCH_WARM_SOCKET": str(state_dir / "warm.sock"),
         **(WORKER_TUNING if tuned else {}),
+        **SQLITE_503_RETRIES,
         **endpoint_env,
     }
 
