@@ -336,7 +336,8 @@ class _Azurite(_Service):
 
 @dataclass
 class _Prefect(_Service):
-    """`prefect server start` from this venv, on SQLite under the state dir, isolated from ~/.prefect.
+    """Prefect's server from this venv (`tollwatch.dev.prefect_server`: `prefect server start` plus a
+    Retry-After on 503s), on SQLite under the state dir, isolated from ~/.prefect.
 
     Prefect needs its port up front (the UI is told the API URL at startup), so a free port is picked here;
     if another process grabs it first, the server exits with "already in use" and is relaunched elsewhere.
@@ -357,13 +358,7 @@ class _Prefect(_Service):
         return free_port(HOST)
 
     def argv(self, port: int) -> list[str]:
-        return [
-            sys.executable, "-m", "prefect", "server", "start",
-            "--host", HOST,
-            "--port", str(port),
-            "--ui" if self.ui else "--no-ui",
-            "--analytics-off",
-        ]  # fmt: skip
+        return [sys.executable, "-m", "tollwatch.dev.prefect_server", "--host", HOST, "--port", str(port)]
 
     def env(self, port: int) -> dict[str, str]:
         """The server's environment: no inherited PREFECT_* (a developer's PREFECT_API_URL or profile would
@@ -384,7 +379,7 @@ class _Prefect(_Service):
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
             # A run queued behind the deployment's concurrency limit is re-offered after 1 s instead of 30 s.
             "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-            **SQLITE_503_RETRIES,
+            **SERVER_503_RETRIES,
         }
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -472,11 +467,14 @@ WORKER_TUNING: dict[str, str] = {
 }
 
 
-#: A Prefect server on SQLite answers a write that collides with another ("database is locked") with 503, and
-#: Prefect's clients retry a 503 after 2, 4, 8, … s — by default 5 times. Under a burst of backfill runs the
-#: automations' run creation (the server's own client) and the worker's submissions exhausted those 5 and lost
-#: the run; 8 tries ride out the burst. Set for the server (its actions service) and the worker (and its runs).
+#: A Prefect server on SQLite answers a write that collides with another ("database is locked") with 503;
+#: tollwatch.dev.prefect_server adds `Retry-After: 0.5` so Prefect's clients retry after 0.5 s instead of 2, 4,
+#: 8, … s. By default they try 5 times: under a burst of backfill runs that lost runs (the automation's create
+#: call gave up: START FAILED; the worker's submission gave up: CRASHED). The worker (and the runs it starts)
+#: get 8 tries, which still bounds how long they hang when the server is really down (connection errors back
+#: off 2, 4, … s); the server's own in-process client cannot hit a connection error and gets 20.
 SQLITE_503_RETRIES: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "8"}
+SERVER_503_RETRIES: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "20"}
 
 
 @dataclass
