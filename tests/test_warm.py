@@ -15,15 +15,14 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def server(tmp_path: Path) -> Iterator[Path]:
-    sock = tmp_path / "warm.sock"
+def _serve(sock: Path, *options: str, **env: str) -> Iterator[Path]:
     process = subprocess.Popen(
         [sys.executable, "-m", "tollwatch.warm.server", "--socket", str(sock), "--module", "tests.support.warm_probe",
-         "--no-preload"],
+         *options],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
+        env=os.environ | env,
     )  # fmt: skip
     assert process.stdout is not None
     assert "WARM_READY" in process.stdout.readline()
@@ -31,6 +30,17 @@ def server(tmp_path: Path) -> Iterator[Path]:
     process.terminate()
     process.wait(timeout=10)
     assert not sock.exists()  # the server removes its socket when it stops
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Path]:
+    yield from _serve(tmp_path / "warm.sock", "--no-preload")
+
+
+@pytest.fixture
+def preloaded_server(tmp_path: Path) -> Iterator[Path]:
+    """With prefect imported (and its settings read) before the fork, from an API URL of the server's own."""
+    yield from _serve(tmp_path / "warm.sock", PREFECT_API_URL="http://127.0.0.1:9/server-api")
 
 
 def client(sock: Path | None, *args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
@@ -80,3 +90,36 @@ def test_two_runs_at_once_each_get_their_own_child(server, tmp_path):
     assert first.poll() is None  # the first child is still sleeping
     first.send_signal(signal.SIGTERM)
     first.wait(timeout=30)
+
+
+def test_a_child_whose_environment_changes_prefect_settings_sees_them(preloaded_server, tmp_path):
+    run = client(preloaded_server, cwd=tmp_path, WARM_PROBE_SETTINGS="1", PREFECT_API_URL="http://127.0.0.1:9/run-api")
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert "api=http://127.0.0.1:9/run-api" in out
+
+
+def test_settings_are_reread_only_when_the_prefect_settings_environment_differs():
+    from tollwatch.warm.server import _settings_environment
+
+    server = {"PREFECT_API_URL": "a", "HOME": "/root"}
+    run = {"PREFECT_API_URL": "a", "PREFECT__FLOW_RUN_ID": "1234", "HOME": "/tmp"}
+    assert _settings_environment(run) == _settings_environment(server)  # per-run values and other vars: no
+    assert _settings_environment(run | {"PREFECT_LOGGING_LEVEL": "DEBUG"}) != _settings_environment(server)
+
+
+def test_ca_bundle_contexts_are_parsed_once_and_other_call_shapes_are_not_shared(monkeypatch):
+    import ssl
+
+    import certifi
+
+    from tollwatch.warm.server import share_ca_bundle_contexts
+
+    monkeypatch.setattr(ssl, "create_default_context", ssl.create_default_context)  # restored after the test
+    share_ca_bundle_contexts()
+    first = ssl.create_default_context(cafile=certifi.where())
+    assert ssl.create_default_context(cafile=certifi.where()) is first
+    assert first.verify_mode == ssl.CERT_REQUIRED
+    assert first.check_hostname
+    assert ssl.create_default_context() is not ssl.create_default_context()  # e.g. Prefect's insecure mode edits it
+    assert ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=certifi.where()) is not first
