@@ -36,7 +36,7 @@ from tollwatch.events import (
     Window,
     dataset_resource_id,
 )
-from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing
+from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, previous_load
 from tollwatch.landing import LandingManifest
 from tollwatch.settings import Settings, load_settings
 
@@ -96,22 +96,33 @@ def load(request: IngestRequest, manifest: LandingManifest) -> LoadResult:
 
 
 @task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def committed_snapshot(request: IngestRequest) -> int | None:
-    """The snapshot that already holds this refresh: a replay is not fetched again (it is a no-op)."""
-    snapshot_id = clients.table_store(load_settings()).committed(request.refresh_id)
-    if snapshot_id is not None:
-        get_run_logger().info("refresh %s already committed as snapshot %s: no-op", request.refresh_id, snapshot_id)
-    return snapshot_id
+def committed_load(request: IngestRequest) -> LoadResult | None:
+    """The load that already holds this refresh: a replay is not fetched again (it commits nothing)."""
+    settings = load_settings()
+    previous = previous_load(request, clients.table_store(settings), clients.landing_zone(settings))
+    if previous is not None:
+        get_run_logger().info(
+            "refresh %s already committed as snapshot %s: no-op%s",
+            request.refresh_id,
+            previous.snapshot_id,
+            "" if previous.already_committed else " (its completion was never announced: announcing it now)",
+        )
+    return previous
 
 
 @task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
-def announce(event: TollwatchEvent) -> None:
+def announce(event: TollwatchEvent, request: IngestRequest) -> None:
     """Tell Prefect (automations, subscriptions) and, when a topic is configured, Event Grid subscribers."""
     settings = load_settings()
     emitter(settings).emit([event])
     publisher = clients.completion_publisher(settings)
     if publisher is not None and event.event == EventName.INGESTION_COMPLETED:
         publisher.publish(event)  # same id as the Prefect event, so subscribers can dedupe across both
+    try:  # after the announcement: a lost marker costs at most a second announcement (same event id) later
+        landing = clients.landing_zone(settings)
+        landing.mark_announced(request.landing_scope, str(event.id), event.payload["snapshot_id"])
+    except Exception as exc:
+        get_run_logger().warning("announced, but could not record it (a re-run will announce again): %s", exc)
 
 
 def emit_failure(flow: object, run: FlowRun, state: State) -> None:
@@ -164,7 +175,7 @@ def ingest(
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
     run_page_url = None
     # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
-    previous = committed_snapshot(request) if settings.engine == "local" else None
+    previous = committed_load(request) if settings.engine == "local" else None
     if previous is None:
         manifest = land.with_options(**retry)(request)
         fetched = time.perf_counter()
@@ -177,7 +188,7 @@ def ingest(
         rows_fetched, landing_uri = manifest.rows, clients.landing_zone(settings).uri(manifest.prefix)
     else:
         fetched = time.perf_counter()
-        result = LoadResult(previous, 0, 0, 0, already_committed=True)
+        result = previous
         rows_fetched, landing_uri = 0, ""
     loaded = time.perf_counter()
 
@@ -185,7 +196,7 @@ def ingest(
         table=settings.table,
         catalog=settings.catalog_name,
         mode=request.mode,
-        window=request.window or _touched(result),
+        window=request.window or result.touched or _touched(result),
         refresh_id=request.refresh_id,
         rows_fetched=rows_fetched,
         rows_written=result.rows_written,
@@ -200,7 +211,7 @@ def ingest(
     create_markdown_artifact(
         key="ingest-report", markdown=ingest_report(completed, result), description="rows per day and plaza"
     )
-    announce(TollwatchEvent.of(completed, related=related(settings)))
+    announce(TollwatchEvent.of(completed, related=related(settings)), request)
     logger.info(
         "done: %d rows fetched, %d written, %d rejected, snapshot %s",
         completed.rows_fetched,

@@ -31,7 +31,7 @@ from tollwatch.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.landing import LandingManifest, LandingZone
 from tollwatch.schema import convert, dedupe_on_key, target_schema
 from tollwatch.socrata import SocrataClient, updated_after_where, window_where
-from tollwatch.table import FLOW_RUN_ID, MODE, REFRESH_ID, WINDOW, IcebergTableStore
+from tollwatch.table import FLOW_RUN_ID, MODE, REFRESH_ID, TOUCHED, WINDOW, IcebergTableStore
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +88,11 @@ class IngestRequest(BaseModel):
             return updated_after_where(self.previous_rows_updated_at)
         return None  # first sighting of the dataset: everything
 
+    @property
+    def landing_scope(self) -> str:
+        """The landing prefix every run of this refresh shares (its runs' pages, its announcement marker)."""
+        return LandingZone.refresh_prefix(self.dataset_id, self.mode, self.window, self.refresh_id)
+
     def snapshot_properties(self, flow_run_id: str | None) -> dict[str, str]:
         """What every snapshot of this load records (the ledger)."""
         props = {REFRESH_ID: self.refresh_id, MODE: self.mode}
@@ -143,6 +148,25 @@ class LoadResult:
     reject_reasons: Counter[str] = field(default_factory=Counter)
     rows_per_day_plaza: Counter[tuple[date, int]] = field(default_factory=Counter)
     rejected_blobs: list[str] = field(default_factory=list)
+    #: The days the load replaced or merged, what downstream recomputes (for a load found in the ledger: the
+    #: days its commit recorded; None when that commit predates the record or wrote nothing).
+    touched: Window | None = None
+
+
+def previous_load(request: IngestRequest, store: IcebergTableStore, landing: LandingZone) -> LoadResult | None:
+    """The load of this refresh already in the table, if any: a re-run commits nothing.
+
+    `already_committed` is False only for a load with days to recompute whose completion was never announced:
+    a run killed between its commit and its announcement left subscribers (which skip replays) unaware of a
+    snapshot they never saw, so its re-run announces that load as news, with its snapshot and days and the same
+    deterministic event id (a first announcement that did get through is dropped by Prefect as a duplicate).
+    A load committed before days were recorded (an older tollwatch) stays a replay, as it was then.
+    """
+    load = store.committed_load(request.refresh_id)
+    if load is None:
+        return None
+    unannounced = load.touched is not None and not landing.is_announced(request.landing_scope)
+    return LoadResult(load.snapshot_id, 0, 0, 0, already_committed=not unannounced, touched=load.touched)
 
 
 class _MonthSpool:
@@ -152,10 +176,15 @@ class _MonthSpool:
         self._dir = directory
         self._schema = schema
         self._writers: dict[str, pq.ParquetWriter] = {}
+        self.first: date | None = None
+        self.last: date | None = None
 
     def add(self, rows: pa.Table) -> None:
         if rows.num_rows == 0:
             return
+        bounds = pc.min_max(rows["date"]).as_py()  # good rows always have a date
+        self.first = bounds["min"] if self.first is None else min(self.first, bounds["min"])
+        self.last = bounds["max"] if self.last is None else max(self.last, bounds["max"])
         months = pc.strftime(rows["date"], format="%Y-%m")
         for month in pc.unique(months).to_pylist():
             part = rows.filter(pc.equal(months, month))
@@ -164,6 +193,13 @@ class _MonthSpool:
                 writer = pq.ParquetWriter(self._dir / f"{month}.parquet", self._schema, compression="zstd")
                 self._writers[month] = writer
             writer.write_table(part)
+
+    @property
+    def touched(self) -> Window | None:
+        """The days the spooled rows cover (stop exclusive), None when there are none."""
+        if self.first is None or self.last is None:
+            return None
+        return Window(start=self.first, stop=date.fromordinal(self.last.toordinal() + 1))
 
     def months(self) -> Iterator[pa.Table]:
         """Each month's rows, deduped on the key, oldest month first."""
@@ -193,15 +229,18 @@ def load_landing(
         spool = _MonthSpool(Path(tmp), schema)
         for number, body in landing.iter_pages(manifest):
             rows = orjson.loads(body)
-            converted = convert(rows, schema)
-            good = _within_window(converted.good, request.window, converted.rejected)
+            converted = convert(rows, schema, request.window)
             result.rows_read += len(rows)
             if converted.rejected:
                 result.rejected_blobs.append(landing.put_rejected(manifest.prefix, number, converted.rejected))
                 result.rows_rejected += len(converted.rejected)
                 result.reject_reasons.update(r["reason"] for r in converted.rejected)  # type: ignore[misc]
-            spool.add(good)
-        result.snapshot_id = _commit(store, request, spool, schema, request.snapshot_properties(flow_run_id), result)
+            spool.add(converted.good)
+        props = request.snapshot_properties(flow_run_id)
+        result.touched = request.window or spool.touched  # a window load replaces all its days, even emptied ones
+        if result.touched:
+            props[TOUCHED] = f"{result.touched.start}/{result.touched.stop}"
+        result.snapshot_id = _commit(store, request, spool, schema, props, result)
     if result.rows_rejected:
         log.warning("quarantined %d rows: %s", result.rows_rejected, dict(result.reject_reasons))
     log.info("committed snapshot %s: %d rows written", result.snapshot_id, result.rows_written)
@@ -265,21 +304,3 @@ class _Counted:
         ):
             self._result.rows_per_day_plaza[(day, plaza)] += n
         return batch
-
-
-def _within_window(good: pa.Table, window: Window | None, rejected: list[dict[str, object]]) -> pa.Table:
-    """Rows outside the requested window would be deleted by nobody: quarantine them instead."""
-    if window is None or good.num_rows == 0:
-        return good
-    inside = pc.and_(
-        pc.greater_equal(good["date"], pa.scalar(window.start, pa.date32())),
-        pc.less(good["date"], pa.scalar(window.stop, pa.date32())),
-    )
-    outside = good.filter(pc.invert(inside))
-    for row in outside.to_pylist():
-        rejected.append({"reason": f"date: outside the requested window {window}", "row": _jsonable(row)})
-    return good.filter(inside)
-
-
-def _jsonable(row: dict[str, object]) -> dict[str, object]:
-    return {k: (v.isoformat() if hasattr(v, "isoformat") else v) for k, v in row.items()}

@@ -79,10 +79,15 @@ class LandingZone:
             pass
 
     @staticmethod
-    def prefix_for(dataset: str, mode: str, window: Window | None, refresh_id: str, run_id: str) -> str:
-        """`raw/<dataset>/<window or refresh>/refresh=<id>/run=<run>`: deterministic per dataset/window/refresh/run."""
+    def refresh_prefix(dataset: str, mode: str, window: Window | None, refresh_id: str) -> str:
+        """`raw/<dataset>/<window or refresh>/refresh=<id>`: where every run of one refresh lands."""
         scope = f"window={window.start}_{window.stop}" if window else f"mode={mode}"
-        return f"raw/{dataset}/{scope}/refresh={refresh_id}/run={run_id}"
+        return f"raw/{dataset}/{scope}/refresh={refresh_id}"
+
+    @classmethod
+    def prefix_for(cls, dataset: str, mode: str, window: Window | None, refresh_id: str, run_id: str) -> str:
+        """`raw/<dataset>/<window or refresh>/refresh=<id>/run=<run>`: deterministic per dataset/window/refresh/run."""
+        return f"{cls.refresh_prefix(dataset, mode, window, refresh_id)}/run={run_id}"
 
     def put_page(self, prefix: str, page: Page) -> LandedPage:
         """Land one page verbatim (gzip)."""
@@ -107,6 +112,21 @@ class LandingZone:
             name, manifest.model_dump_json(indent=2).encode(), overwrite=True, content_settings=_JSON
         )
         return name
+
+    def mark_announced(self, refresh_prefix: str, event_id: str, snapshot_id: int | None) -> str:
+        """Record that this refresh's completion was announced (written after the announcement succeeded).
+
+        The snapshot ledger says a refresh was committed; this says subscribers were told. A run killed between
+        the two leaves no marker, so its re-run announces the committed load as news instead of as a replay.
+        """
+        name = f"{refresh_prefix.rstrip('/')}/announced.json"
+        body = {"event_id": event_id, "snapshot_id": snapshot_id, "announced_at": datetime.now(UTC).isoformat()}
+        self._container.upload_blob(name, orjson.dumps(body), overwrite=True, content_settings=_JSON)
+        return name
+
+    def is_announced(self, refresh_prefix: str) -> bool:
+        """Whether some run announced this refresh's completion (see `mark_announced`)."""
+        return self._container.get_blob_client(f"{refresh_prefix.rstrip('/')}/announced.json").exists()
 
     def read_manifest(self, prefix: str) -> LandingManifest:
         """The manifest of a sealed landing; a clear error when the landing is incomplete."""

@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tollwatch.events import Window
+
 #: The natural key of a row: one count per plaza, day, hour and direction.
 KEY = ("plaza_id", "date", "hour", "direction")
 
@@ -84,8 +86,12 @@ def _reason(bad: pa.Array, text: str) -> pa.Array:
     return pc.if_else(pc.fill_null(bad, False), pa.scalar(text), pa.scalar(None, pa.string()))
 
 
-def convert(rows: list[Mapping[str, object]], schema: pa.Schema) -> Converted:
-    """Type one page of raw Socrata rows into `schema`, quarantining rows that fail a check."""
+def convert(rows: list[Mapping[str, object]], schema: pa.Schema, window: Window | None = None) -> Converted:
+    """Type one page of raw Socrata rows into `schema`, quarantining rows that fail a check.
+
+    With `window`, a row dated outside it is quarantined too: a window load replaces exactly its window, so
+    such a row would be deleted by nobody (and a mis-dated upstream row is evidence worth keeping raw).
+    """
     n = len(rows)
     raw = {name: _strings(rows, name) for name in _raw_names(schema)}
     reasons: list[pa.Array] = []
@@ -113,10 +119,20 @@ def convert(rows: list[Mapping[str, object]], schema: pa.Schema) -> Converted:
     reasons.append(_reason(pc.is_null(date_raw), "date: missing"))
     date_txt = pc.if_else(pc.fill_null(date_ok, False), pc.utf8_slice_codeunits(date_raw, 0, 10), None)
     parsed_date = pc.strptime(date_txt, format="%Y-%m-%d", unit="s", error_is_null=True)
+    # Arrow's strptime rolls an impossible day over (2024-02-30 parses as 2024-03-01): a date is valid only
+    # if it formats back to the text it came from, else a bad date would be loaded as another day's count.
+    exact = pc.equal(pc.strftime(parsed_date, format="%Y-%m-%d"), date_txt)
+    parsed_date = pc.if_else(pc.fill_null(exact, False), parsed_date, None)
     reasons.append(
         _reason(pc.and_kleene(pc.is_valid(date_raw), pc.is_null(parsed_date)), "date: not a YYYY-MM-DD date")
     )
     typed["date"] = pc.cast(parsed_date, pa.date32())
+    if window is not None:
+        outside = pc.or_(
+            pc.less(typed["date"], pa.scalar(window.start, pa.date32())),
+            pc.greater_equal(typed["date"], pa.scalar(window.stop, pa.date32())),
+        )
+        reasons.append(_reason(outside, f"date: outside the requested window {window}"))
 
     direction = raw["direction"]
     reasons.append(_reason(pc.invert(pc.is_in(direction, pa.array(DIRECTIONS))), "direction: not I or O"))

@@ -146,7 +146,10 @@ class SocrataClient:
     # ------------------------------------------------------------------ transport
 
     def _wait(self, state: RetryCallState) -> float:
-        """Exponential backoff with jitter, but never shorter than the server's Retry-After."""
+        """The server's Retry-After when it sends one, else exponential backoff with jitter.
+
+        Both are capped at `backoff_max_s`, so an absurd Retry-After cannot stall a run; the attempts run out instead.
+        """
         backoff = wait_exponential_jitter(initial=self._backoff_initial_s, max=self._backoff_max_s)(state)
         exc = state.outcome.exception() if state.outcome else None
         retry_after = getattr(exc, "retry_after", None)

@@ -35,14 +35,18 @@ REFRESH_ID = "tollwatch.refresh-id"
 WINDOW = "tollwatch.window"
 MODE = "tollwatch.mode"
 FLOW_RUN_ID = "tollwatch.flow-run-id"
+#: The days a load replaced or merged, `start/stop` (stop exclusive): what a re-run needs to announce a load it
+#: found committed but never announced (see `tollwatch.ingest.previous_load`).
+TOUCHED = "tollwatch.touched"
 
 
 @dataclass(frozen=True)
 class CommittedLoad:
-    """What a commit (or an earlier one, for a replay) left in the table."""
+    """A load in the snapshot ledger: its latest snapshot, the flow run that committed it and its days."""
 
     snapshot_id: int
-    already_committed: bool
+    flow_run_id: str | None
+    touched: Window | None
 
 
 @dataclass(frozen=True)
@@ -115,14 +119,27 @@ class IcebergTableStore:
 
     def committed(self, refresh_id: str) -> int | None:
         """The latest snapshot id written for this refresh, or None if it was never committed."""
+        load = self.committed_load(refresh_id)
+        return None if load is None else load.snapshot_id
+
+    def committed_load(self, refresh_id: str) -> CommittedLoad | None:
+        """The ledger entry of this refresh (from its latest snapshot), or None if it was never committed."""
         table = self.table()
         if table is None:
             return None
         found = None
         for snapshot in table.snapshots():
             if snapshot.summary is not None and snapshot.summary[REFRESH_ID] == refresh_id:
-                found = snapshot.snapshot_id
-        return found
+                found = snapshot
+        if found is None or found.summary is None:
+            return None
+        touched = found.summary[TOUCHED]
+        start, _, stop = (touched or "").partition("/")
+        return CommittedLoad(
+            snapshot_id=found.snapshot_id,
+            flow_run_id=found.summary[FLOW_RUN_ID],
+            touched=Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop)) if touched else None,
+        )
 
     # ------------------------------------------------------------------ writes
 

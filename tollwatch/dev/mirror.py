@@ -26,7 +26,10 @@ Admin endpoints (JSON in, JSON out; not logged in the request log, never subject
   ``"fail_always": {"status": 503, ...}`` or ``null`` to clear, ``"clear": true`` (drop queue and always),
   ``"corrupt": [{"seq": 5, "field": "date", "value": "not-a-date"}]`` (``value: null`` drops the field),
   ``"cash_until": "2024-06-01"`` or ``null``, ``"extra_columns": {"name": "constant" | null}``
-  (``null`` removes). Answers the state (as ``GET /admin/state``).
+  (``null`` removes), ``"after_requests": [{"requests": 2, "publish_days": 7, "faults": {...}}]`` (once the
+  next ``requests`` data requests have been answered, publish that many days and/or apply that faults
+  document: what changes the upstream *between* the pages of one paging sequence). A document is checked
+  whole before any of it applies. Answers the state (as ``GET /admin/state``).
 * ``POST /admin/reset`` -> back to the construction state (batches, faults, overrides, request log).
 * ``GET /admin/requests`` -> ``{"requests": [{"method", "path", "params", "app_token", "status"}, ...]}``;
   ``POST /admin/requests/clear`` empties it.
@@ -48,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -172,6 +175,47 @@ class RequestRecord:
     def to_json(self) -> dict[str, Any]:
         """Plain JSON shape for the admin API."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class ScheduledChange:
+    """A change of the upstream that waits for `requests` more data requests to be answered, then happens once.
+
+    Why: a real publish can land while a client is paging. Firing on the request count (just before the
+    triggering response is written) makes "after the first page was served" exact for a sequential client.
+    """
+
+    requests: int
+    publish_days: int | None = None
+    faults: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, raw: ScheduledChange | Mapping[str, Any]) -> ScheduledChange:
+        """Accept a ScheduledChange or the admin JSON shape; the nested faults document is checked now."""
+        if isinstance(raw, ScheduledChange):
+            return raw
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"after_requests items must be objects, got {raw!r}")
+        unknown = set(raw) - {"requests", "publish_days", "faults"}
+        if unknown:
+            raise ValueError(f"unknown after_requests keys: {sorted(unknown)}")
+        requests = int(raw.get("requests", 0))
+        if requests < 1:
+            raise ValueError(f"after_requests needs requests >= 1, got {requests}")
+        days = raw.get("publish_days")
+        if days is not None and int(days) < 1:
+            raise ValueError(f"publish_days must be >= 1, got {days}")
+        faults = raw.get("faults") or {}
+        if not isinstance(faults, Mapping):
+            raise ValueError("after_requests faults must be a faults document (an object)")
+        check_admin_faults(faults)
+        if days is None and not faults:
+            raise ValueError("after_requests items need publish_days or faults (or both)")
+        return cls(requests=requests, publish_days=None if days is None else int(days), faults=dict(faults))
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON shape for the admin API."""
+        return {"requests": self.requests, "publish_days": self.publish_days, "faults": dict(self.faults)}
 
 
 @dataclass(frozen=True)
@@ -406,6 +450,7 @@ class MirrorDataset:
         self._extras: dict[str, ExtraValue] = {}
         self._fail_queue: deque[FailSpec] = deque()
         self._fail_always: FailSpec | None = None
+        self._scheduled: tuple[ScheduledChange, ...] = ()
         self._requests: deque[RequestRecord] = deque(maxlen=REQUEST_LOG_SIZE)
 
     # ------------------------------------------------------------------ read-only views
@@ -499,6 +544,7 @@ class MirrorDataset:
                 "cash_until": None if self.cash_until is None else self.cash_until.isoformat(),
                 "extra_columns": list(self._extras),
                 "corrupted_rows": sorted(self._overrides),
+                "after_requests": [change.to_json() for change in self._scheduled],
             }
 
     # ------------------------------------------------------------------ publishing and overrides
@@ -536,8 +582,7 @@ class MirrorDataset:
 
     def extra_column(self, name: str, value: ExtraValue | None) -> None:
         """Add a column to every row (constant or `fn(seq, row)`); `None` removes it again."""
-        if name in BASE_COLUMNS or name in (CASH_COLUMN, *SYSTEM_FIELDS) or not name:
-            raise ValueError(f"{name!r} is not a valid extra column name")
+        _check_extra_column_name(name)
         with self._lock:
             extras: dict[str, ExtraValue] = dict(self._extras)
             if value is None:
@@ -566,10 +611,20 @@ class MirrorDataset:
             self._fail_always = parsed
 
     def clear_faults(self) -> None:
-        """Drop queued failures and `fail_always`."""
+        """Drop queued failures, `fail_always` and scheduled changes."""
         with self._lock:
             self._fail_queue.clear()
             self._fail_always = None
+            self._scheduled = ()
+
+    def after_requests(
+        self, requests: int, *, publish_days: int | None = None, faults: Mapping[str, Any] | None = None
+    ) -> None:
+        """Once `requests` more data requests have been answered, publish `publish_days` days and/or apply
+        `faults` (an `/admin/faults` document), e.g. "publish while the client is between page 1 and page 2"."""
+        change = ScheduledChange.parse({"requests": requests, "publish_days": publish_days, "faults": faults or {}})
+        with self._lock:
+            self._scheduled = (*self._scheduled, change)
 
     def take_fault(self) -> FailSpec | None:
         """The failure to apply to the current data request, if any (consumes one queued failure)."""
@@ -579,9 +634,25 @@ class MirrorDataset:
             return self._fail_always
 
     def record_request(self, record: RequestRecord) -> None:
-        """Append to the request log."""
+        """Append to the request log; a data request also counts down the scheduled changes.
+
+        The handler records a request just before writing its response, so a change this request makes due
+        is in place before the client can send its next request.
+        """
+        due: list[ScheduledChange] = []
         with self._lock:
             self._requests.append(record)
+            if self._scheduled and record.path.startswith("/resource/"):
+                waiting = []
+                for change in self._scheduled:
+                    counted = ScheduledChange(change.requests - 1, change.publish_days, change.faults)
+                    (due if counted.requests <= 0 else waiting).append(counted)
+                self._scheduled = tuple(waiting)
+        for change in due:
+            if change.publish_days is not None:
+                self.publish(change.publish_days)
+            if change.faults:
+                apply_admin_faults(self, change.faults)
 
     def clear_requests(self) -> None:
         """Empty the request log (e.g. between test phases)."""
@@ -678,29 +749,59 @@ def _apply_override(row: dict[str, str], override: Mapping[str, str | None], sys
 # ---------------------------------------------------------------------------------------------- admin JSON
 
 
-def apply_admin_faults(dataset: MirrorDataset, payload: Mapping[str, Any]) -> None:
-    """Apply a `POST /admin/faults` document; raises ValueError (-> 400) on anything malformed."""
-    allowed = {"fail_next", "fail_always", "clear", "corrupt", "cash_until", "extra_columns"}
-    unknown = set(payload) - allowed
+def _check_extra_column_name(name: str) -> None:
+    """An extra column must not shadow a dataset or system column."""
+    if name in BASE_COLUMNS or name in (CASH_COLUMN, *SYSTEM_FIELDS) or not name:
+        raise ValueError(f"{name!r} is not a valid extra column name")
+
+
+_FAULT_KEYS = frozenset(
+    {"fail_next", "fail_always", "clear", "corrupt", "cash_until", "extra_columns", "after_requests"}
+)
+
+
+def check_admin_faults(payload: Mapping[str, Any]) -> None:
+    """Raise ValueError (-> 400) if any part of a faults document is malformed, before any of it applies."""
+    unknown = set(payload) - _FAULT_KEYS
     if unknown:
-        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(allowed)}")
+        raise ValueError(f"unknown keys {sorted(unknown)}; allowed: {sorted(_FAULT_KEYS)}")
+    for item in _as_list(payload.get("fail_next", []), "fail_next"):
+        FailSpec.parse(item)
+    if payload.get("fail_always") is not None:
+        FailSpec.parse(payload["fail_always"])
+    for item in _as_list(payload.get("corrupt", []), "corrupt"):
+        if not isinstance(item, Mapping) or "seq" not in item or "field" not in item or int(item["seq"]) < 0:
+            raise ValueError(f"corrupt items need seq (>= 0) and field, got {item!r}")
+    if payload.get("cash_until") is not None:
+        as_date(payload["cash_until"])
+    extras = payload.get("extra_columns", {})
+    if not isinstance(extras, Mapping):
+        raise ValueError("extra_columns must be an object {name: value | null}")
+    for name in extras:
+        _check_extra_column_name(str(name))
+    for item in _as_list(payload.get("after_requests", []), "after_requests"):
+        ScheduledChange.parse(item)
+
+
+def apply_admin_faults(dataset: MirrorDataset, payload: Mapping[str, Any]) -> None:
+    """Apply a `POST /admin/faults` document; raises ValueError (-> 400) on anything malformed (then nothing
+    of it applies, so a typo in one key never leaves half a fault set behind)."""
+    check_admin_faults(payload)
     if payload.get("clear"):
         dataset.clear_faults()
     if "fail_next" in payload:
         dataset.fail_next(_as_list(payload["fail_next"], "fail_next"))
     if "fail_always" in payload:
         dataset.fail_always(payload["fail_always"])
-    for item in _as_list(payload.get("corrupt", []), "corrupt"):
-        if not isinstance(item, Mapping) or "seq" not in item or "field" not in item:
-            raise ValueError(f"corrupt items need seq and field, got {item!r}")
+    for item in payload.get("corrupt", []):
         dataset.corrupt(int(item["seq"]), str(item["field"]), item.get("value"))
     if "cash_until" in payload:
         dataset.set_cash_until(payload["cash_until"])
-    extras = payload.get("extra_columns", {})
-    if not isinstance(extras, Mapping):
-        raise ValueError("extra_columns must be an object {name: value | null}")
-    for name, value in extras.items():
+    for name, value in payload.get("extra_columns", {}).items():
         dataset.extra_column(str(name), value)
+    for item in payload.get("after_requests", []):
+        change = ScheduledChange.parse(item)
+        dataset.after_requests(change.requests, publish_days=change.publish_days, faults=change.faults)
 
 
 def _as_list(value: object, key: str) -> list[Any]:
