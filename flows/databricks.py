@@ -1,24 +1,25 @@
 """Run Spark work on Databricks through prefect-databricks: one-time merge runs and downstream jobs.
 
 Every REST call is a prefect-databricks task (`jobs_runs_submit`, `jobs_run_now`, `jobs_runs_get`,
-`jobs_runs_get_output`, `jobs_runs_cancel`) run with Prefect retries on 429/5xx/transport errors, so a
-throttled or flaky API is retried with backoff and each attempt shows up in the run's task list. A retried
-submit carries the same idempotency token, so Databricks returns the run the first attempt started.
+`jobs_runs_get_output`, `jobs_runs_cancel`). A throttled (429), failing (5xx) or unreachable API is retried
+with exponential backoff, each attempt its own task run in the run's task list; a retry never comes sooner than
+the `Retry-After` the API sent (Prefect's task retries can only wait fixed delays: tenacity decides), and a
+call that fails through every retry ends in a `DatabricksApiError` naming the call, the last answer and the
+attempts. A retried submit carries the same idempotency token, so Databricks returns the run the first attempt
+started (also when that attempt's response was lost to a timeout after the request arrived).
 Waiting polls `jobs/runs/get` until a terminal life cycle; past `max_wait_s` the run is cancelled, so nothing
 keeps running (and billing) after we gave up on it.
 """
 
 from __future__ import annotations
 
+import random
 import time
 from collections import Counter
 from typing import Any
 
 import httpx
 from prefect import Task, get_run_logger, task
-from prefect.client.schemas.objects import TaskRun
-from prefect.states import State
-from prefect.tasks import exponential_backoff
 from prefect_databricks import DatabricksCredentials
 from prefect_databricks.jobs import (
     jobs_run_now,
@@ -29,14 +30,17 @@ from prefect_databricks.jobs import (
 )
 from prefect_databricks.models.jobs import NewCluster, RunSubmitTaskSettings, SparkPythonTask
 from prefect_databricks.rest import HTTPMethod, execute_endpoint
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 
 from tollwatch.databricks import (
     ComputeSpec,
+    DatabricksApiError,
     DatabricksRunTimedOut,
     MergeJobArgs,
     RunOutcome,
     idempotency_token,
     merge_result,
+    retry_after_s,
 )
 from tollwatch.ingest import IngestRequest, LoadResult
 from tollwatch.landing import LandingManifest
@@ -46,31 +50,36 @@ TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MERGE_TASK_KEY = "merge_bnt"
 
 
-def _transient(task: Task[..., Any], task_run: TaskRun, state: State[Any]) -> bool:
-    """Retry throttling, server errors and broken connections; a 4xx the API meant is final."""
-    error = _exception_of(state)
+def is_transient(error: BaseException) -> bool:
+    """Throttling, server errors and broken connections are worth retrying; a 4xx the API meant is final."""
     if isinstance(error, httpx.HTTPStatusError):
         return error.response.status_code in TRANSIENT_STATUS
     return isinstance(error, httpx.TransportError)
 
 
-def _exception_of(state: State[Any]) -> BaseException | None:
-    """The failed state's exception, read without `State.result` (a coroutine inside async tasks, and these
-    prefect-databricks tasks are async)."""
-    data = state.data
-    if isinstance(data, BaseException):
-        return data
-    inner = getattr(data, "result", None)  # a ResultRecord when results are persisted
-    return inner if isinstance(inner, BaseException) else None
+def _failure(state: RetryCallState) -> BaseException:
+    error = state.outcome.exception() if state.outcome else None
+    return error if error is not None else RuntimeError("no outcome")
 
 
-def _retrying(task: Task[..., Any], retries: int, backoff_s: float) -> Task[..., Any]:
-    return task.with_options(
-        retries=retries,
-        retry_delay_seconds=exponential_backoff(backoff_factor=backoff_s),
-        retry_jitter_factor=0.5,
-        retry_condition_fn=_transient,
-    )
+def describe_failure(error: BaseException, call: str) -> str:
+    """`POST /api/2.1/jobs/run-now answered 429 REQUEST_LIMIT_EXCEEDED: <message>`, or the transport error."""
+    try:
+        request = error.request if isinstance(error, httpx.HTTPStatusError | httpx.RequestError) else None
+    except RuntimeError:  # a transport error raised without its request
+        request = None
+    where = f"{request.method} {request.url.path}" if request is not None else call
+    if isinstance(error, httpx.HTTPStatusError):
+        response = error.response
+        try:
+            body = response.json()
+        except ValueError:
+            body = None
+        code = body.get("error_code", "") if isinstance(body, dict) else ""
+        message = body.get("message", "") if isinstance(body, dict) else response.text[:200]
+        answer = " ".join(part for part in (str(response.status_code), str(code)) if part)
+        return f"Databricks API {where} answered {answer}" + (f": {message}" if message else "")
+    return f"Databricks API {where} failed: {type(error).__name__}: {error}"
 
 
 class DatabricksRunner:
@@ -85,16 +94,60 @@ class DatabricksRunner:
         backoff_s: float = 2.0,
         poll_s: float = 10.0,
         max_wait_s: float = 3600,
+        max_retry_delay_s: float = 120.0,
     ) -> None:
         self.credentials = credentials
         self.retries = retries
         self.backoff_s = backoff_s
         self.poll_s = poll_s
         self.max_wait_s = max_wait_s
+        self.max_retry_delay_s = max_retry_delay_s
+
+    def retry_delay(self, attempt: int, retry_after: float | None) -> float:
+        """Backoff with jitter (`backoff_s` doubling per attempt, times 0.5-1.5), never below `Retry-After`."""
+        backoff = self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
+        return min(max(backoff, retry_after or 0.0), self.max_retry_delay_s)
 
     def _call(self, task: Task[..., Any], **kwargs: Any) -> Any:
-        retrying = _retrying(task, self.retries, self.backoff_s)
-        return retrying.submit(databricks_credentials=self.credentials, **kwargs).result()
+        """One Jobs API call: up to `retries` more attempts on a transient failure, each a task run of its own.
+
+        Gives up with `DatabricksApiError` when the retries are spent, or at once when `Retry-After` asks for
+        more than `max_retry_delay_s` (waiting less would only be refused again). A final 4xx is raised as is.
+        """
+        attempts = self.retries + 1
+
+        def asked(state: RetryCallState) -> float | None:
+            error = state.outcome.exception() if state.outcome else None
+            response = error.response if isinstance(error, httpx.HTTPStatusError) else None
+            return retry_after_s(response.headers.get("Retry-After")) if response is not None else None
+
+        def asks_too_long(state: RetryCallState) -> bool:
+            wanted = asked(state)
+            return wanted is not None and wanted > self.max_retry_delay_s
+
+        def log_retry(state: RetryCallState) -> None:
+            what = describe_failure(_failure(state), task.name)
+            delay = state.next_action.sleep if state.next_action else 0.0
+            get_run_logger().warning("%s; attempt %d of %d, next in %.1fs", what, state.attempt_number, attempts, delay)
+
+        def give_up(state: RetryCallState) -> Any:
+            error, n = _failure(state), state.attempt_number
+            why = f"gave up after {n} attempts"
+            if asks_too_long(state):
+                why = (
+                    f"Retry-After {asked(state):.0f}s is longer than the {self.max_retry_delay_s:.0f}s we wait; "
+                    f"gave up after {n} attempt{'s' if n > 1 else ''}"
+                )
+            raise DatabricksApiError(f"{describe_failure(error, task.name)} ({why})") from error
+
+        retrying = Retrying(
+            retry=retry_if_exception(is_transient),
+            stop=stop_any(stop_after_attempt(attempts), asks_too_long),
+            wait=lambda state: self.retry_delay(state.attempt_number, asked(state)),
+            before_sleep=log_retry,
+            retry_error_callback=give_up,
+        )
+        return retrying(lambda: task.submit(databricks_credentials=self.credentials, **kwargs).result())
 
     # -- one-time merge run
 
@@ -136,9 +189,17 @@ class DatabricksRunner:
         logger = get_run_logger()
         deadline = time.monotonic() + self.max_wait_s
         last = ""
+        seen: RunOutcome | None = None
         while True:
-            run = self._call(jobs_runs_get, run_id=run_id)
-            outcome = RunOutcome.from_run(run)
+            try:
+                run = self._call(jobs_runs_get, run_id=run_id)
+            except DatabricksApiError as error:
+                where = seen.run_page_url if seen and seen.run_page_url else "no url"
+                raise DatabricksApiError(
+                    f"{error}; stopped waiting for Databricks run {run_id}, last seen {last or 'not yet'} "
+                    f"({where}): it may still be running"
+                ) from error
+            outcome = seen = RunOutcome.from_run(run)
             state = f"{outcome.life_cycle_state}/{outcome.result_state or '-'}"
             if state != last:
                 logger.info("Databricks run %s: %s %s", run_id, state, outcome.run_page_url or "")
@@ -149,7 +210,8 @@ class DatabricksRunner:
                 self._call(jobs_runs_cancel, run_id=run_id)
                 raise DatabricksRunTimedOut(
                     f"Databricks run {run_id} still {outcome.life_cycle_state} after {self.max_wait_s:.0f}s: "
-                    f"cancelled ({outcome.run_page_url or 'no url'})"
+                    f"cancelled ({outcome.run_page_url or 'no url'})",
+                    outcome,
                 )
             time.sleep(self.poll_s)
 

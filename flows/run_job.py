@@ -17,7 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from flows.common import emit_quietly, emitter, run_resources
-from tollwatch.databricks import RunOutcome, idempotency_token
+from tollwatch.databricks import DatabricksRunFailed, RunOutcome, idempotency_token
 from tollwatch.events import (
     IngestionCompleted,
     JobFinished,
@@ -57,11 +57,14 @@ def emit_job_failed(flow: object, run: FlowRun, state: State) -> None:
         completion: IngestionCompleted | None = IngestionCompleted.model_validate(parameters.get("completion"))
     except ValueError:
         completion = None
+    # a Databricks run that ended badly is named in the event, so on-call can open its page from the alert
+    outcome = error.outcome if isinstance(error, DatabricksRunFailed) else None
     payload = JobFinished(
         job=str(parameters.get("job", "unknown")),
         databricks=parameters.get("databricks_job_id") is not None,
         succeeded=False,
-        run_id=str(run.id),
+        run_id=str(outcome.run_id) if outcome else str(run.id),
+        run_page_url=outcome.run_page_url if outcome else None,
         upstream_snapshot_id=completion.snapshot_id if completion else None,
         upstream_refresh_id=completion.refresh_id if completion else None,
         error_message=(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else state.message or "")[

@@ -1,9 +1,10 @@
 """The Prefect blocks the shipped automations name, pointed at the local dev inbox (dev only: loopback URLs).
 
-`automations/ingest-failed.yaml` and `freshness-sla.yaml` notify through `custom-webhook/tollwatch-alerts`;
-`automations/subscriptions/city-dashboard.yaml` calls `webhook/city-dashboard-webhook`. In production those
-blocks hold real endpoints (created in the UI or with `prefect block create`); locally they post to
-`tollwatch.dev.inbox`, so every alert and webhook call can be seen in `<inbox>/_received`.
+`automations/ingest-failed.yaml`, `job-failed.yaml` and `freshness-sla.yaml` notify through
+`custom-webhook/tollwatch-alerts`; `automations/subscriptions/city-dashboard.yaml` calls
+`webhook/city-dashboard-webhook`. In production those blocks hold real endpoints (created in the UI or with
+`prefect block create`); locally they post to `tollwatch.dev.inbox`, so every alert and webhook call can be
+seen in `<inbox>/_received`.
 
 `ensure_local_blocks` is idempotent: it overwrites the documents in place, so their ids (which applied
 automations reference) stay the same across runs.
