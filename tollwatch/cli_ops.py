@@ -77,10 +77,12 @@ def backfill(
         requested_by=f"cli:{getpass.getuser()}",
     )
     emitter = clients.event_emitter(settings)
-    emitter.emit(plan.events)
+    started = _chunks_with_runs(plan.events)
+    emitter.emit([event for event in plan.events if event.id not in started])
     typer.echo(
-        f"backfill {plan.request_id}: {len(plan.events)} {request.chunk} chunk event(s) emitted for "
+        f"backfill {plan.request_id}: {len(plan.events) - len(started)} {request.chunk} chunk event(s) emitted for "
         f"{request.window}{' (rerun)' if rerun else ''}"
+        + (f"; {len(started)} chunk(s) already have a run (not requested again)" if started else "")
     )
     if not wait:
         for window, event in zip(plan.chunks, plan.events, strict=True):
@@ -96,6 +98,18 @@ def backfill(
         if any(o.state in RESTARTABLE for o in failed):
             hint = "; runs that could not start were requested again twice already: try again later with --rerun"
         fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete{hint}")
+
+
+def _chunks_with_runs(events: list[TollwatchEvent]) -> set[UUID]:
+    """Ids of the chunk events that already started a run: the same command again must not start them twice.
+
+    Prefect also drops an event id it has seen, but only while it remembers (in memory: a server restart
+    forgets); the runs themselves are on record.
+    """
+    from tollwatch.follow import chunk_outcomes
+
+    with connect() as obs:
+        return {o.event_id for o in chunk_outcomes(obs, events) if o.flow_run_id is not None}
 
 
 def _follow_with_progress(

@@ -234,8 +234,8 @@ class _Service:
         """0 if the service binds port 0 and reports the real port; else a free port picked here."""
         return 0
 
-    def launch(self) -> _Pending:
-        port = self.choose_port()
+    def launch(self, port: int | None = None) -> _Pending:
+        port = self.choose_port() if port is None else port
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
         process = spawn(self.argv(port), log_path=self.log_path, env=self.env(port), cwd=PROJECT_ROOT)
         return _Pending(process=process, port=port, log_offset=offset)
@@ -633,6 +633,21 @@ class LocalStack:
                 if name in records:
                     terminate_group(records[name].process, timeout=STOP_TIMEOUT_S)
             self._state_path().unlink(missing_ok=True)
+
+    def restart(self, name: str) -> StackEndpoints:
+        """Stop one running service and start it again on the same port with the same state, the way an
+        operator restarts a server: its clients keep their URLs (used to test what a restart does mid-work)."""
+        with self._locked():
+            records = self._load()
+            record = records.get(name)
+            if record is None:
+                raise StackError(f"{name} is not running in {self.state_dir}")
+            spec = self._specs[name]
+            spec.bind(self._endpoints(records))
+            terminate_group(record.process, timeout=STOP_TIMEOUT_S)
+            records[name] = spec.wait_ready(spec.launch(record.port or None))
+            self._save(records)
+            return self._endpoints(records)
 
     def status(self) -> dict[str, ServiceStatus]:
         """Alive/healthy for each requested or recorded service, read from the state file."""
