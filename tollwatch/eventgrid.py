@@ -1,8 +1,14 @@
 """Event Grid deliveries in: authentication, handshakes, parsing and validation. Pure functions, no I/O.
 
 Event Grid does not retry 400, 401, 403 or 413, so every refusal here is final and must be right: a request
-is checked *completely* (secret, size, JSON, every event of the batch) before anything is emitted, and a
-refusal names its reason so it is readable in Event Grid's dead-letter log.
+is checked *completely* (secret, subscription, size, JSON, every event of the batch) before anything is
+emitted, and a refusal names its reason so it is readable in Event Grid's dead-letter log.
+
+Two kinds of refusal. A problem with the *request* (secret, subscription name, size, JSON, mixed schemas, a
+handshake inside a batch) refuses all of it. A problem with *one event* of a batch (its envelope, topic,
+type, subject or data) refuses that event only (`RefusedEvent`): Event Grid answers for a batch as a whole
+and does not retry a 4xx, so refusing the batch for one bad event would drop the good ones with it. The
+receiver processes the accepted events and answers 200 listing the refused ones, or 400 when none is left.
 
 Both delivery schemas are understood, single events and batches:
 
@@ -32,6 +38,8 @@ BLOB_CREATED = "Microsoft.Storage.BlobCreated"
 SUBSCRIPTION_VALIDATION = "Microsoft.EventGrid.SubscriptionValidationEvent"
 SECRET_HEADER = "x-tollwatch-secret"  # noqa: S105 (a header name, not a secret)
 SECRET_QUERY = "secret"  # noqa: S105 (a parameter name)
+#: Set by Event Grid on every webhook POST (handshake and deliveries): the event subscription's name.
+SUBSCRIPTION_HEADER = "aeg-subscription-name"
 
 _SUBJECT = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
 
@@ -46,6 +54,14 @@ class Rejected(Exception):
 
     def reply(self) -> Reply:
         return Reply.error(self.status, self.reason)
+
+
+class _EventRefused(Exception):
+    """One event of a delivery cannot be accepted; the rest of its batch is judged on its own."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -149,9 +165,36 @@ class WatchedLocation(BaseModel):
     container: str
     prefix: str = ""
 
-    def check_topic(self, index: int, topic: str) -> None:
+    def check_topic(self, topic: str) -> None:
         if self.topics and topic.lower() not in {t.lower() for t in self.topics}:
-            raise Rejected(400, f"event {index}: topic/source {topic!r} is not one this endpoint accepts")
+            raise _EventRefused(f"topic/source {topic!r} is not one this endpoint accepts")
+
+
+class RefusedEvent(BaseModel):
+    """One event of a delivery that was not accepted, and why (nothing is emitted for it)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    index: int = Field(description="position in the delivered batch (0 for a single event)")
+    id: str | None = Field(default=None, description="the event's id, when it has a readable one")
+    reason: str
+
+    def describe(self) -> str:
+        return f"event {self.index}: {self.reason}"
+
+
+class Screening(BaseModel):
+    """A delivery judged event by event: a handshake, or the accepted BlobCreated events and the refused rest."""
+
+    model_config = ConfigDict(frozen=True)
+
+    validation_code: str | None = None
+    accepted: tuple[BlobCreated, ...] = ()
+    refused: tuple[RefusedEvent, ...] = ()
+
+    def refusal(self) -> Rejected:
+        """The 400 for a delivery with nothing to accept, naming every event's reason."""
+        return Rejected(400, "; ".join(r.describe() for r in self.refused) or "no events")
 
 
 # ---------------------------------------------------------------------------------------------- auth
@@ -173,6 +216,27 @@ def check_secret(request: InboundRequest, secrets: Sequence[str]) -> None:
         raise Rejected(401, "wrong shared secret")
 
 
+def check_subscription(request: InboundRequest, names: Sequence[str]) -> None:
+    """The delivering Event Grid subscription (`aeg-subscription-name`) must be one of `names`.
+
+    The shared secret proves the caller knows the endpoint's secret, not which subscription it is: another
+    subscription given the same URL (another team's topic, a stale copy of this one) would otherwise deliver
+    here. With no names configured any subscription may deliver. Names compare case-insensitively (Azure
+    resource names are; Event Grid may send them upper-cased). 403: Event Grid does not retry it.
+    """
+    if not names:
+        return
+    provided = request.header(SUBSCRIPTION_HEADER)
+    if not provided:
+        raise Rejected(403, f"missing {SUBSCRIPTION_HEADER} header: only known Event Grid subscriptions deliver here")
+    if provided.strip().lower() not in {name.lower() for name in names}:
+        raise Rejected(
+            403,
+            f"event subscription {provided!r} is not one this endpoint accepts "
+            "(TOLLWATCH_EVENTGRID_SUBSCRIPTION_NAMES)",
+        )
+
+
 def abuse_protection(request: InboundRequest, allowed_origins: Sequence[str]) -> Reply:
     """CloudEvents webhook OPTIONS handshake: grant delivery to an allowed `WebHook-Request-Origin`."""
     origin = request.header("webhook-request-origin")
@@ -189,8 +253,8 @@ def abuse_protection(request: InboundRequest, allowed_origins: Sequence[str]) ->
 # ---------------------------------------------------------------------------------------------- parsing
 
 
-def parse_body(body: bytes, max_bytes: int) -> list[dict[str, Any]]:
-    """The delivery as a list of JSON objects (a single event becomes a batch of one)."""
+def parse_body(body: bytes, max_bytes: int) -> list[Any]:
+    """The delivery as a list of JSON values (a single event becomes a batch of one); each is judged later."""
     if len(body) > max_bytes:
         raise Rejected(413, f"body of {len(body)} bytes exceeds the {max_bytes}-byte limit")
     if not body.strip():
@@ -202,40 +266,67 @@ def parse_body(body: bytes, max_bytes: int) -> list[dict[str, Any]]:
     items = parsed if isinstance(parsed, list) else [parsed]
     if not items:
         raise Rejected(400, "empty batch: the JSON array holds no events")
-    for index, item in enumerate(items):
-        if not isinstance(item, dict):
-            raise Rejected(400, f"event {index}: expected a JSON object, got {type(item).__name__}")
     return items
 
 
-def parse_events(items: Sequence[dict[str, Any]]) -> list[GridEvent]:
-    """Validate every event's envelope; one schema per batch (Event Grid never mixes them)."""
-    schemas = {_schema_of(index, item) for index, item in enumerate(items)}
+def screen(items: Sequence[Any], location: WatchedLocation) -> Screening:
+    """Judge a delivery: request-level problems raise `Rejected`; each event is accepted or refused alone."""
+    schemas = {_schema_of(item) for item in items} - {None}
     if len(schemas) > 1:
         raise Rejected(400, "batch mixes Event Grid and CloudEvents schema events")
-    events = []
+    parsed: list[tuple[int, GridEvent]] = []
+    refused: list[RefusedEvent] = []
     for index, item in enumerate(items):
         try:
-            schema = CloudEventSchemaEvent if "specversion" in item else EventGridSchemaEvent
-            events.append(schema.model_validate(item).normalised())
-        except ValidationError as exc:
-            raise Rejected(400, f"event {index}: {_describe(exc)}") from None
-    return events
+            parsed.append((index, _parse_event(item)))
+        except _EventRefused as problem:
+            refused.append(RefusedEvent(index=index, id=_id_of(item), reason=problem.reason))
+    code = _validation_code([event for _, event in parsed], batch_size=len(items))
+    if code is not None:
+        return Screening(validation_code=code)
+    accepted: list[BlobCreated] = []
+    for index, event in parsed:
+        try:
+            accepted.append(_blob_created(event, location))
+        except _EventRefused as problem:
+            refused.append(RefusedEvent(index=index, id=event.id, reason=problem.reason))
+    return Screening(accepted=tuple(accepted), refused=tuple(sorted(refused, key=lambda r: r.index)))
 
 
-def _schema_of(index: int, item: dict[str, Any]) -> str:
+def _schema_of(item: Any) -> str | None:
+    if not isinstance(item, dict):
+        return None
     if "specversion" in item:
         return "cloudevents"
     if "eventType" in item:
         return "eventgrid"
-    raise Rejected(400, f"event {index}: neither Event Grid schema (eventType) nor CloudEvents 1.0 (specversion)")
+    return None
 
 
-def validation_code(events: Sequence[GridEvent]) -> str | None:
+def _id_of(item: Any) -> str | None:
+    value = item.get("id") if isinstance(item, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def _parse_event(item: Any) -> GridEvent:
+    """One event's envelope, in whichever schema it declares."""
+    if not isinstance(item, dict):
+        raise _EventRefused(f"expected a JSON object, got {type(item).__name__}")
+    schema = _schema_of(item)
+    if schema is None:
+        raise _EventRefused("neither Event Grid schema (eventType) nor CloudEvents 1.0 (specversion)")
+    model = CloudEventSchemaEvent if schema == "cloudevents" else EventGridSchemaEvent
+    try:
+        return model.model_validate(item).normalised()
+    except ValidationError as exc:
+        raise _EventRefused(_describe(exc)) from None
+
+
+def _validation_code(events: Sequence[GridEvent], *, batch_size: int) -> str | None:
     """The code to echo if this is a subscription validation request (which Event Grid sends alone)."""
     if not any(e.type == SUBSCRIPTION_VALIDATION for e in events):
         return None
-    if len(events) != 1:
+    if batch_size != 1:
         raise Rejected(400, "a SubscriptionValidationEvent must be the only event of its request")
     code = events[0].data.get("validationCode")
     if not isinstance(code, str) or not code:
@@ -243,33 +334,24 @@ def validation_code(events: Sequence[GridEvent]) -> str | None:
     return code
 
 
-def blob_created_events(events: Sequence[GridEvent], location: WatchedLocation) -> list[BlobCreated]:
-    """Every event must be a BlobCreated from an accepted topic for the watched container and prefix."""
-    accepted = []
-    for index, event in enumerate(events):
-        location.check_topic(index, event.topic)
-        if event.type != BLOB_CREATED:
-            raise Rejected(400, f"event {index}: unexpected event type {event.type!r}; only {BLOB_CREATED}")
-        match = _SUBJECT.match(event.subject)
-        if match is None:
-            raise Rejected(400, f"event {index}: subject {event.subject!r} does not name a blob")
-        container, blob = match["container"], match["blob"]
-        if container != location.container or not blob.startswith(location.prefix):
-            raise Rejected(
-                400,
-                f"event {index}: blob {container}/{blob} is outside the watched location "
-                f"{location.container}/{location.prefix}*",
-            )
-        try:
-            data = BlobCreatedData.model_validate(event.data)
-        except ValidationError as exc:
-            raise Rejected(400, f"event {index}: {_describe(exc)}") from None
-        accepted.append(
-            BlobCreated(
-                event_id=event.id, topic=event.topic, container=container, blob=blob, time=event.time, data=data
-            )
+def _blob_created(event: GridEvent, location: WatchedLocation) -> BlobCreated:
+    """A BlobCreated from an accepted topic for the watched container and prefix, or a refusal saying why not."""
+    location.check_topic(event.topic)
+    if event.type != BLOB_CREATED:
+        raise _EventRefused(f"unexpected event type {event.type!r}; only {BLOB_CREATED}")
+    match = _SUBJECT.match(event.subject)
+    if match is None:
+        raise _EventRefused(f"subject {event.subject!r} does not name a blob")
+    container, blob = match["container"], match["blob"]
+    if container != location.container or not blob.startswith(location.prefix):
+        raise _EventRefused(
+            f"blob {container}/{blob} is outside the watched location {location.container}/{location.prefix}*"
         )
-    return accepted
+    try:
+        data = BlobCreatedData.model_validate(event.data)
+    except ValidationError as exc:
+        raise _EventRefused(_describe(exc)) from None
+    return BlobCreated(event_id=event.id, topic=event.topic, container=container, blob=blob, time=event.time, data=data)
 
 
 def _describe(exc: ValidationError) -> str:

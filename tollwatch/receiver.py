@@ -4,7 +4,8 @@ One receiver serves both entry points of the Function app — the HTTP webhook r
 also answers the handshakes and picks the status code) and the Event Grid trigger (`handle_trigger`, where
 the Functions host has done the handshake and authentication already). Processing order:
 
-1. validate the whole request (`tollwatch.eventgrid`): a refusal emits nothing;
+1. validate the whole request (`tollwatch.eventgrid`): a refused request emits nothing; in a batch, each
+   event is accepted or refused on its own, so one bad event neither blocks nor lets through the others;
 2. drop stale deliveries: Event Grid may deliver out of order, so a BlobCreated whose `sequencer` is older
    than the last one seen for the same blob (kept in a small state blob per blob URL) is ignored;
 3. emit one refresh per remaining blob; the event id derives from blob URL + eTag, so a redelivery of the
@@ -33,15 +34,16 @@ from pydantic import BaseModel, ConfigDict, Field
 from tollwatch.blobstate import JsonBlobStore, Versioned
 from tollwatch.emit import EmitError, EventSink
 from tollwatch.eventgrid import (
+    SUBSCRIPTION_HEADER,
     BlobCreated,
+    RefusedEvent,
     Rejected,
     WatchedLocation,
     abuse_protection,
-    blob_created_events,
     check_secret,
+    check_subscription,
     parse_body,
-    parse_events,
-    validation_code,
+    screen,
 )
 from tollwatch.events import BlobRef, DatasetRefreshed, TollwatchEvent
 from tollwatch.settings import Settings
@@ -108,6 +110,7 @@ class ReceiverPolicy(BaseModel):
     dataset_id: str
     location: WatchedLocation
     secrets: tuple[str, ...] = Field(default=(), repr=False)
+    subscription_names: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ("eventgrid.azure.net",)
     max_body_bytes: int = 1_048_576
 
@@ -122,6 +125,7 @@ class ReceiverPolicy(BaseModel):
                 prefix=settings.eventgrid_blob_prefix,
             ),
             secrets=tuple(s.get_secret_value() for s in settings.eventgrid_secrets),
+            subscription_names=tuple(settings.eventgrid_subscription_names),
             allowed_origins=tuple(settings.eventgrid_allowed_origins),
             max_body_bytes=settings.eventgrid_max_body_bytes,
         )
@@ -142,9 +146,12 @@ class Dropped(BaseModel):
 class DeliveryResult(BaseModel):
     """What one delivery did (the 200 body of the webhook route)."""
 
-    received: int
+    received: int = Field(description="events in the delivery, accepted or refused")
     emitted: list[Emitted] = Field(default_factory=list)
     dropped_stale: list[Dropped] = Field(default_factory=list)
+    refused: list[RefusedEvent] = Field(
+        default_factory=list, description="events of the batch not accepted (nothing emitted for them), with why"
+    )
 
 
 class EventGridReceiver:
@@ -161,48 +168,63 @@ class EventGridReceiver:
     # ------------------------------------------------------------------ entry points
 
     def handle_http(self, request: InboundRequest) -> Reply:
-        """The webhook route: every answer is a deliberate status code Event Grid acts on."""
+        """The webhook route: every answer is a deliberate status code Event Grid acts on.
+
+        401 secret, 403 subscription or origin, 405 method, 413 size, 400 for a request with nothing
+        acceptable in it, 503 (with Retry-After) when storage or Prefect is unreachable, else 200 with what
+        was emitted, dropped as stale and refused (a batch's bad events do not cost its good ones).
+        """
         try:
-            blobs = self._validate_http(request)
+            checked = self._validate_http(request)
         except Rejected as rejected:
             log.warning("Event Grid delivery refused with %d: %s", rejected.status, rejected.reason)
             return rejected.reply()
-        if isinstance(blobs, Reply):  # a handshake
-            return blobs
+        if isinstance(checked, Reply):  # a handshake
+            return checked
+        blobs, refused = checked
         try:
             result = self.deliver(blobs)
         except TransientFailure as exc:
             log.error("Event Grid delivery not processed, Event Grid will retry: %s", exc)
             return Reply.error(503, str(exc), headers={"Retry-After": "30"})
+        result.received += len(refused)  # every event of the request, accepted or not
+        result.refused.extend(refused)
         return Reply.with_json(200, result.model_dump(mode="json"))
 
     def handle_trigger(self, event: dict[str, Any]) -> DeliveryResult | None:
         """The Event Grid trigger: refusals are logged and dropped (a retry could not fix them),
         transient failures raise so the host reports the invocation failed and Event Grid retries."""
         try:
-            events = parse_events([event])
-            if validation_code(events) is not None:  # the host answers handshakes itself
-                return None
-            blobs = blob_created_events(events, self._policy.location)
+            screening = screen([event], self._policy.location)
         except Rejected as rejected:
             log.error("Event Grid event %s dropped: %s", event.get("id"), rejected.reason)
             return None
-        return self.deliver(blobs)
+        if screening.validation_code is not None:  # the host answers handshakes itself
+            return None
+        if screening.refused:
+            log.error("Event Grid event %s dropped: %s", event.get("id"), screening.refusal().reason)
+            return None
+        return self.deliver(screening.accepted)
 
     # ------------------------------------------------------------------ steps
 
-    def _validate_http(self, request: InboundRequest) -> list[BlobCreated] | Reply:
+    def _validate_http(self, request: InboundRequest) -> tuple[list[BlobCreated], list[RefusedEvent]] | Reply:
+        """A handshake reply, or the accepted BlobCreated events and the refused ones (at least one accepted)."""
         check_secret(request, self._policy.secrets)
-        if request.method == "OPTIONS":
+        if request.method == "OPTIONS":  # the CloudEvents handshake carries no aeg-* headers
             return abuse_protection(request, self._policy.allowed_origins)
         if request.method != "POST":
             raise Rejected(405, f"method {request.method} not allowed; Event Grid delivers with POST")
-        events = parse_events(parse_body(request.body, self._policy.max_body_bytes))
-        code = validation_code(events)
-        if code is not None:
-            log.info("answering Event Grid subscription validation for topic %s", events[0].topic)
-            return Reply.with_json(200, {"validationResponse": code})
-        return blob_created_events(events, self._policy.location)
+        check_subscription(request, self._policy.subscription_names)
+        screening = screen(parse_body(request.body, self._policy.max_body_bytes), self._policy.location)
+        if screening.validation_code is not None:
+            log.info("answering Event Grid subscription validation for %s", request.header(SUBSCRIPTION_HEADER))
+            return Reply.with_json(200, {"validationResponse": screening.validation_code})
+        if not screening.accepted:
+            raise screening.refusal()
+        for refused in screening.refused:
+            log.warning("Event Grid event refused, the rest of its batch is processed: %s", refused.describe())
+        return list(screening.accepted), list(screening.refused)
 
     def deliver(self, blobs: Sequence[BlobCreated]) -> DeliveryResult:
         """Steps 2 to 4 for an already validated batch."""

@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="accepted Event Grid `topic` / CloudEvents `source` values (the storage account resource "
         "ids), comma separated, case-insensitive; empty = any topic",
     )
+    eventgrid_subscription_names: CommaList = Field(
+        default_factory=list,
+        description="Event Grid subscriptions allowed to deliver to the webhook route (their `aeg-subscription-name` "
+        "header), comma separated, case-insensitive; others are refused with 403; empty = any subscription",
+    )
     eventgrid_container: str = Field(
         "upstream",
         pattern=r"^[a-z0-9](?:[a-z0-9-]{1,61}[a-z0-9])$",
