@@ -307,10 +307,18 @@ def _integer(raw: Column, name: str, dtype: T.DataType) -> tuple[list[Column], C
     return reasons, F.when(ok & fits, digits.cast(dtype))
 
 
-def _day(year: Column, month: Column, day: Column) -> Column:
-    """A calendar day like strptime + timegm: month 1-12, day 1-31, and Feb 30 rolls over into March."""
+def _day(year: Column, month: Column, day: Column, *, exact: bool = False) -> Column:
+    """A calendar day like strptime + timegm: month 1-12, day 1-31, and Feb 30 rolls over into March.
+
+    `exact`: a day the month does not have is invalid instead (null), as `tollwatch.schema` types the `date`
+    column: a mis-dated row must not be loaded as another day's count. Built without relying on make_date's
+    null-on-invalid, which ANSI mode turns into an error.
+    """
     valid = month.between(1, 12) & day.between(1, 31)
-    return F.when(valid, F.date_add(F.make_date(year, month, F.lit(1)), day - 1))
+    first = F.make_date(year, F.when(valid, month), F.lit(1))
+    if exact:
+        valid = valid & (day <= F.dayofmonth(F.last_day(first)))
+    return F.when(valid, F.date_add(first, day - 1))
 
 
 def _parts(raw: Column, pattern: str, count: int) -> tuple[Column, list[Column]]:
@@ -321,7 +329,7 @@ def _parts(raw: Column, pattern: str, count: int) -> tuple[Column, list[Column]]
 def _date(raw: Column) -> Column:
     """`YYYY-MM-DD`, optionally followed by a floating midnight `T00:00:00(.000)`; null when invalid."""
     ok, (year, month, day) = _parts(raw, _DATE_RE, 3)
-    return F.when(ok, _day(year, month, day))
+    return F.when(ok, _day(year, month, day, exact=True))
 
 
 def _timestamp_utc(raw: Column) -> Column:
