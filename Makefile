@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= .tollwatch
 
-.PHONY: demo test lint bootstrap up down status bench clean
+.PHONY: demo test faults lint bootstrap up down status bench clean
 
 ## demo: set everything up, start the local stack and ingest the sample through a Prefect flow run
 demo: bootstrap
@@ -15,6 +15,10 @@ demo: bootstrap
 ## test: set everything up and run the whole test suite against real local services
 test: bootstrap
 	$(BIN)/python -m pytest
+
+## faults: only the fault suite (tests/faults/, ~4 min; it is also part of `make test`)
+faults: bootstrap
+	$(BIN)/python -m pytest tests/faults
 
 ## bench: every benchmark figure beside its same-run baseline (~15 min; not part of the tests)
 bench: bootstrap

@@ -282,3 +282,11 @@ def test_warm_server_is_ready_and_its_socket_is_in_the_worker_environment(
     )
     assert Path(environ["TOLLWATCH_WARM_SOCKET"]).is_socket()
     assert local.status()["warm"].healthy
+
+
+def test_queued_runs_are_not_marked_late_within_ten_minutes(shared: tuple[LocalStack, StackEndpoints]) -> None:
+    """Runs waiting behind a backfill's concurrency limit are not late; marking each one was a write storm."""
+    local, _ = shared
+    assert (
+        _environ_of(_pids(local.state_dir)["prefect"].pid)["PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS"] == "600"
+    )
