@@ -245,7 +245,7 @@ def test_worker_runs_with_the_stack_endpoints_and_fast_polling(shared: tuple[Loc
     assert environ["PREFECT_API_URL"] == endpoints.prefect_api_url
     assert environ["TOLLWATCH_UPSTREAM_BASE_URL"] == endpoints.mirror_url
     assert environ["TOLLWATCH_STORAGE_CONNECTION_STRING"] == endpoints.blob_connection_string
-    assert environ["PREFECT_WORKER_QUERY_SECONDS"] == "1"
+    assert environ["PREFECT_WORKER_QUERY_SECONDS"] == "0.5"
 
 
 def _environ_of(pid: int) -> dict[str, str]:
