@@ -23,6 +23,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+from tests.support.stacks import deployed_stack
 from tollwatch.dev.stack import LocalStack, StackEndpoints
 from tollwatch.events import EventName
 from tollwatch.observe import connect
@@ -51,9 +52,6 @@ FAIL_FAST = {
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     """A stack of its own (its automations must not see other tests' events), deployed and applied."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tollwatch.deploy import deploy
     from tollwatch.dev.blocks import ensure_local_blocks
 
     state = tmp_path_factory.mktemp("chain")
@@ -66,22 +64,12 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     automations = state / "automations"
     shutil.copytree(ROOT / "automations", automations)
     (automations / "subscriptions" / "chain-test.yaml").write_text(SUBSCRIPTION_DISABLED)
-    with pytest.MonkeyPatch.context() as patch:
-        # the worker (and every flow run it starts) inherits these: an upstream failure fails fast
-        for key, value in FAIL_FAST.items():
-            patch.setenv(key, value)
-        endpoints = local.up()
-        try:
-            for key, value in endpoints.env().items():
-                patch.setenv(key, value)
-            with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
-                deploy("local")
-                ensure_local_blocks(endpoints.inbox_url)
-                applied = CliRunner().invoke(_cli(), ["automations", "apply", "--dir", str(automations)])
-                assert applied.exit_code == 0, applied.output
-                yield endpoints
-        finally:
-            local.down()
+    # the worker (and every flow run it starts) inherits FAIL_FAST: an upstream failure fails fast
+    with deployed_stack(local, FAIL_FAST) as endpoints:
+        ensure_local_blocks(endpoints.inbox_url)
+        applied = CliRunner().invoke(_cli(), ["automations", "apply", "--dir", str(automations)])
+        assert applied.exit_code == 0, applied.output
+        yield endpoints
 
 
 def _cli():

@@ -15,6 +15,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.faults._ingest_support import assert_same_rows, table_rows_by_key, window_rows
+from tests.support.stacks import deployed_stack
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.dev.stack import LocalStack, StackEndpoints
 from tollwatch.events import Window
@@ -31,10 +32,6 @@ ARGS = ["backfill", "--start", str(START), "--stop", str(STOP), "--chunk", "mont
 
 @pytest.fixture(scope="module")
 def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, StackEndpoints]]:
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tollwatch.deploy import deploy
-
     local = LocalStack(
         tmp_path_factory.mktemp("restart"),
         services=("azurite", "prefect", "mirror", "warm", "worker"),
@@ -42,16 +39,8 @@ def restartable(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Loca
         mirror_start=START,
         mirror_through=STOP,
     )
-    with pytest.MonkeyPatch.context() as patch:
-        endpoints = local.up()
-        try:
-            for key, value in endpoints.env().items():
-                patch.setenv(key, value)
-            with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
-                deploy("local")
-                yield local, endpoints
-        finally:
-            local.down()
+    with deployed_stack(local) as endpoints:
+        yield local, endpoints
 
 
 def _ingest_runs() -> list[FlowRun]:
