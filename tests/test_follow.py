@@ -91,20 +91,8 @@ def test_restarts_are_bounded_and_the_chunk_then_ends_start_failed():
 
 
 def test_a_chunk_whose_run_could_not_be_started_is_done_and_says_why():
-    event = TollwatchEvent.of(
-        BackfillRequested(
-            domain="data.ny.gov", dataset_id="qzve-kjga", start=date(2013, 1, 1), stop=date(2013, 2, 1), request_id="r"
-        )
-    )
-    failed = ActionTaken(
-        automation="ingest-on-backfill-requested",
-        action_type="run-deployment",
-        triggering_event_id=event.id,
-        flow_run_ids=(),
-        at=datetime.now(UTC),
-        failed=True,
-        reason="Unexpected status from 'run-deployment' action: 503",
-    )
+    event = _chunk_event()
+    failed = _action(event.id)
 
     [outcome] = chunk_outcomes(RecordedObserver([failed]), [event])  # type: ignore[arg-type]
 
@@ -115,10 +103,6 @@ def test_a_chunk_whose_run_could_not_be_started_is_done_and_says_why():
 
 
 def test_a_chunk_without_any_action_yet_is_still_waiting():
-    event = TollwatchEvent.of(
-        BackfillRequested(
-            domain="data.ny.gov", dataset_id="qzve-kjga", start=date(2013, 1, 1), stop=date(2013, 2, 1), request_id="r"
-        )
-    )
+    event = _chunk_event()
     [outcome] = chunk_outcomes(RecordedObserver([]), [event])  # type: ignore[arg-type]
     assert not outcome.done

@@ -394,7 +394,7 @@ class _Prefect(_Service):
         return super().wait_ready(pending)
 
     def _on_exit(self, pending: _Pending) -> None:
-        """Relaunch on a new port if the chosen one was taken meanwhile (prefect checks and exits)."""
+        """Relaunch on a new port if the chosen one was taken meanwhile (uvicorn: "address already in use")."""
         if "already in use" not in self._log_since(pending) or self._attempts >= _PORT_RETRIES:
             super()._on_exit(pending)
         self._attempts += 1
