@@ -24,6 +24,7 @@ from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from tests.support import payloads
+from tests.support.prefect_runs import wait_for_runs
 from tollwatch.automations.apply import normalised, plan
 from tollwatch.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
 from tollwatch.automations.load import load_project
@@ -151,15 +152,10 @@ def call_webhook(name: str, block: str, **extra: Any) -> dict[str, Any]:
 
 
 def runs_of_deployment(api: str, deployment_id: uuid.UUID, refresh_id: str, timeout_s: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        body = {"limit": 50, "deployments": {"id": {"any_": [str(deployment_id)]}}}
-        runs = httpx.post(f"{api}/flow_runs/filter", json=body, timeout=10).json()
-        found = [r for r in runs if (r["parameters"].get("completion") or {}).get("refresh_id") == refresh_id]
-        if found:
-            return found
-        time.sleep(0.5)
-    return []
+    def ours(run: dict) -> bool:
+        return (run["parameters"].get("completion") or {}).get("refresh_id") == refresh_id
+
+    return wait_for_runs(api, ours, deployment_id=deployment_id, timeout_s=timeout_s)
 
 
 # ------------------------------------------------------------------------------------- loading, compiling

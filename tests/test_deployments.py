@@ -10,6 +10,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.support.prefect_runs import wait_for_runs
 from tollwatch.emit import PrefectEventsEmitter
 from tollwatch.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
 
@@ -62,15 +63,8 @@ def test_deploy_creates_one_queue_per_deployment_with_its_concurrency_limit(depl
     assert (queue_of["ingest"], queue_of["run-job"]) == ("ingest", "jobs")
 
 
-def runs_of(api: str, key: str, value: object, timeout_s: float = 30) -> list[dict]:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        runs = httpx.post(f"{api}/flow_runs/filter", json={"limit": 50}, timeout=10).json()
-        found = [r for r in runs if r["parameters"].get(key) == value]
-        if found:
-            return found
-        time.sleep(0.5)
-    return []
+def runs_of(api: str, key: str, value: object) -> list[dict]:
+    return wait_for_runs(api, lambda run: run["parameters"].get(key) == value)
 
 
 def emit(api: str, payload) -> None:
