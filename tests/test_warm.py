@@ -108,6 +108,28 @@ def test_settings_are_reread_only_when_the_prefect_settings_environment_differs(
     assert _settings_environment(run | {"PREFECT_LOGGING_LEVEL": "DEBUG"}) != _settings_environment(server)
 
 
+def test_a_run_from_a_worker_sharing_the_servers_environment_keeps_the_preloaded_settings(monkeypatch):
+    """The local stack starts the worker and the warm server with one environment; the worker hands each run
+    that environment overlaid with its settings as Prefect re-serialises them ('false' → 'False')."""
+    from prefect.settings import Settings
+    from prefect.workers.base import BaseJobConfiguration
+
+    from tollwatch.warm.server import _settings_environment, settings_environments
+
+    raw = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
+    for name, value in raw.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("prefect.settings.get_current_settings", Settings)  # read from this environment
+    monkeypatch.setattr("prefect.workers.base.get_current_settings", Settings)
+    environ = dict(os.environ)
+    run = environ | BaseJobConfiguration._base_environment() | {"PREFECT__FLOW_RUN_ID": "1234"}
+
+    known = settings_environments(environ)
+    assert _settings_environment(run) != _settings_environment(environ)  # the re-serialisation is real
+    assert _settings_environment(run) in known
+    assert _settings_environment(run | {"PREFECT_LOGGING_LEVEL": "DEBUG"}) not in known
+
+
 def test_ca_bundle_contexts_are_parsed_once_and_other_call_shapes_are_not_shared(monkeypatch):
     import ssl
 

@@ -28,7 +28,7 @@ import ssl
 import sys
 import time
 import traceback
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +96,25 @@ def _settings_environment(environ: Mapping[str, str]) -> dict[str, str]:
     return {k: v for k, v in environ.items() if k.startswith("PREFECT_") and not k.startswith("PREFECT__")}
 
 
-def _run_child(message: dict[str, object], fds: list[int], module: str) -> None:
+def settings_environments(environ: Mapping[str, str]) -> tuple[dict[str, str], ...]:
+    """The PREFECT_* variables a run may arrive with when its settings are this process's own.
+
+    Two shapes: this environment as it is, and as a worker sharing it hands it to a run — Prefect's workers
+    overlay their settings re-serialised (`BaseJobConfiguration._base_environment`: `false` arrives as
+    `False`, `5` as `5.0`, and a default such as PREFECT_SERVER_EPHEMERAL_ENABLED appears). Comparing with
+    the first only, every run of the local stack re-read its settings (~25 ms of CPU per run, more under
+    load). Before prefect is imported (a server without preload) only the first shape applies.
+    """
+    own = _settings_environment(environ)
+    if "prefect.settings" not in sys.modules:
+        return (own,)
+    from prefect.settings import get_current_settings
+
+    passed = _settings_environment({**environ, **get_current_settings().to_environment_variables(exclude_unset=True)})
+    return (own, passed)
+
+
+def _run_child(message: dict[str, object], fds: list[int], module: str, known: Sequence[dict[str, str]]) -> None:
     """In the forked child: become the flow run process. Never returns."""
     code = 1
     try:
@@ -107,10 +125,9 @@ def _run_child(message: dict[str, object], fds: list[int], module: str) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
             signal.signal(signum, signal.SIG_DFL if signum != signal.SIGINT else signal.default_int_handler)
         os.chdir(str(message["cwd"]))
-        server_settings = _settings_environment(os.environ)
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(message["env"]).items()})  # type: ignore[call-overload]
-        if _settings_environment(os.environ) != server_settings:
+        if _settings_environment(os.environ) not in known:
             from prefect.context import refresh_global_settings_context
 
             refresh_global_settings_context()  # settings were read from the server's environment at import
@@ -135,6 +152,7 @@ def serve(path: Path, *, module: str = "prefect.engine", modules: tuple[str, ...
     """Preload, listen on `path`, and run `module` as `__main__` in one forked child per request."""
     share_ca_bundle_contexts()
     took = preload(modules)
+    known = settings_environments(os.environ)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -154,7 +172,7 @@ def serve(path: Path, *, module: str = "prefect.engine", modules: tuple[str, ...
         while not stopping:
             for key, _ in selector.select(timeout=1.0):
                 if key.data is None:
-                    _accept(listener, selector, module)
+                    _accept(listener, selector, module, known)
                 else:
                     _reap(selector, key)
     finally:
@@ -162,7 +180,9 @@ def serve(path: Path, *, module: str = "prefect.engine", modules: tuple[str, ...
         path.unlink(missing_ok=True)
 
 
-def _accept(listener: socket.socket, selector: selectors.BaseSelector, module: str) -> None:
+def _accept(
+    listener: socket.socket, selector: selectors.BaseSelector, module: str, known: Sequence[dict[str, str]]
+) -> None:
     conn, _ = listener.accept()
     try:
         message, fds = receive_message(conn, with_fds=3)
@@ -178,7 +198,7 @@ def _accept(listener: socket.socket, selector: selectors.BaseSelector, module: s
     if pid == 0:
         listener.close()
         conn.close()
-        _run_child(message, fds, module)
+        _run_child(message, fds, module, known)
     for fd in fds:
         os.close(fd)
     with contextlib.suppress(OSError):  # the client is gone; the run still finishes and reports to Prefect
