@@ -20,7 +20,7 @@ test: bootstrap
 faults: bootstrap
 	$(BIN)/python -m pytest tests/faults
 
-## bench: every benchmark figure beside its same-run baseline (~15 min; not part of the tests)
+## bench: every benchmark figure beside its same-run baseline (~14 min on 2 cores; not part of the tests)
 bench: bootstrap
 	$(BIN)/python -m bench
 
