@@ -76,6 +76,7 @@ def test_cli_serves_the_app_over_http(fenv):
         stderr=subprocess.STDOUT,
         text=True,
         start_new_session=True,
+        preexec_fn=_interruptible,
     )
     try:
         url = f"http://127.0.0.1:{port}/api/eventgrid"
@@ -90,6 +91,16 @@ def test_cli_serves_the_app_over_http(fenv):
     assert unauthorised.status_code == 401
     assert f"http://127.0.0.1:{port}/api/backfill" in output
     assert FUNCTION_KEY not in output  # the key is never printed
+
+
+def _interruptible() -> None:
+    """In the child before exec: Ctrl-C's default action, as in a terminal.
+
+    A shell without job control starts background commands (`make test &`, nohup scripts, some CI runners) with
+    SIGINT ignored, children inherit that, and Python then installs no KeyboardInterrupt handler: the server
+    would never see the test's Ctrl-C (a 30 s timeout, seen on a clean clone run in the background).
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _post_when_up(url: str, body: object, server: subprocess.Popen[str]) -> httpx.Response:
