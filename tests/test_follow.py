@@ -30,10 +30,14 @@ class RecordedObserver:
         return {}
 
 
-def _chunk_event() -> TollwatchEvent:
+def _chunk_event(request_id: str = "r") -> TollwatchEvent:
     return TollwatchEvent.of(
         BackfillRequested(
-            domain="data.ny.gov", dataset_id="qzve-kjga", start=date(2013, 1, 1), stop=date(2013, 2, 1), request_id="r"
+            domain="data.ny.gov",
+            dataset_id="qzve-kjga",
+            start=date(2013, 1, 1),
+            stop=date(2013, 2, 1),
+            request_id=request_id,
         )
     )
 
@@ -72,6 +76,36 @@ def test_a_chunk_whose_run_could_not_start_is_requested_again_under_a_new_id_wit
     assert outcome.flow_run_name == "second-try"
 
 
+def _run(state: StateType, message: str = "", name: str = "run") -> FlowRun:
+    return FlowRun(id=uuid4(), name=name, flow_id=uuid4(), state=State(type=state, message=message))
+
+
+def test_a_run_cancelled_for_a_lost_concurrency_slot_is_requested_again_and_a_user_cancel_is_not():
+    """After a server restart Prefect cancels a Pending run whose slot lease it no longer has (its code never
+    ran); a run a user cancelled stays cancelled."""
+    lost, chosen = _chunk_event("restarted-server"), _chunk_event("user")
+    lost_run = _run(StateType.CANCELLED, "Deployment concurrency slot lost during provisioning - no slots available")
+    chosen_run = _run(StateType.CANCELLED, "Cancelled by user")
+    observer = RecordedObserver(
+        [_action(lost.id, lost_run.id), _action(chosen.id, chosen_run.id)],
+        {lost_run.id: lost_run, chosen_run.id: chosen_run},
+    )
+    resent: list[TollwatchEvent] = []
+
+    def resend(events: list[TollwatchEvent]) -> None:
+        resent.extend(events)
+        for again in events:
+            run = _run(StateType.COMPLETED, name="second-try")
+            observer.runs[run.id] = run
+            observer.actions.append(_action(again.id, run.id))
+
+    relaunched, left = follow(observer, [lost, chosen], timeout_s=5, poll_s=0, resend=resend)  # type: ignore[arg-type]
+
+    assert [e.payload for e in resent] == [lost.payload]
+    assert (relaunched.state, relaunched.restarts, relaunched.flow_run_name) == ("COMPLETED", 1, "second-try")
+    assert (left.state, left.restarts) == ("CANCELLED", 0)
+
+
 def test_restarts_are_bounded_and_the_chunk_then_ends_start_failed():
     event = _chunk_event()
     observer = RecordedObserver([_action(event.id)])
@@ -106,3 +140,14 @@ def test_a_chunk_without_any_action_yet_is_still_waiting():
     event = _chunk_event()
     [outcome] = chunk_outcomes(RecordedObserver([]), [event])  # type: ignore[arg-type]
     assert not outcome.done
+
+
+def test_the_lost_slot_message_is_the_one_prefects_server_writes():
+    """The restart classification keys on Prefect's own wording: an upgrade that changes it fails here."""
+    import inspect
+
+    from prefect.server.orchestration import core_policy
+
+    from tollwatch.follow import SLOT_LOST
+
+    assert SLOT_LOST in inspect.getsource(core_policy)

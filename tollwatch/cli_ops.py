@@ -92,10 +92,8 @@ def backfill(
     _print_outcomes(outcomes)
     failed = [o for o in outcomes if not o.succeeded]
     if failed:
-        from tollwatch.follow import RESTARTABLE
-
         hint = ""
-        if any(o.state in RESTARTABLE for o in failed):
+        if any(o.restartable for o in failed):
             hint = "; runs that could not start were requested again twice already: try again later with --rerun"
         fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete{hint}")
 

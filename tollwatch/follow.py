@@ -31,6 +31,11 @@ START_FAILED = "START FAILED"
 NOT_STARTED = "WAITING"
 #: States after which a chunk is requested again: its run never started or never got to run its code.
 RESTARTABLE = frozenset({START_FAILED, "CRASHED"})
+#: How Prefect cancels a run whose deployment concurrency slot lease vanished before it could start: leases
+#: live in the server's memory, so a server restart loses them (prefect.server.orchestration.core_policy). No
+#: user chose that and the run's code never ran, so the chunk is requested again like a CRASHED one; a run a
+#: user cancelled carries another message and is left alone.
+SLOT_LOST = "Deployment concurrency slot lost during provisioning"
 
 
 class ChunkOutcome(BaseModel):
@@ -54,6 +59,11 @@ class ChunkOutcome(BaseModel):
     @property
     def done(self) -> bool:
         return self.state in TERMINAL or self.state in (NO_RUN, START_FAILED)
+
+    @property
+    def restartable(self) -> bool:
+        """Its run never started or never ran its code, and nobody chose that: safe to request again."""
+        return self.state in RESTARTABLE or (self.state == "CANCELLED" and self.message.startswith(SLOT_LOST))
 
     @property
     def succeeded(self) -> bool:
@@ -118,7 +128,8 @@ def follow(
 ) -> list[ChunkOutcome]:
     """Poll until every chunk's run has ended, or the timeout passes (chunks still without a run: NO RUN).
 
-    With `resend`, a chunk that ends START FAILED or CRASHED is requested again with `restart_event`, at most
+    With `resend`, a chunk that ends START FAILED, CRASHED or cancelled for a lost concurrency slot (see
+    `ChunkOutcome.restartable`) is requested again with `restart_event`, at most
     `max_restarts` times; its outcome is then that of its latest request, with `restarts` counting them.
     """
     deadline = time.monotonic() + timeout_s
@@ -127,7 +138,7 @@ def follow(
     while True:
         found = chunk_outcomes(observer, current)
         outcomes = [o.model_copy(update={"restarts": n}) for o, n in zip(found, restarts, strict=True)]
-        again = [i for i, o in enumerate(outcomes) if o.state in RESTARTABLE and o.restarts < max_restarts]
+        again = [i for i, o in enumerate(outcomes) if o.restartable and o.restarts < max_restarts]
         if resend is not None and again:
             for i in again:
                 restarts[i] += 1
