@@ -54,6 +54,10 @@ def _action(event_id: UUID, run_id: UUID | None = None) -> ActionTaken:
     )
 
 
+def _run(state: StateType, message: str = "", name: str = "run") -> FlowRun:
+    return FlowRun(id=uuid4(), name=name, flow_id=uuid4(), state=State(type=state, message=message))
+
+
 def test_a_chunk_whose_run_could_not_start_is_requested_again_under_a_new_id_with_the_same_payload():
     event = _chunk_event()
     observer = RecordedObserver([_action(event.id)])
@@ -62,7 +66,7 @@ def test_a_chunk_whose_run_could_not_start_is_requested_again_under_a_new_id_wit
     def resend(events: list[TollwatchEvent]) -> None:  # the server accepts the restart and runs it to completion
         resent.extend(events)
         for again in events:
-            run = FlowRun(id=uuid4(), name="second-try", flow_id=uuid4(), state=State(type=StateType.COMPLETED))
+            run = _run(StateType.COMPLETED, name="second-try")
             observer.runs[run.id] = run
             observer.actions.append(_action(again.id, run.id))
 
@@ -74,10 +78,6 @@ def test_a_chunk_whose_run_could_not_start_is_requested_again_under_a_new_id_wit
     assert outcome.succeeded
     assert outcome.restarts == 1
     assert outcome.flow_run_name == "second-try"
-
-
-def _run(state: StateType, message: str = "", name: str = "run") -> FlowRun:
-    return FlowRun(id=uuid4(), name=name, flow_id=uuid4(), state=State(type=state, message=message))
 
 
 def test_a_run_cancelled_for_a_lost_concurrency_slot_is_requested_again_and_a_user_cancel_is_not():
