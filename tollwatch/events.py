@@ -61,6 +61,11 @@ INGESTION_LABELS: dict[str, str] = {
     "already_committed": "tollwatch.already-committed",
 }
 
+#: The label every event about one load carries on its resource (requested, refreshed, completed, failed): a
+#: proactive trigger pairs "announced" with "completed" per load by it (`for_each`), which is how a load that
+#: never completed is noticed (automations/repair-*.yaml).
+REFRESH_ID_LABEL = "tollwatch.refresh-id"
+
 
 def label_value(value: object) -> str:
     """How a payload value is written as a label: booleans lower-case (`true`/`false`), the rest as text."""
@@ -68,12 +73,14 @@ def label_value(value: object) -> str:
 
 
 def ingestion_labels(payload: BaseModel) -> tuple[tuple[str, str], ...]:
-    """The INGESTION_LABELS of one ingestion payload, as resource labels."""
-    return tuple(
+    """The INGESTION_LABELS of one ingestion payload, plus its refresh id, as resource labels."""
+    labels = tuple(
         (label, label_value(getattr(payload, field)))
         for field, label in INGESTION_LABELS.items()
         if hasattr(payload, field)
     )
+    refresh_id = getattr(payload, "refresh_id", None)
+    return (*labels, (REFRESH_ID_LABEL, refresh_id)) if refresh_id else labels
 
 
 def job_resource_id(job: str | int, *, databricks: bool) -> str:
@@ -187,7 +194,11 @@ class DatasetRefreshed(_Payload):
         return deterministic_id("event", EventName.DATASET_REFRESHED, self.refresh_id)
 
     def resource(self) -> Resource:
-        return Resource(id=dataset_resource_id(self.domain, self.dataset_id), role="dataset")
+        return Resource(
+            id=dataset_resource_id(self.domain, self.dataset_id),
+            role="dataset",
+            labels=((REFRESH_ID_LABEL, self.refresh_id),),
+        )
 
 
 class BackfillRequested(_Payload):
@@ -219,7 +230,11 @@ class BackfillRequested(_Payload):
         return deterministic_id("event", EventName.BACKFILL_REQUESTED, self.refresh_id)
 
     def resource(self) -> Resource:
-        return Resource(id=dataset_resource_id(self.domain, self.dataset_id), role="dataset")
+        return Resource(
+            id=dataset_resource_id(self.domain, self.dataset_id),
+            role="dataset",
+            labels=((REFRESH_ID_LABEL, self.refresh_id),),
+        )
 
 
 class Durations(_Payload):

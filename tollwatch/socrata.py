@@ -78,6 +78,25 @@ def updated_after_where(epoch_s: int) -> str:
     return f":updated_at > '{socrata_timestamp(epoch_s)}'"
 
 
+def updated_between_where(after_epoch_s: int | None, through_epoch_s: int) -> str:
+    """`$where` for row versions published after `after` (exclusive) and up to `through` (inclusive).
+
+    Written as half-open second ranges (`>= after+1s`, `< through+1s`): `rowsUpdatedAt` is whole seconds while a
+    row's `:updated_at` may carry milliseconds, and a version stamped 12:00:00.500 belongs to the publish whose
+    `rowsUpdatedAt` is 12:00:00. Without a lower bound (first sighting) it is every version up to `through`.
+    """
+    upper = f":updated_at < '{socrata_timestamp(through_epoch_s + 1)}'"
+    if after_epoch_s is None:
+        return upper
+    return f":updated_at >= '{socrata_timestamp(after_epoch_s + 1)}' AND {upper}"
+
+
+def and_where(*conditions: str | None) -> str | None:
+    """Join `$where` conditions with AND (None and empty ones are skipped)."""
+    parts = [c for c in conditions if c]
+    return " AND ".join(parts) if parts else None
+
+
 def _retry_after_seconds(value: str | None) -> float | None:
     """Parse Retry-After (seconds or HTTP date)."""
     if not value:
@@ -142,6 +161,44 @@ class SocrataClient:
                 return
             offset += len(rows)
             number += 1
+
+    def count(self, dataset_id: str, *, where: str | None) -> int:
+        """How many rows match `where` (`$select=count(*) AS n`): what a load reconciles its fetch against."""
+        params = {"$select": "count(*) AS n"}
+        if where:
+            params["$where"] = where
+        _, parsed = self._get(f"/resource/{dataset_id}.json", params=params, expect_array=True)
+        rows = parsed or []
+        try:
+            return int(rows[0]["n"]) if rows else 0
+        except (KeyError, TypeError, ValueError) as exc:
+            raise UpstreamError(f"count(*) for {dataset_id} answered {rows[:1]!r}, not [{{'n': '<int>'}}]") from exc
+
+    def counts_by_day(self, dataset_id: str, *, where: str | None, page_size: int = 50_000) -> dict[date, int]:
+        """Rows per day matching `where` (`$select=date, count(*) AS n`, `$group=date`), days without rows absent."""
+        counts: dict[date, int] = {}
+        offset = 0
+        while True:
+            params = {
+                "$select": "date, count(*) AS n",
+                "$group": "date",
+                "$order": "date",
+                "$limit": str(page_size),
+                "$offset": str(offset),
+            }
+            if where:
+                params["$where"] = where
+            _, parsed = self._get(f"/resource/{dataset_id}.json", params=params, expect_array=True)
+            rows = parsed or []
+            for row in rows:
+                try:
+                    day = date.fromisoformat(str(row["date"])[:10])
+                    counts[day] = counts.get(day, 0) + int(row["n"])
+                except (KeyError, TypeError, ValueError) as exc:
+                    raise UpstreamError(f"count(*) per date for {dataset_id} answered {row!r}") from exc
+            if len(rows) < page_size:
+                return counts
+            offset += len(rows)
 
     # ------------------------------------------------------------------ transport
 

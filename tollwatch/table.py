@@ -38,6 +38,10 @@ FLOW_RUN_ID = "tollwatch.flow-run-id"
 #: The days a load replaced or merged, `start/stop` (stop exclusive): what a re-run needs to announce a load it
 #: found committed but never announced (see `tollwatch.ingest.previous_load`).
 TOUCHED = "tollwatch.touched"
+#: The ledger's high-water mark: the upstream `rowsUpdatedAt` (epoch seconds) through which every published row
+#: version is committed. Every snapshot tollwatch writes carries it (a window load carries it forward unchanged); a
+#: refresh fetches from it, not from the `previous_rows_updated_at` of its event, so no missed run leaves a hole.
+COMMITTED_THROUGH = "tollwatch.committed-through"
 
 
 @dataclass(frozen=True)
@@ -140,6 +144,23 @@ class IcebergTableStore:
             flow_run_id=found.summary[FLOW_RUN_ID],
             touched=Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop)) if touched else None,
         )
+
+    def committed_through(self, table: Table | None = None) -> int | None:
+        """The ledger's high-water mark (see COMMITTED_THROUGH) on `main`, or None when no refresh ever committed.
+
+        Read from the newest snapshot of the current lineage that records it, so a snapshot written by another tool
+        (compaction, a manual fix) neither hides nor moves it.
+        """
+        table = table if table is not None else self.table()
+        if table is None:
+            return None
+        snapshot = table.current_snapshot()
+        while snapshot is not None:
+            value = snapshot.summary[COMMITTED_THROUGH] if snapshot.summary is not None else None
+            if value:
+                return int(value)
+            snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
+        return None
 
     # ------------------------------------------------------------------ writes
 
