@@ -63,6 +63,7 @@ def test_prefect_body_has_the_shape_of_the_events_api():
     assert body["resource"] == {
         "prefect.resource.id": "socrata.data.ny.gov.qzve-kjga",
         "prefect.resource.role": "dataset",
+        "tollwatch.refresh-id": refreshed().refresh_id,  # pairs this announcement with its load's completion
     }
     assert body["related"] == [
         {
