@@ -36,7 +36,16 @@ from tollwatch.events import (
     Window,
     dataset_resource_id,
 )
-from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, previous_load
+from tollwatch.ingest import (
+    FetchPlan,
+    IngestRequest,
+    LoadResult,
+    covered_load,
+    fetch_and_land,
+    load_landing,
+    plan_fetch,
+    previous_load,
+)
 from tollwatch.landing import LandingManifest
 from tollwatch.settings import Settings, load_settings
 
@@ -73,12 +82,27 @@ def related(settings: Settings) -> tuple[Resource, ...]:
     )
 
 
+@task(name="plan-fetch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def plan(request: IngestRequest) -> FetchPlan:
+    """What to ask the upstream for: a refresh starts where the table's ledger says it is committed through."""
+    settings = load_settings()
+    # On Databricks the ledger lives in Spark's catalog, out of this process's reach: the event's previous publish
+    # is the best floor there is (a known limit, see README).
+    mark = (
+        clients.table_store(settings).committed_through()
+        if settings.engine == "local"
+        else request.previous_rows_updated_at
+    )
+    return plan_fetch(request, clients.socrata_client(settings), mark)
+
+
 @task(name="fetch-and-land", cache_policy=NO_CACHE)
-def land(request: IngestRequest) -> LandingManifest:
-    """Stream the upstream into Blob; the Socrata client already retries each request with backoff."""
+def land(request: IngestRequest, fetch: FetchPlan) -> LandingManifest:
+    """Stream the upstream into Blob and reconcile it with the upstream's count; each request retries itself."""
     settings = load_settings()
     return fetch_and_land(
         request,
+        fetch,
         clients.socrata_client(settings),
         clients.landing_zone(settings),
         run_id=str(flow_run.id or "local"),
@@ -169,15 +193,21 @@ def ingest(
             "request_id": request_id,
         },
     )
-    logger.info("ingest %s refresh_id=%s where=%s", request.mode, request.refresh_id, request.where)
+    logger.info("ingest %s refresh_id=%s window=%s", request.mode, request.refresh_id, request.window)
 
     began = time.perf_counter()
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
     run_page_url = None
     # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
     previous = committed_load(request) if settings.engine == "local" else None
+    fetch = plan(request) if previous is None else None
+    if fetch is not None and fetch.covered:
+        logger.info("refresh %s: a later load already committed its publish; nothing to fetch", request.refresh_id)
+        previous = covered_load(clients.table_store(settings))
     if previous is None:
-        manifest = land.with_options(**retry)(request)
+        assert fetch is not None
+        logger.info("fetching %s (versions after %s, through %s)", fetch.where, fetch.after, fetch.through)
+        manifest = land.with_options(**retry)(request, fetch)
         fetched = time.perf_counter()
         if settings.engine == "databricks":
             from flows.databricks import merge_on_databricks
@@ -207,6 +237,7 @@ def ingest(
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
         run_page_url=run_page_url,
+        committed_through=result.committed_through,
     )
     create_markdown_artifact(
         key="ingest-report", markdown=ingest_report(completed, result), description="rows per day and plaza"

@@ -262,6 +262,13 @@ class IngestionCompleted(_Payload):
     flow_run_id: str | None = None
     durations: Durations = Durations()
     run_page_url: str | None = Field(default=None, description="the Databricks run that merged, when one did")
+    committed_through: int | None = Field(
+        default=None, description="the ledger's mark after this load: every version published through it is in"
+    )
+    upstream_rows: int | None = Field(
+        default=None, description="after the commit: the upstream's row count for the days this load touched"
+    )
+    table_rows: int | None = Field(default=None, description="after the commit: the table's rows for those days")
 
     def event_id(self) -> uuid.UUID:
         """One completion per refresh: a retried emit or a replayed run cannot announce it twice."""

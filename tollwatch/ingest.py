@@ -30,7 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from tollwatch.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.landing import LandingManifest, LandingZone
 from tollwatch.schema import convert, dedupe_on_key, target_schema
-from tollwatch.socrata import SocrataClient, updated_after_where, window_where
+from tollwatch.socrata import SocrataClient, and_where, updated_between_where, window_where
 from tollwatch.table import FLOW_RUN_ID, MODE, REFRESH_ID, TOUCHED, WINDOW, IcebergTableStore
 
 log = logging.getLogger(__name__)
@@ -80,13 +80,11 @@ class IngestRequest(BaseModel):
         )
 
     @property
-    def where(self) -> str | None:
-        """The upstream filter: the window's days, or rows updated after the previous watermark."""
+    def days_where(self) -> str | None:
+        """The upstream filter on days: the window's, or none for a refresh (it is bounded by versions instead)."""
         if self.mode == "window" and self.window:
             return window_where(self.window.start, self.window.stop)
-        if self.previous_rows_updated_at is not None:
-            return updated_after_where(self.previous_rows_updated_at)
-        return None  # first sighting of the dataset: everything
+        return None
 
     @property
     def landing_scope(self) -> str:
@@ -103,34 +101,136 @@ class IngestRequest(BaseModel):
         return props
 
 
+# ----------------------------------------------------------------------------------------------- plan
+
+
+class FetchPlan(BaseModel):
+    """What one load asks the upstream for, decided from the table's ledger rather than from the event.
+
+    Every fetch has a ceiling (`through`, a `rowsUpdatedAt`): it asks only for versions published at or before it,
+    so a publish while the load pages is not half in it (it is the next refresh's), and the set it pages through can
+    only shrink while it pages — which is what makes the before/after count check exact (see `fetch_and_land`).
+    A refresh's floor (`after`) is the ledger's high-water mark: whatever runs were missed, lost or crashed since
+    the last commit, this fetch covers them. Its event's `previous_rows_updated_at` is information only.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    where: str
+    after: int | None = None
+    through: int
+    #: A refresh whose ceiling the ledger has already passed (a later refresh committed it): nothing to fetch.
+    covered: bool = False
+
+
+def plan_fetch(request: IngestRequest, socrata: SocrataClient, committed_through: int | None) -> FetchPlan:
+    """The upstream query for `request`, given the ledger's mark (`IcebergTableStore.committed_through`)."""
+    if request.mode == "window":
+        through = socrata.metadata(request.dataset_id).rows_updated_at
+        where = and_where(request.days_where, updated_between_where(None, through))
+        assert where is not None  # a window always has both parts
+        return FetchPlan(where=where, through=through)
+    through = request.rows_updated_at
+    assert through is not None  # IngestRequest validates a refresh has it
+    after = committed_through
+    if after is not None and after >= through:
+        log.info(
+            "refresh %s (rowsUpdatedAt %s) is already covered: the table is committed through %s",
+            request.refresh_id,
+            through,
+            after,
+        )
+        return FetchPlan(where=updated_between_where(after, through), after=after, through=through, covered=True)
+    if after != request.previous_rows_updated_at:
+        log.warning(
+            "refresh %s: the table is committed through %s while its event says the previous publish was %s; "
+            "fetching from the committed mark (covers every refresh that never completed)",
+            request.refresh_id,
+            after,
+            request.previous_rows_updated_at,
+        )
+    return FetchPlan(where=updated_between_where(after, through), after=after, through=through)
+
+
 # ----------------------------------------------------------------------------------------------- fetch
 
 
+class UnaccountedRowsError(RuntimeError):
+    """A fetch whose rows do not match the upstream's count(*) for the same query: nothing is committed."""
+
+
+#: Pagings of one load when the upstream changes rows inside its query while it pages (revisions, deletions).
+FETCH_ATTEMPTS = 3
+
+
 def fetch_and_land(
-    request: IngestRequest, socrata: SocrataClient, landing: LandingZone, *, run_id: str, page_size: int
+    request: IngestRequest,
+    plan: FetchPlan,
+    socrata: SocrataClient,
+    landing: LandingZone,
+    *,
+    run_id: str,
+    page_size: int,
 ) -> LandingManifest:
-    """Stream matching rows from the upstream into the landing zone, one page at a time, then seal it."""
+    """Stream matching rows from the upstream into the landing zone, one page at a time, then seal it.
+
+    The load accounts for its rows before anything is committed: the upstream's count(*) for the same query is
+    asked before and after paging. The ceiling makes that set shrink-only (a revision or deletion moves a row out;
+    nothing moves in), so equal counts mean it did not change and the fetch must hold exactly that many rows. When it
+    changed (offset paging may then have skipped a row), the landing is paged again; rows that cannot be accounted
+    for fail the run with both numbers, and a manifest is never written for them.
+    """
     landing.ensure_container()
     prefix = landing.prefix_for(request.dataset_id, request.mode, request.window, request.refresh_id, run_id)
-    manifest = LandingManifest(
-        dataset=request.dataset_id,
-        mode=request.mode,
-        refresh_id=request.refresh_id,
-        run_id=run_id,
-        window=request.window,
-        where=request.where,
-        container=landing.container_name,
-        prefix=prefix,
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        manifest = LandingManifest(
+            dataset=request.dataset_id,
+            mode=request.mode,
+            refresh_id=request.refresh_id,
+            run_id=run_id,
+            window=request.window,
+            where=plan.where,
+            container=landing.container_name,
+            prefix=prefix,
+            after=plan.after,
+            through=plan.through,
+        )
+        before = socrata.count(request.dataset_id, where=plan.where)
+        columns: set[str] = set()
+        for page in socrata.pages(request.dataset_id, where=plan.where, page_size=page_size):
+            manifest.pages.append(landing.put_page(prefix, page))
+            columns |= page.columns
+            log.info("landed page %d: %d rows (%d rows so far)", page.number, page.row_count, manifest.rows)
+        after = socrata.count(request.dataset_id, where=plan.where)
+        if before == after == manifest.rows:
+            manifest.columns = sorted(columns)
+            manifest.upstream_rows = after
+            landing.put_manifest(manifest)
+            log.info(
+                "sealed landing %s: %d pages, %d rows = the upstream's count(*)",
+                landing.uri(prefix),
+                len(manifest.pages),
+                manifest.rows,
+            )
+            return manifest
+        if before == after:
+            raise UnaccountedRowsError(
+                f"fetched {manifest.rows} rows but the upstream counts {after} for the same query ({plan.where}); "
+                "nothing was committed"
+            )
+        log.warning(
+            "the upstream changed rows of this query while it was paged (count %d before, %d after, %d fetched); "
+            "paging again (attempt %d of %d)",
+            before,
+            after,
+            manifest.rows,
+            attempt,
+            FETCH_ATTEMPTS,
+        )
+    raise UnaccountedRowsError(
+        f"the upstream kept changing rows of this query while it was paged ({FETCH_ATTEMPTS} pagings; last: count "
+        f"{before} before, {after} after, {manifest.rows} fetched); nothing was committed, a later run tries again"
     )
-    columns: set[str] = set()
-    for page in socrata.pages(request.dataset_id, where=request.where, page_size=page_size):
-        manifest.pages.append(landing.put_page(prefix, page))
-        columns |= page.columns
-        log.info("landed page %d: %d rows (%d rows so far)", page.number, page.row_count, manifest.rows)
-    manifest.columns = sorted(columns)
-    landing.put_manifest(manifest)
-    log.info("sealed landing %s: %d pages, %d rows", landing.uri(prefix), len(manifest.pages), manifest.rows)
-    return manifest
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -151,6 +251,17 @@ class LoadResult:
     #: The days the load replaced or merged, what downstream recomputes (for a load found in the ledger: the
     #: days its commit recorded; None when that commit predates the record or wrote nothing).
     touched: Window | None = None
+    #: The ledger's high-water mark after this load (see tollwatch.table.COMMITTED_THROUGH).
+    committed_through: int | None = None
+
+
+def covered_load(store: IcebergTableStore) -> LoadResult:
+    """A refresh whose publish a later load already committed: nothing to fetch or commit, and nothing new for
+    subscribers (announced as already committed, at the table's current snapshot)."""
+    info = store.info()
+    return LoadResult(
+        info.snapshot_id, 0, 0, 0, already_committed=True, committed_through=store.committed_through()
+    )
 
 
 def previous_load(request: IngestRequest, store: IcebergTableStore, landing: LandingZone) -> LoadResult | None:
@@ -166,7 +277,15 @@ def previous_load(request: IngestRequest, store: IcebergTableStore, landing: Lan
     if load is None:
         return None
     unannounced = load.touched is not None and not landing.is_announced(request.landing_scope)
-    return LoadResult(load.snapshot_id, 0, 0, 0, already_committed=not unannounced, touched=load.touched)
+    return LoadResult(
+        load.snapshot_id,
+        0,
+        0,
+        0,
+        already_committed=not unannounced,
+        touched=load.touched,
+        committed_through=store.committed_through(),
+    )
 
 
 class _MonthSpool:
@@ -201,12 +320,12 @@ class _MonthSpool:
             return None
         return Window(start=self.first, stop=date.fromordinal(self.last.toordinal() + 1))
 
-    def months(self) -> Iterator[pa.Table]:
-        """Each month's rows, deduped on the key, oldest month first."""
+    def months(self) -> Iterator[tuple[str, pa.Table]]:
+        """Each month (`YYYY-MM`) with its rows, deduped on the key, oldest month first."""
         for writer in self._writers.values():
             writer.close()
         for month in sorted(self._writers):
-            yield dedupe_on_key(pq.read_table(self._dir / f"{month}.parquet", schema=self._schema))
+            yield month, dedupe_on_key(pq.read_table(self._dir / f"{month}.parquet", schema=self._schema))
 
 
 def load_landing(
@@ -240,11 +359,27 @@ def load_landing(
         result.touched = request.window or spool.touched  # a window load replaces all its days, even emptied ones
         if result.touched:
             props[TOUCHED] = f"{result.touched.start}/{result.touched.stop}"
-        result.snapshot_id = _commit(store, request, spool, schema, props, result)
+        result.snapshot_id = _commit(store, request, spool, schema, props, result, _fetched_through(request, manifest))
     if result.rows_rejected:
         log.warning("quarantined %d rows: %s", result.rows_rejected, dict(result.reject_reasons))
-    log.info("committed snapshot %s: %d rows written", result.snapshot_id, result.rows_written)
+    result.committed_through = store.committed_through()
+    log.info(
+        "committed snapshot %s: %d rows written; the table is committed through rowsUpdatedAt %s",
+        result.snapshot_id,
+        result.rows_written,
+        result.committed_through,
+    )
     return result
+
+
+def _fetched_through(request: IngestRequest, manifest: LandingManifest) -> int:
+    """The ceiling of the landed fetch; a landing sealed before ceilings were recorded is bounded by its refresh's
+    publish, or (a window) by the moment it was sealed, which no version it could have held is newer than."""
+    if manifest.through is not None:
+        return manifest.through
+    if request.rows_updated_at is not None:
+        return request.rows_updated_at
+    return int(manifest.landed_at.timestamp())
 
 
 #: A concurrent writer committed first: the catalog refused our commit (CommitFailedException), or our delete
@@ -260,6 +395,7 @@ def _commit(
     schema: pa.Schema,
     props: dict[str, str],
     result: LoadResult,
+    through: int,
 ) -> int:
     """One Iceberg commit; after a conflict with a concurrent load, rebuild it on the new table state.
 
@@ -280,27 +416,27 @@ def _commit(
             result.rows_per_day_plaza.clear()
             written = _Counted(spool.months(), result)
             if request.mode == "window" and request.window:
-                return store.commit_window(request.window, written, schema, props)
-            return store.commit_merge(written, schema, props)
+                return store.commit_window(request.window, written, schema, props, fetched_through=through)
+            return store.commit_merge(written, schema, props, through=through)
     raise AssertionError("unreachable: Retrying re-raises the last conflict")
 
 
 class _Counted:
     """Counts rows per day and plaza as months stream into the commit (for the artifact)."""
 
-    def __init__(self, months: Iterator[pa.Table], result: LoadResult) -> None:
+    def __init__(self, months: Iterator[tuple[str, pa.Table]], result: LoadResult) -> None:
         self._months = months
         self._result = result
 
-    def __iter__(self) -> Iterator[pa.Table]:
+    def __iter__(self) -> Iterator[tuple[str, pa.Table]]:
         return self
 
-    def __next__(self) -> pa.Table:
-        batch = next(self._months)
+    def __next__(self) -> tuple[str, pa.Table]:
+        month, batch = next(self._months)
         self._result.rows_written += batch.num_rows
         counts = batch.group_by(["date", "plaza_id"], use_threads=False).aggregate([([], "count_all")])
         for day, plaza, n in zip(
             counts["date"].to_pylist(), counts["plaza_id"].to_pylist(), counts["count_all"].to_pylist(), strict=True
         ):
             self._result.rows_per_day_plaza[(day, plaza)] += n
-        return batch
+        return month, batch

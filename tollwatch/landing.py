@@ -46,6 +46,13 @@ class LandingManifest(BaseModel):
     where: str | None
     container: str
     prefix: str
+    after: int | None = Field(
+        default=None, description="refresh: the ledger's mark it fetched from (exclusive); None = every version"
+    )
+    through: int | None = Field(
+        default=None, description="the fetch's ceiling: versions published at or before this rowsUpdatedAt"
+    )
+    upstream_rows: int | None = Field(default=None, description="the upstream's count(*) for `where`, reconciled")
     pages: list[LandedPage] = Field(default_factory=list)
     columns: list[str] = Field(default_factory=list)
     landed_at: datetime = Field(default_factory=lambda: datetime.now(UTC))

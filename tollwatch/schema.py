@@ -186,16 +186,21 @@ def _rejected_rows(rows: list[Mapping[str, object]], reason: pa.Array) -> list[d
 
 
 def dedupe_on_key(table: pa.Table) -> pa.Table:
-    """Keep one row per natural key: the one with the greatest `source_row_id`/position (the latest).
+    """Keep one row per natural key: the newest upstream version (`source_updated_at`), then the latest position.
 
-    Pages are read in `:id` order, so a later position is the later version of a row when the upstream
-    republished it while we were paging.
+    The version decides because a load can hold two versions of a row (a correction republished under a new `:id`);
+    among equal versions, pages are read in `:id` order, so the later position is the later row.
     """
     if table.num_rows == 0:
         return table
-    indexed = table.append_column("__pos", pa.array(range(table.num_rows), pa.int64()))
-    latest = indexed.group_by(list(KEY), use_threads=False).aggregate([("__pos", "max")])
-    if latest.num_rows == table.num_rows:
+    version = pc.fill_null(pc.cast(table["source_updated_at"], pa.int64()), -(2**62))
+    indexed = table.append_column("__pos", pa.array(range(table.num_rows), pa.int64())).append_column(
+        "__version", version
+    )
+    newest = indexed.group_by(list(KEY), use_threads=False).aggregate([("__version", "max")])
+    if newest.num_rows == table.num_rows:
         return table
+    candidates = indexed.join(newest.rename_columns([*KEY, "__version"]), keys=[*KEY, "__version"], join_type="inner")
+    latest = candidates.group_by(list(KEY), use_threads=False).aggregate([("__pos", "max")])
     keep = pc.sort_indices(latest["__pos_max"])
     return table.take(pc.take(latest["__pos_max"], keep))

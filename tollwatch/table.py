@@ -165,37 +165,90 @@ class IcebergTableStore:
     # ------------------------------------------------------------------ writes
 
     def commit_window(
-        self, window: Window, months: Iterator[pa.Table], schema: pa.Schema, properties: dict[str, str]
+        self,
+        window: Window,
+        months: Iterable[tuple[str, pa.Table]],
+        schema: pa.Schema,
+        properties: dict[str, str],
+        *,
+        fetched_through: int,
     ) -> int:
-        """Replace every row in `window` with `months` (already deduped per key) in one commit."""
+        """Make the table's `window` what the upstream held at `fetched_through`, in one commit; versions only move
+        forward.
+
+        `months` are the fetched rows per month (`YYYY-MM`, deduped per key). Per month of the window, a key keeps the
+        newer of its stored and fetched versions; a stored key the fetch did not return is a row deleted upstream when
+        its version is one the fetch would have returned (stamped at or before `fetched_through`) and is removed, but
+        kept when it is newer than the fetch (a refresh committed it after this window was fetched). The ledger's
+        high-water mark is carried forward unchanged: a window says nothing about other days.
+        """
         table = self.ensure(schema)
+        fetched = dict(months)
         with table.transaction() as txn:
             self.evolve(txn, table, schema)
-            with warnings.catch_warnings():  # "did not match any records" is expected on a first load
-                warnings.simplefilter("ignore", UserWarning)
-                txn.delete(window_filter(window), snapshot_properties=properties)
+            self._carry_mark(table, properties, None)
             target = txn.table_metadata.schema().as_arrow()
-            for batch in months:
-                if batch.num_rows:
-                    txn.append(conform(batch, target), snapshot_properties=properties)
+            wrote = False
+            for month, part in _months_of(window):
+                incoming = conform(fetched.get(month, target.empty_table()), target)
+                stored = conform(table.scan(row_filter=window_filter(part)).to_arrow(), target)
+                if incoming.num_rows == 0 and stored.num_rows == 0:
+                    continue
+                merged = newest_per_key(stored, incoming, drop_absent_through=fetched_through)
+                with warnings.catch_warnings():  # "did not match any records" is expected on a first load
+                    warnings.simplefilter("ignore", UserWarning)
+                    txn.overwrite(merged, overwrite_filter=window_filter(part), snapshot_properties=properties)
+                wrote = True
+            if not wrote:
+                self._record_empty_load(txn, target, properties)
         return self._snapshot_for(properties[REFRESH_ID])
 
-    def commit_merge(self, months: Iterator[pa.Table], schema: pa.Schema, properties: dict[str, str]) -> int:
-        """Merge changed rows on the key: per month, overwrite the touched days with old-minus-changed + changed."""
+    def commit_merge(
+        self, months: Iterable[tuple[str, pa.Table]], schema: pa.Schema, properties: dict[str, str], *, through: int
+    ) -> int:
+        """Merge a refresh (every upstream version published after the ledger's mark and through `through`) in one
+        commit: per month, the touched days are overwritten with, per key, the newer of the stored and fetched
+        versions, so a refresh committing after a newer one cannot put an older version back. The ledger's mark
+        moves to `through` (never back).
+        """
         table = self.ensure(schema)
         with table.transaction() as txn:
             self.evolve(txn, table, schema)
+            self._carry_mark(table, properties, through)
             target = txn.table_metadata.schema().as_arrow()
-            for batch in months:
+            wrote = False
+            for _, batch in months:
                 if not batch.num_rows:
                     continue
                 days = set(pc.unique(batch["date"]).to_pylist())
                 existing = table.scan(row_filter=days_filter(days)).to_arrow()
-                merged = _merge_on_key(conform(existing, target), conform(batch, target))
+                merged = newest_per_key(conform(existing, target), conform(batch, target))
                 with warnings.catch_warnings():  # new days match nothing yet: expected
                     warnings.simplefilter("ignore", UserWarning)
                     txn.overwrite(merged, overwrite_filter=days_filter(days), snapshot_properties=properties)
+                wrote = True
+            if not wrote:
+                self._record_empty_load(txn, target, properties)
         return self._snapshot_for(properties[REFRESH_ID])
+
+    def _carry_mark(self, table: Table, properties: dict[str, str], through: int | None) -> None:
+        """Set the ledger's high-water mark this commit records: the table's current one, raised to `through`.
+
+        Computed from the table state this attempt builds on; a concurrent commit fails ours (optimistic
+        concurrency) and the retry recomputes it, so the mark recorded is never one the table has already passed.
+        """
+        current = self.committed_through(table)
+        marks = [m for m in (current, through) if m is not None]
+        if marks:
+            properties[COMMITTED_THROUGH] = str(max(marks))
+        else:
+            properties.pop(COMMITTED_THROUGH, None)
+
+    @staticmethod
+    def _record_empty_load(txn: object, target: pa.Schema, properties: dict[str, str]) -> None:
+        """A load that changed no row still commits a (data-less) snapshot: it is the ledger entry that makes a
+        replay a no-op and, for a refresh, the record that the mark moved (a publish can change nothing we keep)."""
+        txn.append(target.empty_table(), snapshot_properties=properties)  # type: ignore[attr-defined]
 
     @staticmethod
     def evolve(txn: object, table: Table, schema: pa.Schema) -> None:
@@ -244,11 +297,50 @@ class IcebergTableStore:
         return data.sort_by([(k, "ascending") for k in KEY])
 
 
-def _merge_on_key(existing: pa.Table, changed: pa.Table) -> pa.Table:
-    """Rows of `existing` whose key is not in `changed`, plus all of `changed`."""
-    if existing.num_rows == 0:
-        return changed
-    keys = changed.select(list(KEY)).append_column("__changed", pa.array([True] * changed.num_rows))
-    joined = existing.join(keys, keys=list(KEY), join_type="left outer")
-    kept = joined.filter(pc.is_null(joined["__changed"])).drop_columns(["__changed"])
-    return pa.concat_tables([conform(kept, changed.schema), changed])
+#: Sort rank of a row without a version (older tollwatch rows, a malformed `:updated_at`): older than any version.
+_NO_VERSION = -(2**62)
+
+
+def _ranked(rows: pa.Table, incoming: bool) -> pa.Table:
+    """`rows` with `__rank`: its version in microseconds, doubled, plus 1 for incoming rows (they win a tie)."""
+    version = pc.fill_null(pc.cast(rows["source_updated_at"], pa.int64()), _NO_VERSION)
+    rank = pc.add(pc.multiply(version, 2), 1 if incoming else 0)
+    return rows.append_column("__rank", rank)
+
+
+def newest_per_key(stored: pa.Table, incoming: pa.Table, *, drop_absent_through: int | None = None) -> pa.Table:
+    """Per natural key, the row with the newest upstream version (`source_updated_at`); incoming wins a tie.
+
+    With `drop_absent_through` (epoch seconds; a window load's fetch ceiling), a stored key that `incoming` lacks is
+    dropped when its version was published at or before it: the fetch would have returned it had it still existed
+    upstream, so it was deleted there. A newer stored row was published after the fetch and stays.
+    """
+    if stored.num_rows == 0:
+        return incoming
+    if drop_absent_through is not None:
+        keys = incoming.select(list(KEY))
+        present = stored.join(keys, keys=list(KEY), join_type="left semi")
+        absent = stored.join(keys, keys=list(KEY), join_type="left anti")
+        newer = pc.greater_equal(
+            absent["source_updated_at"], pa.scalar(datetime.fromtimestamp(drop_absent_through + 1, UTC))
+        )
+        stored = pa.concat_tables([present, absent.filter(pc.fill_null(newer, False))])
+        if stored.num_rows == 0:
+            return incoming
+    if incoming.num_rows == 0:
+        return stored
+    both = pa.concat_tables([_ranked(stored, incoming=False), _ranked(conform(incoming, stored.schema), incoming=True)])
+    newest = both.group_by(list(KEY), use_threads=False).aggregate([("__rank", "max")])
+    newest = newest.rename_columns([*KEY, "__rank"])
+    kept = both.join(newest, keys=[*KEY, "__rank"], join_type="inner")
+    return conform(kept, incoming.schema)
+
+
+def _months_of(window: Window) -> Iterator[tuple[str, Window]]:
+    """The window cut at month boundaries: (`YYYY-MM`, the part of the window in that month)."""
+    start = window.start
+    while start < window.stop:
+        next_month = date(start.year + start.month // 12, start.month % 12 + 1, 1)
+        stop = min(next_month, window.stop)
+        yield f"{start:%Y-%m}", Window(start=start, stop=stop)
+        start = stop
