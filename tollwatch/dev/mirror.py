@@ -51,7 +51,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -121,6 +121,23 @@ class PublishBatch:
     def to_json(self) -> dict[str, int]:
         """Plain JSON shape for the admin API."""
         return asdict(self)
+
+
+@dataclass(frozen=True)
+class RowVersions:
+    """Rows `seq` in [start_seq, end_seq) that share their current version.
+
+    `created_at` is the stamp of the publish that first served them (Socrata keeps `:created_at` and `:id`
+    across updates), `updated_at` the stamp of their current version, `revisions` how many upstream
+    corrections they went through (0: as first published). The dataset's version map is a sorted tuple of
+    these, disjoint, with gaps where rows were deleted: it is what `:updated_at` filters and paging read.
+    """
+
+    start_seq: int
+    end_seq: int
+    created_at: int
+    updated_at: int
+    revisions: int = 0
 
 
 @dataclass(frozen=True)
@@ -250,8 +267,9 @@ class _Snapshot:
     """Everything a read needs, captured at once so a concurrent publish never tears a page."""
 
     table: SyntheticTable
-    total_rows: int
-    batches: tuple[PublishBatch, ...]
+    extent: int  # seqs [0, extent) have been published (some may be deleted since)
+    versions: tuple[RowVersions, ...]
+    version_starts: tuple[int, ...]  # `start_seq` of each entry of `versions`, for bisect
     overrides: Mapping[int, Mapping[str, str | None]]
     extras: Mapping[str, ExtraValue]
     user_columns: tuple[str, ...]
@@ -388,20 +406,76 @@ _COMPARE: dict[str, Callable[[float, float], bool]] = {
     "<=": lambda a, b: a <= b,
 }
 
+#: Rows [lo, hi) of one `RowVersions` entry (lo/hi are seqs inside it).
+Piece = tuple[int, int, RowVersions]
 
-def _updated_range(batches: tuple[PublishBatch, ...], total: int, condition: Condition) -> tuple[int, int]:
-    """Seq range matching an `:updated_at` comparison.
 
-    Batches are appended in seq order with strictly increasing stamps, so matching batches are a suffix
-    (for > / >=) or a prefix (for < / <=) of the history: one contiguous seq range.
+def _replace_versions(
+    versions: tuple[RowVersions, ...], lo: int, hi: int, change: Callable[[RowVersions], RowVersions | None]
+) -> tuple[RowVersions, ...]:
+    """The version map with `change` applied to the rows in [lo, hi) (`None` deletes them); rows outside
+    keep their entries, split at `lo`/`hi` where an entry straddles them."""
+    out: list[RowVersions] = []
+    for entry in versions:
+        if entry.end_seq <= lo or entry.start_seq >= hi:
+            out.append(entry)
+            continue
+        if entry.start_seq < lo:
+            out.append(replace(entry, end_seq=lo))
+        inside = change(replace(entry, start_seq=max(entry.start_seq, lo), end_seq=min(entry.end_seq, hi)))
+        if inside is not None:
+            out.append(inside)
+        if entry.end_seq > hi:
+            out.append(replace(entry, start_seq=hi))
+    return tuple(out)
+
+
+def _matching_pieces(snap: _Snapshot, conditions: tuple[Condition, ...], history_start: date) -> list[Piece]:
+    """The rows a `$where` selects, as sorted disjoint seq ranges (in `:id` order).
+
+    `date` conditions narrow one contiguous seq window (rows are in date order); `:updated_at` conditions
+    keep the version-map entries whose current stamp matches. Without revisions or deletions the map has one
+    entry per publish, so this costs what one contiguous range did: O(batches), independent of row count.
     """
-    threshold = condition.literal.replace(tzinfo=UTC).timestamp()
-    matches = [b for b in batches if _COMPARE[condition.op](b.updated_at, threshold)]
-    if not matches:
-        return 0, 0
-    if condition.op in (">", ">="):
-        return matches[0].start_seq, total
-    return 0, matches[-1].end_seq
+    lo, hi = 0, snap.extent
+    days = snap.extent // ROWS_PER_DAY
+    stamp_tests: list[tuple[Callable[[float, float], bool], float]] = []
+    for condition in conditions:
+        if condition.field == "date":
+            day_lo, day_hi = _day_range(history_start, days, condition)
+            lo, hi = max(lo, day_lo * ROWS_PER_DAY), min(hi, day_hi * ROWS_PER_DAY)
+        else:
+            stamp_tests.append((_COMPARE[condition.op], condition.literal.replace(tzinfo=UTC).timestamp()))
+    pieces: list[Piece] = []
+    if lo >= hi:
+        return pieces
+    versions = snap.versions
+    for index in range(max(bisect.bisect_right(snap.version_starts, lo) - 1, 0), len(versions)):
+        entry = versions[index]
+        if entry.start_seq >= hi:
+            break
+        if all(test(entry.updated_at, threshold) for test, threshold in stamp_tests):
+            first, last = max(entry.start_seq, lo), min(entry.end_seq, hi)
+            if first < last:
+                pieces.append((first, last, entry))
+    return pieces
+
+
+def _page(pieces: Iterable[Piece], offset: int, limit: int) -> list[Piece]:
+    """`$offset`/`$limit` applied across disjoint pieces, as if they were one list of rows."""
+    page: list[Piece] = []
+    skip, room = offset, limit
+    for lo, hi, entry in pieces:
+        if room <= 0:
+            break
+        if skip >= hi - lo:
+            skip -= hi - lo
+            continue
+        first = lo + skip
+        last = min(hi, first + room)
+        skip, room = 0, room - (last - first)
+        page.append((first, last, entry))
+    return page
 
 
 # ---------------------------------------------------------------------------------------------- dataset
@@ -445,6 +519,10 @@ class MirrorDataset:
         self._batches: tuple[PublishBatch, ...] = (
             (PublishBatch(0, initial_rows, self.base_epoch),) if initial_rows else ()
         )
+        first = tuple(RowVersions(b.start_seq, b.end_seq, b.updated_at, b.updated_at) for b in self._batches)
+        self._set_versions(first)
+        #: Socrata moves `rowsUpdatedAt` on every data change (publish, revision, deletion): one clock for all.
+        self._rows_updated_at = self.base_epoch
         self._schema_changed_at = self.base_epoch
         self._overrides: dict[int, dict[str, str | None]] = {}
         self._extras: dict[str, ExtraValue] = {}
@@ -462,8 +540,18 @@ class MirrorDataset:
 
     @property
     def total_rows(self) -> int:
-        """Rows currently published."""
+        """Rows currently published (deleted rows excluded)."""
+        return self._live_rows
+
+    @property
+    def extent(self) -> int:
+        """Seqs ever published: [0, extent). Deleted rows keep their seq, so other rows keep their `:id`."""
         return self._days * ROWS_PER_DAY
+
+    @property
+    def versions(self) -> tuple[RowVersions, ...]:
+        """The version map: which rows exist and at which version, sorted by seq (see `RowVersions`)."""
+        return self._versions
 
     @property
     def batches(self) -> tuple[PublishBatch, ...]:
@@ -472,8 +560,8 @@ class MirrorDataset:
 
     @property
     def rows_updated_at(self) -> int:
-        """Socrata's `rowsUpdatedAt`: the newest batch stamp (the base epoch before any rows exist)."""
-        return self._batches[-1].updated_at if self._batches else self.base_epoch  # stamps only increase
+        """Socrata's `rowsUpdatedAt`: the stamp of the newest data change (the base epoch before any)."""
+        return self._rows_updated_at
 
     @property
     def cash_until(self) -> date | None:
@@ -558,11 +646,24 @@ class MirrorDataset:
             raise ValueError(f"days must be >= 1, got {days}")
         wall = time.time() if now is None else now
         with self._lock:
-            stamp = max(self.rows_updated_at + 1, int(wall))
-            batch = PublishBatch(self.total_rows, self.total_rows + days * ROWS_PER_DAY, stamp)
+            stamp = self._next_stamp(wall)
+            batch = PublishBatch(self.extent, self.extent + days * ROWS_PER_DAY, stamp)
             self._batches = (*self._batches, batch)
+            self._set_versions((*self._versions, RowVersions(batch.start_seq, batch.end_seq, stamp, stamp)))
             self._days += days
         return batch
+
+    def _next_stamp(self, wall: float) -> int:
+        """Stamp a data change `max(rowsUpdatedAt + 1, wall)` and move `rowsUpdatedAt` to it (caller holds the
+        lock). Strictly increasing, whatever the clock says, so every change has its own `:updated_at`."""
+        self._rows_updated_at = max(self._rows_updated_at + 1, int(wall))
+        return self._rows_updated_at
+
+    def _set_versions(self, versions: tuple[RowVersions, ...]) -> None:
+        """Replace the version map and what is derived from it (caller holds the lock, or is initialising)."""
+        self._versions = versions
+        self._version_starts = tuple(entry.start_seq for entry in versions)
+        self._live_rows = sum(entry.end_seq - entry.start_seq for entry in versions)
 
     def corrupt(self, seq: int, field_name: str, value: str | None) -> None:
         """Serve `value` verbatim for one field of one row (`None` drops the field, as Socrata omits nulls)."""
@@ -669,7 +770,13 @@ class MirrorDataset:
     def _snapshot(self) -> _Snapshot:
         with self._lock:
             return _Snapshot(
-                self._table, self.total_rows, self._batches, self._overrides, self._extras, self._user_columns()
+                self._table,
+                self.extent,
+                self._versions,
+                self._version_starts,
+                self._overrides,
+                self._extras,
+                self._user_columns(),
             )
 
     def query(self, params: Mapping[str, str]) -> list[dict[str, str]]:
@@ -677,62 +784,27 @@ class MirrorDataset:
         parsed = parse_query(params)
         snap = self._snapshot()
         selection = resolve_select(parsed.select_items, snap.user_columns)
-        lo, hi = self._seq_range(snap, parsed.conditions)
-        first = min(lo + parsed.offset, hi)
-        last = min(first + parsed.limit, hi)
-        return list(self._render(snap, first, last, selection))
+        pieces = _matching_pieces(snap, parsed.conditions, self.history_start)
+        return list(self._render(snap, _page(pieces, parsed.offset, parsed.limit), selection))
 
-    def _seq_range(self, snap: _Snapshot, conditions: tuple[Condition, ...]) -> tuple[int, int]:
-        """Intersect each condition's contiguous seq range."""
-        lo, hi = 0, snap.total_rows
-        days = snap.total_rows // ROWS_PER_DAY
-        for condition in conditions:
-            if condition.field == "date":
-                day_lo, day_hi = _day_range(self.history_start, days, condition)
-                c_lo, c_hi = day_lo * ROWS_PER_DAY, day_hi * ROWS_PER_DAY
-            else:
-                c_lo, c_hi = _updated_range(snap.batches, snap.total_rows, condition)
-            lo, hi = max(lo, c_lo), min(hi, c_hi)
-        return lo, max(lo, hi)
-
-    def _render(self, snap: _Snapshot, lo: int, hi: int, selection: Selection) -> Iterator[dict[str, str]]:
-        """Synthetic rows plus system fields, extra columns and overrides, then the `$select` projection."""
-        stamps = _BatchStamps(snap.batches) if selection.system else None
-        for seq, row in enumerate(snap.table.rows(lo, hi), start=lo):
-            if stamps is not None:
-                stamp = stamps.at(seq)
-                row = {":id": row_id(seq), ":created_at": stamp, ":updated_at": stamp, **row}
-            for name, value in snap.extras.items():
-                served = value(seq, row) if callable(value) else value
-                if served is not None:
-                    row[name] = str(served)
-            override = snap.overrides.get(seq)
-            if override:
-                _apply_override(row, override, selection.system)
-            if selection.keep is not None:
-                row = {name: row[name] for name in selection.keep if name in row}
-            yield row
-
-
-class _BatchStamps:
-    """`:updated_at` text for ascending seqs: one bisect per page, then a pointer walk (O(1) per row)."""
-
-    def __init__(self, batches: tuple[PublishBatch, ...]) -> None:
-        self._batches = batches
-        self._starts = [b.start_seq for b in batches]
-        self._index = -1
-        self._end = -1
-        self._text = ""
-
-    def at(self, seq: int) -> str:
-        if not self._starts:
-            return ""
-        if seq >= self._end or self._index < 0:
-            self._index = max(bisect.bisect_right(self._starts, seq) - 1, 0)
-            batch = self._batches[self._index]
-            self._end = batch.end_seq
-            self._text = iso_utc(batch.updated_at)
-        return self._text
+    def _render(self, snap: _Snapshot, pieces: Iterable[Piece], selection: Selection) -> Iterator[dict[str, str]]:
+        """Synthetic rows at their current version plus system fields, extra columns and overrides, then the
+        `$select` projection. System-field text is formatted once per piece, not per row."""
+        for lo, hi, entry in pieces:
+            created, updated = iso_utc(entry.created_at), iso_utc(entry.updated_at)
+            for seq, row in enumerate(snap.table.rows(lo, hi, entry.revisions), start=lo):
+                if selection.system:
+                    row = {":id": row_id(seq), ":created_at": created, ":updated_at": updated, **row}
+                for name, value in snap.extras.items():
+                    served = value(seq, row) if callable(value) else value
+                    if served is not None:
+                        row[name] = str(served)
+                override = snap.overrides.get(seq)
+                if override:
+                    _apply_override(row, override, selection.system)
+                if selection.keep is not None:
+                    row = {name: row[name] for name in selection.keep if name in row}
+                yield row
 
 
 def _apply_override(row: dict[str, str], override: Mapping[str, str | None], system: bool) -> None:

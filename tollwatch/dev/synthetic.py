@@ -13,6 +13,10 @@ alone, in any order, from any thread. The row key is the *absolute* slot `date.t
 (not `seq`, which depends on the mirror's history start), so the same date carries the same counts whatever
 window a mirror was started with.
 
+Upstream corrections (the mirror's revisions) are a pure function too: a row revised `n` times serves
+`vehicles_e_zpass` plus `n` (see `revised_ezpass`), so every version of a row is visibly different from the
+previous one and a test can compute what any version must hold.
+
 Plaza names and volumes are illustrative, tuned so totals look plausible; they are not authoritative.
 """
 
@@ -188,6 +192,15 @@ def iso_utc(epoch_s: int) -> str:
 # ---------------------------------------------------------------------------------------------- rows
 
 
+def revised_ezpass(ezpass: int, revisions: int) -> int:
+    """`vehicles_e_zpass` of a row after `revisions` upstream corrections (0: as first published).
+
+    Why this shape: adding the revision count keeps values plausible and non-negative, makes each version
+    differ from the one before, and needs no state.
+    """
+    return ezpass + revisions
+
+
 def hourly_counts(seed: int, day: date, plaza_id: int, hour: int, direction: str) -> tuple[int, int]:
     """(e_zpass, other) vehicles for one absolute row; the same for a date whatever the history start."""
     slot = slot_of(plaza_id, hour, direction)
@@ -223,21 +236,24 @@ class SyntheticTable:
         """Which name the non-E-ZPass count has on that day (schema drift)."""
         return CASH_COLUMN if self.cash_until is not None and day < self.cash_until else VTOLL_COLUMN
 
-    def row(self, seq: int) -> dict[str, str]:
-        """One row, O(1)."""
-        return next(self.rows(seq, seq + 1))
+    def row(self, seq: int, revisions: int = 0) -> dict[str, str]:
+        """One row, O(1); `revisions` picks the version (see `revised_ezpass`)."""
+        return next(self.rows(seq, seq + 1, revisions))
 
-    def rows(self, lo: int, hi: int) -> Iterator[dict[str, str]]:
-        """Rows `seq` in [lo, hi) in order; cost is per row, independent of `lo` and history size."""
+    def rows(self, lo: int, hi: int, revisions: int = 0) -> Iterator[dict[str, str]]:
+        """Rows `seq` in [lo, hi) in order, all at the same version (`revisions` corrections applied);
+        cost is per row, independent of `lo` and history size."""
         salt = seed_salt(self.seed)
         seq = max(lo, 0)
         while seq < hi:
             day_index, slot = divmod(seq, ROWS_PER_DAY)
             day_end = min(hi, (day_index + 1) * ROWS_PER_DAY)
-            yield from self._day_rows(salt, day_index, slot, slot + day_end - seq)
+            yield from self._day_rows(salt, day_index, slot, slot + day_end - seq, revisions)
             seq = day_end
 
-    def _day_rows(self, salt: int, day_index: int, slot_lo: int, slot_hi: int) -> Iterator[dict[str, str]]:
+    def _day_rows(
+        self, salt: int, day_index: int, slot_lo: int, slot_hi: int, revisions: int
+    ) -> Iterator[dict[str, str]]:
         """Rows of one day for slots [slot_lo, slot_hi); per-day work is hoisted out of the row loop."""
         day = self.day(day_index)
         date_text = floating_timestamp(day)
@@ -253,6 +269,6 @@ class SyntheticTable:
                 "date": date_text,
                 "hour": hour,
                 "direction": direction,
-                "vehicles_e_zpass": str(ezpass),
+                "vehicles_e_zpass": str(revised_ezpass(ezpass, revisions) if revisions else ezpass),
                 other: str(rest),
             }
