@@ -162,6 +162,7 @@ def _register_operating_commands() -> None:
     app.command("deploy")(friendly(cli_ops.deploy))
     app.command("backfill")(friendly(cli_ops.backfill))
     app.command("trace")(friendly(cli_ops.trace))
+    app.command("audit")(friendly(cli_ops.audit))
     app.command("status")(friendly(cli_ops.status))
     app.add_typer(automations_app, name="automations")
 
