@@ -28,9 +28,12 @@ from tollwatch.dev.synthetic import (
     ROWS_PER_DAY,
     SyntheticTable,
     hourly_counts,
+    iso_utc,
     position,
+    revised_ezpass,
     row_id,
 )
+from tollwatch.socrata import updated_after_where, updated_between_where
 
 DATASET = "qzve-kjga"
 RESOURCE = f"/resource/{DATASET}.json"
@@ -229,6 +232,283 @@ def test_publish_moves_watermark_and_updated_filter_returns_only_the_new_batch(
     assert client.get(VIEW).json()["rowsUpdatedAt"] == batch.updated_at
     combined = f"{window(date(2024, 1, 16), date(2024, 2, 1))} AND :updated_at >= '2026-01-01T01:00:00Z'"
     assert len(rows(client, _where=combined, _limit=50_000)) == 2 * ROWS_PER_DAY
+
+
+# ---------------------------------------------------------------------------------------------- revisions, deletions
+
+
+class Oracle:
+    """What the upstream should hold, kept independently of the mirror's version map: each live seq's
+    current `:updated_at` (epoch s) and revision count. Small histories only (one dict entry per row)."""
+
+    def __init__(self, start: date, through: date) -> None:
+        self.start = start
+        self.stamp = dict.fromkeys(range((through - start).days * ROWS_PER_DAY), DEFAULT_BASE_EPOCH)
+        self.revisions = dict.fromkeys(self.stamp, 0)
+
+    def seqs(self, lo: date, hi: date) -> range:
+        return range((lo - self.start).days * ROWS_PER_DAY, (hi - self.start).days * ROWS_PER_DAY)
+
+    def publish(self, start_seq: int, end_seq: int, stamp: int) -> None:
+        for seq in range(start_seq, end_seq):
+            self.stamp[seq], self.revisions[seq] = stamp, 0
+
+    def revise(self, lo: date, hi: date, stamp: int) -> None:
+        for seq in self.seqs(lo, hi):
+            self.stamp[seq] = stamp
+            self.revisions[seq] += 1
+
+    def delete(self, lo: date, hi: date) -> None:
+        for seq in self.seqs(lo, hi):
+            self.stamp.pop(seq, None)
+
+    def ids(self, *, after: int | None = None, through: int | None = None, days: tuple[date, date] | None = None):
+        """`:id`s of live rows with after < stamp <= through and date in [days), in `:id` order."""
+        window = self.seqs(*days) if days else None
+        return [
+            row_id(seq)
+            for seq, stamp in sorted(self.stamp.items())
+            if (after is None or stamp > after)
+            and (through is None or stamp <= through)
+            and (window is None or seq in window)
+        ]
+
+
+def paged_ids(client: httpx.Client, where: str | None, page_size: int) -> list[str]:
+    """`:id`s of every row a client paging by `$offset` sees (the way `SocrataClient.pages` pages)."""
+    seen: list[str] = []
+    while True:
+        params: dict[str, str | int] = {"_select": ":*, *", "_order": ":id", "_limit": page_size, "_offset": len(seen)}
+        if where:
+            params["_where"] = where
+        page = rows(client, **params)
+        seen.extend(r[":id"] for r in page)
+        if len(page) < page_size:
+            return seen
+
+
+def test_revision_changes_values_and_updated_at_but_not_id(mirror: MirrorServer, client: httpx.Client) -> None:
+    window_where = window(date(2024, 1, 2), date(2024, 1, 6))
+    before = rows(client, _select=":*, *", _where=window_where, _limit=50_000)
+    watermark = client.get(VIEW).json()["rowsUpdatedAt"]
+
+    answer = client.post("/admin/revise", json={"start": "2024-01-03", "stop": "2024-01-05", "now": watermark + 60})
+    assert answer.status_code == 200, answer.text
+    first = (date(2024, 1, 3) - START).days * ROWS_PER_DAY
+    assert answer.json() == {
+        "rowsUpdatedAt": watermark + 60,
+        "revision": 1,
+        "start": "2024-01-03",
+        "stop": "2024-01-05",
+        "days": 2,
+        "rows": 2 * ROWS_PER_DAY,
+        "start_seq": first,
+        "end_seq": first + 2 * ROWS_PER_DAY,
+        "updated_at": watermark + 60,
+        "first_id": row_id(first),
+        "last_id": row_id(first + 2 * ROWS_PER_DAY - 1),
+    }
+    assert client.get(VIEW).json()["rowsUpdatedAt"] == watermark + 60
+
+    after = rows(client, _select=":*, *", _where=window_where, _limit=50_000)
+    assert [r[":id"] for r in after] == [r[":id"] for r in before]
+    revised = range(ROWS_PER_DAY, 3 * ROWS_PER_DAY)  # positions of Jan 3-4 inside the Jan 2-5 window
+    for index, (old, new) in enumerate(zip(before, after, strict=True)):
+        assert new[":created_at"] == old[":created_at"] == iso_utc(DEFAULT_BASE_EPOCH)
+        unchanged = {k: v for k, v in new.items() if k not in (":updated_at", "vehicles_e_zpass")}
+        assert unchanged == {k: v for k, v in old.items() if k not in (":updated_at", "vehicles_e_zpass")}
+        if index in revised:
+            assert new[":updated_at"] == iso_utc(watermark + 60)
+            assert new["vehicles_e_zpass"] == str(revised_ezpass(int(old["vehicles_e_zpass"]), 1))
+            assert new["vehicles_e_zpass"] != old["vehicles_e_zpass"]
+        else:
+            assert new == old
+
+    # "what changed since the watermark" is exactly the revised rows
+    changed = rows(client, _select=":*, *", _where=updated_after_where(watermark), _limit=50_000)
+    assert [r[":id"] for r in changed] == [row_id(seq) for seq in range(first, first + 2 * ROWS_PER_DAY)]
+
+    # a second revision of the same days is a third version, and moves the watermark again
+    second = mirror.dataset.revise(date(2024, 1, 3), date(2024, 1, 5), now=0)
+    assert (second.number, second.updated_at) == (2, watermark + 61)
+    third = rows(client, _select=":*, *", _where=updated_after_where(watermark + 60), _limit=50_000)
+    assert [r[":id"] for r in third] == [r[":id"] for r in changed]
+    assert [int(r["vehicles_e_zpass"]) for r in third] == [int(r["vehicles_e_zpass"]) + 1 for r in changed]
+    assert {r[":updated_at"] for r in third} == {iso_utc(watermark + 61)}
+    assert mirror.dataset.query({"$where": updated_after_where(watermark + 61)}) == []
+
+
+def test_updated_at_ranges_select_exactly_each_change(mirror: MirrorServer, client: httpx.Client) -> None:
+    """Publishes and overlapping revisions: every stamp range returns exactly the rows whose *current* version
+    falls in it, alone and combined with date conditions."""
+    oracle = Oracle(START, THROUGH)
+    stamps = [DEFAULT_BASE_EPOCH]
+    batch = mirror.dataset.publish(days=2, now=DEFAULT_BASE_EPOCH + 100)  # Jan 15-16
+    oracle.publish(batch.start_seq, batch.end_seq, batch.updated_at)
+    stamps.append(batch.updated_at)
+    # Jan 3-5; then Jan 5-15, overtaking Jan 5 and crossing into the second publish; then Jan 1 (the default clock)
+    for lo, hi, now in ((3, 6, 0), (5, 16, DEFAULT_BASE_EPOCH + 200), (1, 2, None)):
+        first, last = date(2024, 1, lo), date(2024, 1, hi)
+        revision = mirror.dataset.revise(first, last, now=now)
+        oracle.revise(first, last, revision.updated_at)
+        stamps.append(revision.updated_at)
+    batch = mirror.dataset.publish(days=1, now=0)  # Jan 17
+    oracle.publish(batch.start_seq, batch.end_seq, batch.updated_at)
+    stamps.append(batch.updated_at)
+    assert stamps[:4] == [
+        DEFAULT_BASE_EPOCH,
+        DEFAULT_BASE_EPOCH + 100,
+        DEFAULT_BASE_EPOCH + 101,
+        DEFAULT_BASE_EPOCH + 200,
+    ]
+    assert stamps == sorted(set(stamps))
+
+    # each change's own range, as the client writes it (`>= after+1s AND < through+1s`)
+    for previous, stamp in zip([None, *stamps], stamps, strict=False):
+        where = updated_between_where(previous, stamp)
+        expected = oracle.ids(after=previous, through=stamp)
+        assert expected
+        assert paged_ids(client, where, page_size=50_000) == expected
+        in_process = mirror.dataset.query({"$select": ":id", "$where": where, "$limit": "50000"})
+        assert [r[":id"] for r in in_process] == expected
+    # the first revision's rows were overtaken where the second overlapped them: only Jan 3-4 stay at its stamp
+    assert oracle.ids(after=stamps[1], through=stamps[2]) == [
+        row_id(seq) for seq in oracle.seqs(date(2024, 1, 3), date(2024, 1, 5))
+    ]
+
+    days = (date(2024, 1, 2), date(2024, 1, 17))  # base Jan 2, rev 1 Jan 3-4, rev 2 Jan 5-15, publish Jan 16
+    cases = [
+        (f":updated_at > '{iso_utc(stamps[2])}'", {"after": stamps[2]}),
+        (f":updated_at >= '{iso_utc(stamps[3])}'", {"after": stamps[2]}),  # no stamp lies between the two
+        (f":updated_at < '{iso_utc(stamps[2])}'", {"through": stamps[1]}),
+        (f":updated_at <= '{iso_utc(stamps[3])}'", {"through": stamps[3]}),
+        (
+            f":updated_at > '{iso_utc(stamps[0])}' AND :updated_at <= '{iso_utc(stamps[2])}'",
+            {"after": stamps[0], "through": stamps[2]},
+        ),
+    ]
+    for condition, bounds in cases:
+        expected = oracle.ids(days=days, **bounds)
+        assert expected  # each case selects something, so the comparison cannot pass vacuously
+        assert paged_ids(client, f"{window(*days)} AND {condition}", page_size=50_000) == expected
+
+
+def test_paging_across_disjoint_ranges_yields_every_row_once(mirror: MirrorServer, client: httpx.Client) -> None:
+    oracle = Oracle(START, THROUGH)
+    watermark = mirror.dataset.rows_updated_at
+    for lo, hi in (
+        (date(2024, 1, 2), date(2024, 1, 3)),
+        (date(2024, 1, 5), date(2024, 1, 8)),
+        (date(2024, 1, 11), date(2024, 1, 12)),
+    ):
+        oracle.revise(lo, hi, mirror.dataset.revise(lo, hi).updated_at)
+    mirror.dataset.delete_days(date(2024, 1, 6), date(2024, 1, 7))
+    oracle.delete(date(2024, 1, 6), date(2024, 1, 7))
+    batch = mirror.dataset.publish(days=1)
+    oracle.publish(batch.start_seq, batch.end_seq, batch.updated_at)
+
+    changed = oracle.ids(after=watermark)
+    assert len(changed) == 5 * ROWS_PER_DAY  # Jan 2, 5, 7, 11 and the new Jan 15, in four disjoint ranges
+    got = paged_ids(client, updated_after_where(watermark), page_size=97)  # pages straddle range boundaries
+    assert got == changed
+    assert len(set(got)) == len(got)
+    # the complement, and everything, page the same way
+    assert paged_ids(client, f":updated_at <= '{iso_utc(watermark)}'", page_size=1000) == oracle.ids(through=watermark)
+    assert paged_ids(client, None, page_size=1000) == oracle.ids()
+
+
+def test_deleted_days_vanish_and_rows_updated_at_moves(mirror: MirrorServer, client: httpx.Client) -> None:
+    watermark = client.get(VIEW).json()["rowsUpdatedAt"]
+    answer = client.post("/admin/delete", json={"start": "2024-01-04", "stop": "2024-01-06", "now": watermark + 5})
+    assert answer.status_code == 200, answer.text
+    assert answer.json() == {
+        "rowsUpdatedAt": watermark + 5,
+        "start": "2024-01-04",
+        "stop": "2024-01-06",
+        "days": 2,
+        "rows": 2 * ROWS_PER_DAY,
+        "start_seq": 3 * ROWS_PER_DAY,
+        "end_seq": 5 * ROWS_PER_DAY,
+        "updated_at": watermark + 5,
+        "live_rows": TOTAL - 2 * ROWS_PER_DAY,
+    }
+    assert client.get(VIEW).json()["rowsUpdatedAt"] == watermark + 5
+
+    everything = rows(client, _select=":*, *", _limit=50_000)
+    kept = [seq for seq in range(TOTAL) if not 3 * ROWS_PER_DAY <= seq < 5 * ROWS_PER_DAY]
+    assert [r[":id"] for r in everything] == [row_id(seq) for seq in kept]  # other rows keep their ids
+    assert {r["date"][:10] for r in everything}.isdisjoint({"2024-01-04", "2024-01-05"})
+    assert rows(client, _where=window(date(2024, 1, 4), date(2024, 1, 6))) == []
+    assert len(rows(client, _where=window(date(2024, 1, 3), date(2024, 1, 7)), _limit=50_000)) == 2 * ROWS_PER_DAY
+    # a deletion has no rows to show: a watermark query sees nothing (why loads reconcile counts too)
+    assert rows(client, _where=updated_after_where(watermark)) == []
+
+    state = client.get("/admin/state").json()
+    assert state["rows"] == TOTAL - 2 * ROWS_PER_DAY
+    assert [d["start"] for d in state["deleted"]] == ["2024-01-04"]
+
+    # deleting an overlapping range removes only what is left; a range with nothing left is refused
+    again = mirror.dataset.delete_days("2024-01-05", "2024-01-07", now=0)
+    assert (again.rows, again.updated_at) == (ROWS_PER_DAY, watermark + 6)
+    refused = client.post("/admin/delete", json={"start": "2024-01-04", "stop": "2024-01-07"})
+    assert refused.status_code == 400
+    assert "nothing to delete" in refused.json()["message"]
+    # revising a deleted day is refused and changes nothing; revising live days next to it works
+    refused = client.post("/admin/revise", json={"start": "2024-01-03", "stop": "2024-01-05"})
+    assert refused.status_code == 400
+    assert "[2024-01-04, 2024-01-05) deleted" in refused.json()["message"]
+    assert mirror.dataset.rows_updated_at == watermark + 6
+    assert mirror.dataset.revisions == ()
+    assert mirror.dataset.revise("2024-01-07", "2024-01-08", now=0).updated_at == watermark + 7
+
+    # later days still publish after the history, with fresh ids
+    batch = mirror.dataset.publish(days=1, now=0)
+    assert (batch.start_seq, batch.updated_at) == (TOTAL, watermark + 8)
+    assert rows(client, _select=":id", _where=updated_after_where(watermark + 7), _limit=50_000) == [
+        {":id": row_id(seq)} for seq in range(TOTAL, TOTAL + ROWS_PER_DAY)
+    ]
+
+
+def test_reset_drops_revisions_and_deletions(mirror: MirrorServer, client: httpx.Client) -> None:
+    original = rows(client, _select=":*, *", _limit=50_000)
+    mirror.dataset.revise(START, START + timedelta(3))
+    mirror.dataset.delete_days(START + timedelta(5), START + timedelta(7))
+    state = client.get("/admin/state").json()
+    assert [r["revision"] for r in state["revisions"]] == [1]
+    assert [(d["start"], d["stop"], d["rows"]) for d in state["deleted"]] == [("2024-01-06", "2024-01-08", 1056)]
+    assert state["rows"] == TOTAL - 2 * ROWS_PER_DAY
+
+    state = client.post("/admin/reset").json()
+    assert (state["revisions"], state["deleted"], state["rows"]) == ([], [], TOTAL)
+    assert state["rowsUpdatedAt"] == DEFAULT_BASE_EPOCH
+    assert rows(client, _select=":*, *", _limit=50_000) == original
+
+
+@pytest.mark.parametrize(
+    ("route", "body", "reason"),
+    [
+        ("/admin/revise", {"start": "2024-01-02"}, "stop"),
+        ("/admin/revise", {"start": "2024-01-02", "stop": "2024-13-01"}, "month"),
+        ("/admin/revise", {"start": "2024-1-2", "stop": "2024-01-05"}, "YYYY-MM-DD"),
+        ("/admin/revise", {"start": 20240102, "stop": "2024-01-05"}, "YYYY-MM-DD"),
+        ("/admin/revise", {"start": "2024-01-05", "stop": "2024-01-05"}, "before stop"),
+        ("/admin/revise", {"start": "2023-12-31", "stop": "2024-01-05"}, "published days"),
+        ("/admin/revise", {"start": "2024-01-10", "stop": "2024-01-16"}, "published days"),
+        ("/admin/revise", {"start": "2024-01-02", "stop": "2024-01-05", "now": "soon"}, "epoch seconds"),
+        ("/admin/revise", {"start": "2024-01-02", "stop": "2024-01-05", "days": 3}, "unknown"),
+        ("/admin/delete", {"stop": "2024-01-05"}, "start"),
+        ("/admin/delete", {"start": "2024-01-06", "stop": "2024-01-05"}, "before stop"),
+        ("/admin/delete", {"start": "2024-01-02", "stop": "2024-01-05", "now": True}, "epoch seconds"),
+    ],
+)
+def test_revise_and_delete_refuse_malformed_bodies(
+    mirror: MirrorServer, client: httpx.Client, route: str, body: dict[str, object], reason: str
+) -> None:
+    response = client.post(route, json=body)
+    assert response.status_code == 400
+    assert reason in response.json()["message"]
+    assert client.get("/admin/state").json()["rowsUpdatedAt"] == DEFAULT_BASE_EPOCH  # nothing happened
+    assert (mirror.dataset.revisions, mirror.dataset.deletions) == ((), ())
 
 
 # ---------------------------------------------------------------------------------------------- faults

@@ -15,12 +15,28 @@ Data endpoints (SODA 2.x semantics for what tollwatch uses; every value is a JSO
 
 Publishing model: rows exist for days in ``[history_start, published_through)``; the history is a list of
 publish batches (contiguous ``seq`` ranges, one ``updated_at`` each). The initial batch is stamped with a
-fixed ``base_epoch`` (not the wall clock) so results are deterministic.
+fixed ``base_epoch`` (not the wall clock) so results are deterministic. The upstream can also *revise* days
+(every row gets a new version: new ``:updated_at``, ``vehicles_e_zpass`` + 1 per revision, same ``:id`` and
+``:created_at``) and *delete* days (their rows vanish from every query; other rows keep their ``:id``). Every
+data change (publish, revision, deletion) is stamped ``max(rowsUpdatedAt + 1, now)`` and moves
+``rowsUpdatedAt`` there, so stamps are strictly increasing. Which rows exist and at which version is a version
+map (sorted, disjoint seq ranges, see ``RowVersions``): an ``:updated_at`` filter selects the entries whose
+*current* stamp matches, which after revisions is several disjoint ranges, paged by ``$offset``/``$limit`` in
+``:id`` order as one list. Without revisions or deletions the map has one entry per publish, so the common case
+costs what a single contiguous range did. A deletion itself has no rows to show: ``:updated_at`` filters never
+reveal it (as on Socrata), only counts and ``rowsUpdatedAt`` do.
 
 Admin endpoints (JSON in, JSON out; not logged in the request log, never subject to faults):
 
 * ``POST /admin/publish`` ``{"days": 7, "now": <epoch s, optional>}``
   -> ``{"rowsUpdatedAt", "start_seq", "end_seq", "first_id", "last_id", "published_through"}``
+* ``POST /admin/revise`` ``{"start": "YYYY-MM-DD", "stop": "YYYY-MM-DD", "now": <epoch s, optional>}`` (stop
+  exclusive; every day must be published and not deleted) -> ``{"rowsUpdatedAt", "revision", "start", "stop",
+  "days", "rows", "start_seq", "end_seq", "updated_at", "first_id", "last_id"}``
+* ``POST /admin/delete`` ``{"start", "stop", "now"?}`` (same shapes; days already deleted may be inside the range,
+  but not only those) -> ``{"rowsUpdatedAt", "start", "stop", "days", "rows" (vanished now), "start_seq",
+  "end_seq", "updated_at", "live_rows"}``. Malformed bodies (missing or non-``YYYY-MM-DD`` dates, unknown keys,
+  ``start >= stop``, days outside the published history, a non-numeric ``now``) are a 400 naming the problem.
 * ``POST /admin/faults`` with any of these keys (unknown keys are a 400, to catch typos):
   ``"fail_next": [{"status": 429, "retry_after": 2, "body": null, "truncate": false}, ...]`` (queued),
   ``"fail_always": {"status": 503, ...}`` or ``null`` to clear, ``"clear": true`` (drop queue and always),
@@ -30,10 +46,13 @@ Admin endpoints (JSON in, JSON out; not logged in the request log, never subject
   next ``requests`` data requests have been answered, publish that many days and/or apply that faults
   document: what changes the upstream *between* the pages of one paging sequence). A document is checked
   whole before any of it applies. Answers the state (as ``GET /admin/state``).
-* ``POST /admin/reset`` -> back to the construction state (batches, faults, overrides, request log).
+* ``POST /admin/reset`` -> back to the construction state (batches, revisions, deletions, faults, overrides,
+  request log).
 * ``GET /admin/requests`` -> ``{"requests": [{"method", "path", "params", "app_token", "status"}, ...]}``;
   ``POST /admin/requests/clear`` empties it.
-* ``GET /admin/state`` -> history range, batches, pending faults, drift and override summary.
+* ``GET /admin/state`` -> history range, ``rows`` (live), batches, ``revisions`` (``[{"revision", "start", "stop",
+  "days", "rows", "start_seq", "end_seq", "updated_at"}]``), ``deleted`` (``[{"start", "stop", "days", "rows",
+  "start_seq", "end_seq", "updated_at"}]``), pending faults, drift and override summary.
 
 Run it: ``python -m tollwatch.dev.mirror --port 0 --start 2024-01-01 --through 2025-01-01`` prints
 ``MIRROR_URL=http://127.0.0.1:<port>`` once listening and stops cleanly on SIGTERM/SIGINT. In-process:
@@ -138,6 +157,57 @@ class RowVersions:
     created_at: int
     updated_at: int
     revisions: int = 0
+
+
+@dataclass(frozen=True)
+class Revision:
+    """An upstream correction: every row dated in [start, stop) got a new version stamped `updated_at`
+    (same `:id` and `:created_at`, new values); `number` counts revisions since construction or reset."""
+
+    number: int
+    start: date
+    stop: date
+    start_seq: int
+    end_seq: int
+    updated_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON shape for the admin API."""
+        return {
+            "revision": self.number,
+            "start": self.start.isoformat(),
+            "stop": self.stop.isoformat(),
+            "days": (self.stop - self.start).days,
+            "rows": self.end_seq - self.start_seq,
+            "start_seq": self.start_seq,
+            "end_seq": self.end_seq,
+            "updated_at": self.updated_at,
+        }
+
+
+@dataclass(frozen=True)
+class Deletion:
+    """Rows dated in [start, stop) removed upstream at `updated_at`; `rows` is how many vanished then (days
+    deleted earlier are not counted twice). Their seqs stay unused, so other rows keep their `:id`."""
+
+    start: date
+    stop: date
+    start_seq: int
+    end_seq: int
+    rows: int
+    updated_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON shape for the admin API."""
+        return {
+            "start": self.start.isoformat(),
+            "stop": self.stop.isoformat(),
+            "days": (self.stop - self.start).days,
+            "rows": self.rows,
+            "start_seq": self.start_seq,
+            "end_seq": self.end_seq,
+            "updated_at": self.updated_at,
+        }
 
 
 @dataclass(frozen=True)
@@ -430,6 +500,23 @@ def _replace_versions(
     return tuple(out)
 
 
+def _gaps(versions: tuple[RowVersions, ...], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) no version-map entry covers (deleted rows, or rows never published)."""
+    gaps: list[tuple[int, int]] = []
+    cursor = lo
+    for entry in versions:
+        if entry.end_seq <= cursor:
+            continue
+        if entry.start_seq >= hi:
+            break
+        if entry.start_seq > cursor:
+            gaps.append((cursor, entry.start_seq))
+        cursor = entry.end_seq
+    if cursor < hi:
+        gaps.append((cursor, hi))
+    return gaps
+
+
 def _matching_pieces(snap: _Snapshot, conditions: tuple[Condition, ...], history_start: date) -> list[Piece]:
     """The rows a `$where` selects, as sorted disjoint seq ranges (in `:id` order).
 
@@ -523,6 +610,8 @@ class MirrorDataset:
         self._set_versions(first)
         #: Socrata moves `rowsUpdatedAt` on every data change (publish, revision, deletion): one clock for all.
         self._rows_updated_at = self.base_epoch
+        self._revisions: tuple[Revision, ...] = ()
+        self._deletions: tuple[Deletion, ...] = ()
         self._schema_changed_at = self.base_epoch
         self._overrides: dict[int, dict[str, str | None]] = {}
         self._extras: dict[str, ExtraValue] = {}
@@ -557,6 +646,16 @@ class MirrorDataset:
     def batches(self) -> tuple[PublishBatch, ...]:
         """Publish history, oldest first."""
         return self._batches
+
+    @property
+    def revisions(self) -> tuple[Revision, ...]:
+        """Revisions since construction or reset, oldest first."""
+        return self._revisions
+
+    @property
+    def deletions(self) -> tuple[Deletion, ...]:
+        """Deletions since construction or reset, oldest first."""
+        return self._deletions
 
     @property
     def rows_updated_at(self) -> int:
@@ -627,6 +726,8 @@ class MirrorDataset:
                 "rows": self.total_rows,
                 "rowsUpdatedAt": self.rows_updated_at,
                 "batches": [b.to_json() for b in self._batches],
+                "revisions": [r.to_json() for r in self._revisions],
+                "deleted": [d.to_json() for d in self._deletions],
                 "pending_failures": [f.to_json() for f in self._fail_queue],
                 "fail_always": None if self._fail_always is None else self._fail_always.to_json(),
                 "cash_until": None if self.cash_until is None else self.cash_until.isoformat(),
@@ -652,6 +753,70 @@ class MirrorDataset:
             self._set_versions((*self._versions, RowVersions(batch.start_seq, batch.end_seq, stamp, stamp)))
             self._days += days
         return batch
+
+    def revise(self, start: date | str, stop: date | str, now: float | None = None) -> Revision:
+        """Give every row dated in [start, stop) a new version, like an upstream correction of existing rows.
+
+        The rows keep `:id` and `:created_at`; `:updated_at` becomes a new stamp taken like a publish's
+        (`max(rowsUpdatedAt + 1, now)`, so `rowsUpdatedAt` moves to it) and `vehicles_e_zpass` grows by one per
+        revision of that row (`synthetic.revised_ezpass`). Every day in the range must exist: revising a day
+        that is not published or was deleted is a ValueError (a 400 over HTTP), because a test that thinks it
+        corrected rows which are not there would assert on nothing.
+        """
+        first, last = as_date(start), as_date(stop)
+        wall = time.time() if now is None else now
+        with self._lock:
+            lo, hi = self._seq_span(first, last)
+            gone = _gaps(self._versions, lo, hi)
+            if gone:
+                raise ValueError(
+                    f"cannot revise [{first}, {last}): {self._describe_days(gone)} deleted; "
+                    "the mirror revises only rows that exist"
+                )
+            stamp = self._next_stamp(wall)
+            revision = Revision(len(self._revisions) + 1, first, last, lo, hi, stamp)
+            self._set_versions(
+                _replace_versions(
+                    self._versions, lo, hi, lambda e: replace(e, updated_at=stamp, revisions=e.revisions + 1)
+                )
+            )
+            self._revisions = (*self._revisions, revision)
+        return revision
+
+    def delete_days(self, start: date | str, stop: date | str, now: float | None = None) -> Deletion:
+        """Remove every row dated in [start, stop) from all data and count queries, like an upstream deletion.
+
+        Other rows keep their seq and `:id`; `rowsUpdatedAt` moves like a publish (Socrata moves it on any data
+        change); later publishes still append after `published_through`. Days already deleted may be part of
+        the range, but a range with nothing left to delete is a ValueError (a 400 over HTTP).
+        """
+        first, last = as_date(start), as_date(stop)
+        wall = time.time() if now is None else now
+        with self._lock:
+            lo, hi = self._seq_span(first, last)
+            vanishing = (hi - lo) - sum(b - a for a, b in _gaps(self._versions, lo, hi))
+            if vanishing == 0:
+                raise ValueError(f"nothing to delete: every day in [{first}, {last}) is already deleted")
+            stamp = self._next_stamp(wall)
+            deletion = Deletion(first, last, lo, hi, vanishing, stamp)
+            self._set_versions(_replace_versions(self._versions, lo, hi, lambda e: None))
+            self._deletions = (*self._deletions, deletion)
+        return deletion
+
+    def _seq_span(self, first: date, last: date) -> tuple[int, int]:
+        """Seqs of the days [first, last), which must be a non-empty part of the published days."""
+        if first >= last:
+            raise ValueError(f"start must be before stop, got [{first}, {last})")
+        if first < self.history_start or last > self.published_through:
+            raise ValueError(
+                f"[{first}, {last}) is not within the published days [{self.history_start}, {self.published_through})"
+            )
+        return (first - self.history_start).days * ROWS_PER_DAY, (last - self.history_start).days * ROWS_PER_DAY
+
+    def _describe_days(self, spans: Iterable[tuple[int, int]]) -> str:
+        """Seq spans (whole days) as `[start, stop)` date ranges, for error messages."""
+        day = self._table.day
+        return ", ".join(f"[{day(lo // ROWS_PER_DAY)}, {day(-(-hi // ROWS_PER_DAY))})" for lo, hi in spans)
 
     def _next_stamp(self, wall: float) -> int:
         """Stamp a data change `max(rowsUpdatedAt + 1, wall)` and move `rowsUpdatedAt` to it (caller holds the
@@ -761,7 +926,8 @@ class MirrorDataset:
             self._requests.clear()
 
     def reset(self) -> None:
-        """Back to the construction state: initial batch only, no faults, overrides, extras or log."""
+        """Back to the construction state: initial batch only, no revisions, deletions, faults, overrides,
+        extras or log."""
         with self._lock:
             self._initialise()
 
@@ -874,6 +1040,28 @@ def apply_admin_faults(dataset: MirrorDataset, payload: Mapping[str, Any]) -> No
     for item in payload.get("after_requests", []):
         change = ScheduledChange.parse(item)
         dataset.after_requests(change.requests, publish_days=change.publish_days, faults=change.faults)
+
+
+_DAY = re.compile(r"\d{4}-\d{2}-\d{2}")
+
+
+def parse_day_range(payload: Mapping[str, Any], action: str) -> tuple[date, date, float | None]:
+    """`{"start": "YYYY-MM-DD", "stop": "YYYY-MM-DD", "now": <epoch s, optional>}` of `/admin/revise` and
+    `/admin/delete`; anything else is a ValueError (-> 400) naming the problem, so a typo never acts on
+    the wrong days."""
+    unknown = set(payload) - {"start", "stop", "now"}
+    if unknown:
+        raise ValueError(f"unknown {action} keys {sorted(unknown)}; allowed: ['now', 'start', 'stop']")
+    days: list[date] = []
+    for key in ("start", "stop"):
+        value = payload.get(key)
+        if not isinstance(value, str) or _DAY.fullmatch(value) is None:
+            raise ValueError(f"{action} needs {key} as a 'YYYY-MM-DD' string, got {value!r}")
+        days.append(date.fromisoformat(value))  # also refuses 2024-02-30
+    now = payload.get("now")
+    if now is not None and (isinstance(now, bool) or not isinstance(now, int | float)):
+        raise ValueError(f"now must be epoch seconds (a number), got {now!r}")
+    return days[0], days[1], now
 
 
 def _as_list(value: object, key: str) -> list[Any]:
@@ -1011,6 +1199,17 @@ class _Handler(BaseHTTPRequestHandler):
                     "last_id": row_id(batch.end_seq - 1),
                     "published_through": dataset.published_through.isoformat(),
                 }
+            elif (method, path) == ("POST", "/admin/revise"):
+                revision = dataset.revise(*parse_day_range(payload, "revise"))
+                answer = {
+                    "rowsUpdatedAt": revision.updated_at,
+                    **revision.to_json(),
+                    "first_id": row_id(revision.start_seq),
+                    "last_id": row_id(revision.end_seq - 1),
+                }
+            elif (method, path) == ("POST", "/admin/delete"):
+                deletion = dataset.delete_days(*parse_day_range(payload, "delete"))
+                answer = {"rowsUpdatedAt": deletion.updated_at, **deletion.to_json(), "live_rows": dataset.total_rows}
             elif (method, path) == ("POST", "/admin/faults"):
                 apply_admin_faults(dataset, payload)
                 answer = dataset.state()
