@@ -199,6 +199,38 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     assert hook.payload == DEFAULT_WEBHOOK_PAYLOAD
 
 
+def test_environment_references_are_limited_to_tollwatch_settings_and_text_takes_them_verbatim(tmp_path):
+    directory = tmp_path / "automations"
+    notify = {"type": "send-notification", "block": "custom-webhook/tollwatch-alerts", "body": "x"}
+    trigger = {"type": "event", "posture": "Reactive", "expect": ["tollwatch.ingestion.failed"]}
+    write(
+        directory,
+        "texts.yaml",
+        {
+            "name": "texts",
+            "trigger": {**trigger, "threshold": "${TOLLWATCH_TEST_THRESHOLD:-3}"},
+            "actions": [{**notify, "body": "for ${TOLLWATCH_TEST_TEAM:-nobody} (${TOLLWATCH_TEST_THRESHOLD:-3})"}],
+        },
+    )
+
+    project = load_project(directory, environ={"TOLLWATCH_TEST_TEAM": "ops", "HOME": "/root"})
+    [texts] = project.automations
+    assert texts.spec.trigger["threshold"] == 3  # a whole value: an int, from the default
+    assert texts.spec.actions[0].model_extra == {"body": "for ops (3)"}  # inside text: the text
+
+    secret = {"name": "secret", "trigger": trigger, "actions": [{**notify, "body": "${HOME}"}]}
+    unset = {"name": "unset", "trigger": {**trigger, "threshold": "${TOLLWATCH_TEST_N}"}, "actions": [notify]}
+    write(directory, "secret.yaml", secret)
+    write(directory, "unset.yaml", unset)
+    with pytest.raises(AutomationsConfigError) as caught:
+        load_project(directory, environ={"HOME": "/root"})
+    assert str(caught.value).splitlines() == [
+        "automations/secret.yaml: actions[0].body: ${HOME}: only TOLLWATCH_* environment variables can be named",
+        "automations/unset.yaml: trigger.threshold: TOLLWATCH_TEST_N is not set and has no default (write "
+        "${TOLLWATCH_TEST_N:-<default>})",
+    ]
+
+
 BAD_FILES = [
     (
         "subscriptions/missing-job.yaml",

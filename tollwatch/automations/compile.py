@@ -361,9 +361,9 @@ def _validate_parts(body: Mapping[str, Any]) -> list[tuple[Loc, str]]:
     return problems
 
 
-def check_trigger(source: str, raw: Any) -> list[str]:
+def trigger_problems(raw: Any) -> list[tuple[Loc, str]]:
     """Problems Prefect's models find in a trigger alone (for a file whose other parts are wrong)."""
-    return [problem_line(source, loc, message) for loc, message in _trigger_problems(raw)]
+    return _trigger_problems(raw)
 
 
 def _build(body: Mapping[str, Any]) -> AutomationCore:
@@ -379,8 +379,9 @@ def _build(body: Mapping[str, Any]) -> AutomationCore:
     return AutomationCore.model_validate(full)
 
 
-def check_declaration(declaration: Declaration) -> list[str]:
-    """Problems Prefect's models find in one declaration (before its references are resolved)."""
+def declaration_problems(declaration: Declaration) -> list[tuple[Loc, str]]:
+    """Problems Prefect's models find in one declaration (before its references are resolved), as
+    `(field in the file, message)`."""
     body = declaration.resolved(lambda _reference: _UNRESOLVED)
     problems = _validate_parts(body)
     if not problems:
@@ -388,7 +389,12 @@ def check_declaration(declaration: Declaration) -> list[str]:
             _build(body)
         except ValidationError as exc:
             problems = _errors(exc, ())
-    return [problem_line(declaration.source, declaration.file_loc(loc), message) for loc, message in problems]
+    return [(declaration.file_loc(loc), message) for loc, message in problems]
+
+
+def check_declaration(declaration: Declaration) -> list[str]:
+    """`declaration_problems` as problem lines (`<file>: <field>: <message>`)."""
+    return [problem_line(declaration.source, loc, message) for loc, message in declaration_problems(declaration)]
 
 
 def compile_project(project: Project, resolver: Resolver) -> list[AutomationCore]:
