@@ -8,7 +8,7 @@ import shutil
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,8 @@ from pydantic import SecretStr
 from typer.testing import CliRunner, Result
 
 from tests.support import payloads
-from tests.support.prefect_runs import wait_for_runs
+from tests.support.prefect_events import wait_for_events
+from tests.support.prefect_runs import read_runs, wait_for_runs
 from tollwatch.automations.apply import normalised, plan
 from tollwatch.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
 from tollwatch.automations.load import load_project
@@ -33,7 +34,13 @@ from tollwatch.cli_automations import automations_app
 from tollwatch.dev.blocks import ensure_local_blocks
 from tollwatch.dev.inbox import Inbox, Received
 from tollwatch.emit import PrefectEventsEmitter
-from tollwatch.events import IngestionCompleted, IngestionFailed, TollwatchEvent
+from tollwatch.events import (
+    REFRESH_ID_LABEL,
+    DatasetRefreshed,
+    IngestionCompleted,
+    IngestionFailed,
+    TollwatchEvent,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -44,6 +51,8 @@ SHIPPED_NAMES = [
     "tollwatch-freshness-sla",
     "tollwatch-ingest-failed",
     "tollwatch-job-failed",
+    "tollwatch-repair-backfill",
+    "tollwatch-repair-refresh",
     "tollwatch/sub/city-dashboard/refresh-tiles",
     "tollwatch/sub/traffic-analytics/daily-totals",
 ]
@@ -71,12 +80,14 @@ def api(stack) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(api, inbox) -> dict[str, uuid.UUID]:
-    """What the shipped files name: the dev blocks (posting to the inbox) and a `run-job/run-job` deployment
-    (registered without a worker: runs it creates stay scheduled, which is all these tests look at)."""
+    """What the shipped files name: the dev blocks (posting to the inbox) and the `run-job/run-job` and
+    `ingest/ingest` deployments (registered without a worker and without triggers: runs the automations create
+    stay scheduled, which is all these tests look at)."""
     with get_client(sync_client=True) as client:
         ids = ensure_local_blocks(inbox.url, client)
-        flow_id = client.create_flow_from_name("run-job")
-        ids["run-job/run-job"] = client.create_deployment(flow_id=flow_id, name="run-job")
+        for name in ("run-job", "ingest"):
+            flow_id = client.create_flow_from_name(name)
+            ids[f"{name}/{name}"] = client.create_deployment(flow_id=flow_id, name=name)
     return ids
 
 
@@ -197,6 +208,102 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     assert isinstance(hook, CallWebhook)
     assert hook.block_document_id == server["webhook/city-dashboard-webhook"]
     assert hook.payload == DEFAULT_WEBHOOK_PAYLOAD
+
+
+class _Names:
+    """A resolver that knows every name (compiling without a server)."""
+
+    def block_document_id(self, type_slug: str, name: str) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"block/{type_slug}/{name}")
+
+    def deployment_id(self, name: str) -> uuid.UUID:
+        return uuid.uuid5(uuid.NAMESPACE_URL, f"deployment/{name}")
+
+
+def _repair_automations(environ: dict[str, str]) -> dict[str, AutomationCore]:
+    compiled = compile_project(load_project(SHIPPED, environ=environ), _Names())
+    return {a.name: a for a in compiled if a.name.startswith("tollwatch-repair-")}
+
+
+def _deployment_trigger_parameters() -> dict[str, dict[str, Any]]:
+    """The parameters of ingest/ingest's own triggers in prefect.yaml, by the event each one expects."""
+    [ingest] = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == "ingest"]
+    return {trigger["expect"][0]: trigger["parameters"] for trigger in ingest["triggers"]}
+
+
+@pytest.mark.parametrize(
+    ("name", "announcement", "default_s"),
+    [
+        ("tollwatch-repair-refresh", "tollwatch.dataset.refreshed", 3600),
+        ("tollwatch-repair-backfill", "tollwatch.backfill.requested", 21600),
+    ],
+)
+def test_a_repair_file_compiles_to_a_proactive_trigger_pairing_announcement_and_completion_per_load(
+    name, announcement, default_s
+):
+    repair = _repair_automations({})[name]
+
+    trigger = repair.trigger
+    assert isinstance(trigger, EventTrigger)
+    assert trigger.posture == Posture.Proactive
+    assert (trigger.after, trigger.expect) == ({announcement}, {"tollwatch.ingestion.completed"})
+    assert trigger.for_each == {REFRESH_ID_LABEL}  # the label both the announcement and the completion carry
+    assert trigger.match.root == {"prefect.resource.id": ["socrata.*", "iceberg.*"]}  # type: ignore[union-attr]
+    assert (trigger.threshold, trigger.within) == (1, timedelta(seconds=default_s))
+    run, notify = repair.actions
+    assert isinstance(run, RunDeployment)
+    assert (run.source, run.deployment_id) == ("selected", _Names().deployment_id("ingest/ingest"))
+    assert run.parameters == _deployment_trigger_parameters()[announcement]  # the same run as the first one
+    assert isinstance(notify, SendNotification)
+    assert notify.block_document_id == _Names().block_document_id("custom-webhook", "tollwatch-alerts")
+    assert "event.resource['tollwatch.refresh-id']" in notify.body  # names the load
+
+
+def test_the_repair_times_are_read_from_the_environment_when_the_files_are_loaded():
+    repairs = _repair_automations(
+        {"TOLLWATCH_REPAIR_REFRESH_AFTER_S": "12", "TOLLWATCH_REPAIR_BACKFILL_AFTER_S": " 45 "}
+    )
+
+    assert repairs["tollwatch-repair-refresh"].trigger.within == timedelta(seconds=12)  # type: ignore[union-attr]
+    assert repairs["tollwatch-repair-backfill"].trigger.within == timedelta(seconds=45)  # type: ignore[union-attr]
+    # an empty variable is unset: the file's default
+    empty = _repair_automations({"TOLLWATCH_REPAIR_REFRESH_AFTER_S": ""})
+    assert empty["tollwatch-repair-refresh"].trigger.within == timedelta(seconds=3600)  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (
+            "soon",
+            "automations/repair-refresh.yaml: trigger.within: TOLLWATCH_REPAIR_REFRESH_AFTER_S='soon' (from the "
+            "environment) is not a whole number",
+        ),
+        (
+            "-30",
+            "automations/repair-refresh.yaml: trigger.within: TOLLWATCH_REPAIR_REFRESH_AFTER_S='-30' (from the "
+            "environment) is not a whole number",
+        ),
+        (
+            "5",
+            "automations/repair-refresh.yaml: trigger: `within` for Proactive triggers must be greater than or "
+            "equal to 10 seconds (trigger.within is TOLLWATCH_REPAIR_REFRESH_AFTER_S='5' (from the environment))",
+        ),
+    ],
+    ids=["not-a-number", "negative", "below-prefects-minimum"],
+)
+def test_a_bad_repair_time_is_named_with_its_variable_and_nothing_is_applied(
+    client, tmp_path, monkeypatch, value, expected
+):
+    with pytest.raises(AutomationsConfigError) as caught:
+        load_project(SHIPPED, environ={"TOLLWATCH_REPAIR_REFRESH_AFTER_S": value})
+    assert str(caught.value) == expected
+
+    monkeypatch.setenv("TOLLWATCH_REPAIR_REFRESH_AFTER_S", value)
+    result = cli_apply(shipped_copy(tmp_path))
+    assert result.exit_code == 1
+    assert result.stderr == f"error: {expected}\n"
+    assert managed(client) == {}
 
 
 def test_environment_references_are_limited_to_tollwatch_settings_and_text_takes_them_verbatim(tmp_path):
@@ -355,13 +462,13 @@ def test_apply_is_idempotent_updates_with_a_diff_and_dry_run_changes_nothing(cli
     assert first.exit_code == 0, first.output
     assert first.stdout.splitlines() == [
         *(f"+ create {name}" for name in SHIPPED_NAMES),
-        "5 created, 0 updated, 0 unchanged, 0 deleted",
+        "7 created, 0 updated, 0 unchanged, 0 deleted",
     ]
     created = managed(client)
     assert sorted(created) == SHIPPED_NAMES
 
     second = cli_apply(directory)
-    assert second.stdout == "no changes: 5 automations up to date\n"
+    assert second.stdout == "no changes: 7 automations up to date\n"
     after_second = managed(client)
     assert {n: a.id for n, a in after_second.items()} == {n: a.id for n, a in created.items()}
     assert {n: normalised(a) for n, a in after_second.items()} == {n: normalised(a) for n, a in created.items()}
@@ -373,14 +480,14 @@ def test_apply_is_idempotent_updates_with_a_diff_and_dry_run_changes_nothing(cli
     assert "~ update tollwatch/sub/city-dashboard/refresh-tiles" in lines
     assert [line for line in lines if "enabled:" in line] == ["    -enabled: true", "    +enabled: false"]
     assert "= unchanged tollwatch-ingest-failed" in lines
-    assert lines[-1] == "dry run, nothing changed; would be: 0 created, 1 updated, 4 unchanged, 0 deleted"
+    assert lines[-1] == "dry run, nothing changed; would be: 0 created, 1 updated, 6 unchanged, 0 deleted"
     assert managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"].enabled is True
 
     real = cli_apply(directory)
-    assert real.stdout.splitlines()[-1] == "0 created, 1 updated, 4 unchanged, 0 deleted"
+    assert real.stdout.splitlines()[-1] == "0 created, 1 updated, 6 unchanged, 0 deleted"
     updated = managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"]
     assert (updated.id, updated.enabled) == (created[updated.name].id, False)
-    assert cli_apply(directory).stdout == "no changes: 5 automations up to date\n"
+    assert cli_apply(directory).stdout == "no changes: 7 automations up to date\n"
 
 
 def test_prune_deletes_only_managed_automations_no_file_declares(client, tmp_path):
@@ -399,13 +506,13 @@ def test_prune_deletes_only_managed_automations_no_file_declares(client, tmp_pat
     kept = cli_apply(directory)
     assert kept.stdout.splitlines() == [
         "? not declared tollwatch-freshness-sla (tagged tollwatch:managed; --prune deletes it)",
-        "no changes: 4 automations up to date",
+        "no changes: 6 automations up to date",
     ]
     assert "tollwatch-freshness-sla" in managed(client)
 
     pruned = cli_apply(directory, "--prune")
     assert "- delete tollwatch-freshness-sla" in pruned.stdout.splitlines()
-    assert pruned.stdout.splitlines()[-1] == "0 created, 0 updated, 4 unchanged, 1 deleted"
+    assert pruned.stdout.splitlines()[-1] == "0 created, 0 updated, 6 unchanged, 1 deleted"
     names = {a.name: a.id for a in client.read_automations()}
     assert "tollwatch-freshness-sla" not in names
     assert names["made-by-hand"] == hand_made
@@ -424,7 +531,7 @@ def test_a_name_held_twice_on_the_server_updates_the_oldest_and_reports_the_rest
     assert f"! duplicate tollwatch-ingest-failed: kept in sync the oldest ({original.id}); left alone {copy}" in (
         result.stdout
     )
-    assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 4 unchanged, 0 deleted"
+    assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 6 unchanged, 0 deleted"
     assert client.read_automation(original.id).description.startswith("Page")  # type: ignore[union-attr]
     assert client.read_automation(copy).description.startswith("Tell")  # type: ignore[union-attr]
 
@@ -591,3 +698,66 @@ def test_run_databricks_job_subscription_starts_run_job_with_the_job_id(api, cli
     assert run["parameters"]["databricks_job_id"] == 987
     assert run["parameters"]["job"] == "987"
     assert run["parameters"]["parameters"] == {"rows": payload.rows_written}
+
+
+def _action_failed_on(api: str, event_id: uuid.UUID, automation: str) -> list[dict[str, Any]]:
+    def about(event: dict[str, Any]) -> bool:
+        related = {r["prefect.resource.id"] for r in event["related"]}
+        return f"prefect.event.{event_id}" in related and event["resource"].get("prefect.resource.name") == automation
+
+    return wait_for_events(api, "prefect.automation.action.failed", about, timeout_s=30)
+
+
+@pytest.mark.timeout(180)
+def test_repair_refresh_reruns_only_the_refresh_whose_completion_never_came(
+    api, client, server, inbox, tmp_path, monkeypatch
+):
+    """The shipped repair automation on the server's own services, with Prefect's minimum time (10 s).
+
+    Three refreshes are announced at once: one completes in time (nothing happens), one never completes (a run
+    of ingest/ingest with the announcement's parameters, JSON types kept, and a notification naming it), and one
+    whose completion arrives after the time (dated 11 s ahead, so deterministically before Prefect's periodic
+    evaluation): Prefect fires the trigger on the completion itself, the run's parameters cannot be rendered from
+    a completion's payload, so no run is created (the action fails) and the notification says it completed late.
+    """
+    monkeypatch.setenv("TOLLWATCH_REPAIR_REFRESH_AFTER_S", "10")
+    directory = tmp_path / "automations"
+    directory.mkdir()
+    shutil.copy(SHIPPED / "repair-refresh.yaml", directory)
+    assert cli_apply(directory).exit_code == 0
+    domain = f"repair-{uuid.uuid4().hex[:8]}.example"  # refresh ids of this test only
+    now = datetime.now(UTC)
+
+    def refresh(rows_updated_at: int) -> DatasetRefreshed:
+        return DatasetRefreshed(
+            domain=domain, dataset_id="qzve-kjga", rows_updated_at=rows_updated_at, previous_rows_updated_at=100
+        )
+
+    in_time, missing, late = refresh(201), refresh(202), refresh(203)
+    late_completion = TollwatchEvent.of(completed(late.refresh_id), occurred=now + timedelta(seconds=11))
+    emit(api, *(TollwatchEvent.of(r) for r in (in_time, missing, late)))
+    emit(api, TollwatchEvent.of(completed(in_time.refresh_id)), late_completion)
+
+    def ours(run: dict[str, Any]) -> bool:
+        return run["parameters"].get("rows_updated_at") in (201, 202, 203)
+
+    assert wait_for_runs(api, ours, deployment_id=server["ingest/ingest"], timeout_s=60), "no repair run in 60 s"
+    [alert, *_] = inbox.wait_for("/alerts", match=_alert(missing.refresh_id), timeout_s=30)
+    assert (
+        alert.json_body["subject"] == f"tollwatch: refresh {missing.refresh_id} did not complete; ingest started again"
+    )
+    assert "(rowsUpdatedAt 202, previous 100," in alert.json_body["body"]
+    assert "within 0:00:10" in alert.json_body["body"]
+    [late_alert, *_] = inbox.wait_for("/alerts", match=_alert(late.refresh_id), timeout_s=30)
+    assert late_alert.json_body["subject"] == f"tollwatch: refresh {late.refresh_id} completed late"
+    assert _action_failed_on(api, late_completion.id, "tollwatch-repair-refresh")
+    time.sleep(GRACE_S)
+
+    # On SQLite a firing can be acted on twice (the bucket's delete after acting hits "database is locked" and the
+    # event is evaluated again): every run and alert is then the same one again, never another refresh's.
+    runs = [r["parameters"] for r in read_runs(api, deployment_id=server["ingest/ingest"]) if ours(r)]
+    assert runs
+    assert all(r == {"rows_updated_at": 202, "previous_rows_updated_at": 100} for r in runs), runs
+    assert inbox.received("/alerts", match=_alert(in_time.refresh_id)) == []
+    alerts = {r.refresh_id: len(inbox.received("/alerts", match=_alert(r.refresh_id))) for r in (missing, late)}
+    print(f"repair runs: {len(runs)}; alerts: {alerts[missing.refresh_id]} (missing), {alerts[late.refresh_id]} (late)")
