@@ -24,6 +24,7 @@ from prefect.states import State
 from flows.common import emit_quietly, emitter, run_resources
 from flows.report import ingest_report
 from tollwatch import clients
+from tollwatch.audit import Reconciliation, reconcile
 from tollwatch.events import (
     BackfillRequested,
     DatasetRefreshed,
@@ -149,6 +150,24 @@ def announce(event: TollwatchEvent, request: IngestRequest) -> None:
         get_run_logger().warning("announced, but could not record it (a re-run will announce again): %s", exc)
 
 
+@task(name="reconcile-touched-days", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def reconcile_touched(window: Window) -> Reconciliation | None:
+    """After the commit, the upstream's count(*) per day against the table's for the days this load touched.
+
+    Information for the completion event and the artifact, not a gate (the gate is the count check before the
+    commit): a publish since the fetch shows here as a difference the next refresh closes. `tollwatch audit`
+    reconciles any range on demand. A reconciliation that cannot be made is logged, never fails a committed load.
+    """
+    settings = load_settings()
+    try:
+        return reconcile(
+            clients.socrata_client(settings), clients.table_store(settings), settings.upstream_dataset_id, window
+        )
+    except Exception as exc:
+        get_run_logger().warning("could not reconcile %s after the commit: %s", window, exc)
+        return None
+
+
 def emit_failure(flow: object, run: FlowRun, state: State) -> None:
     """on_failure hook: tell subscribers this load failed, and why (the table is unchanged by it)."""
     logger = get_run_logger()
@@ -221,12 +240,22 @@ def ingest(
         result = previous
         rows_fetched, landing_uri = 0, ""
     loaded = time.perf_counter()
+    touched = request.window or result.touched or _touched(result)
+    counts = reconcile_touched(touched) if touched is not None and settings.engine == "local" else None
+    if counts is not None and not counts.matches:
+        logger.warning(
+            "after the commit the table holds %d rows of %s, the upstream %d (%d days differ; `tollwatch audit`)",
+            counts.table_rows,
+            touched,
+            counts.upstream_rows,
+            len(counts.differing_days),
+        )
 
     completed = IngestionCompleted(
         table=settings.table,
         catalog=settings.catalog_name,
         mode=request.mode,
-        window=request.window or result.touched or _touched(result),
+        window=touched,
         refresh_id=request.refresh_id,
         rows_fetched=rows_fetched,
         rows_written=result.rows_written,
@@ -238,9 +267,11 @@ def ingest(
         durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
         run_page_url=run_page_url,
         committed_through=result.committed_through,
+        upstream_rows=counts.upstream_rows if counts else None,
+        table_rows=counts.table_rows if counts else None,
     )
     create_markdown_artifact(
-        key="ingest-report", markdown=ingest_report(completed, result), description="rows per day and plaza"
+        key="ingest-report", markdown=ingest_report(completed, result, counts), description="rows per day and plaza"
     )
     announce(TollwatchEvent.of(completed, related=related(settings)), request)
     logger.info(

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import defaultdict
 from datetime import date
 
+from tollwatch.audit import Reconciliation
 from tollwatch.events import IngestionCompleted
 from tollwatch.ingest import LoadResult
 
@@ -12,8 +13,12 @@ from tollwatch.ingest import LoadResult
 MAX_DAY_ROWS = 62
 
 
-def ingest_report(completed: IngestionCompleted, result: LoadResult) -> str:
-    """Summary, rejects by reason, and rows per day (or month) and plaza."""
+#: At most this many differing days are listed in the report (the rest are counted).
+MAX_DIFFERING_DAYS = 31
+
+
+def ingest_report(completed: IngestionCompleted, result: LoadResult, counts: Reconciliation | None = None) -> str:
+    """Summary, the reconciliation with the upstream, rejects by reason, and rows per day (or month) and plaza."""
     lines = [
         f"# Ingest {completed.mode} {completed.window or ''}",
         "",
@@ -24,6 +29,9 @@ def ingest_report(completed: IngestionCompleted, result: LoadResult) -> str:
         "",
         f"Landing: `{completed.landing_uri}`",
     ]
+    if completed.committed_through is not None:
+        lines += ["", f"Committed through upstream rowsUpdatedAt `{completed.committed_through}`."]
+    lines += ["", *_reconciliation(counts)]
     if completed.run_page_url:
         lines += ["", f"Merged on Databricks: [{completed.run_page_url}]({completed.run_page_url})"]
     if result.reject_reasons:
@@ -31,6 +39,24 @@ def ingest_report(completed: IngestionCompleted, result: LoadResult) -> str:
         lines += [f"| {reason} | {n} |" for reason, n in result.reject_reasons.most_common()]
     lines += ["", *_pivot(result)]
     return "\n".join(lines)
+
+
+def _reconciliation(counts: Reconciliation | None) -> list[str]:
+    if counts is None:
+        return ["Upstream reconciliation: not available for this run."]
+    if counts.matches:
+        return [f"Upstream reconciliation of {counts.window}: **{counts.table_rows} rows = the upstream's count**."]
+    out = [
+        f"## Upstream reconciliation of {counts.window}: {counts.table_rows} rows in the table, "
+        f"{counts.upstream_rows} upstream",
+        "",
+        "| day | upstream | table |",
+        "|---|---|---|",
+    ]
+    out += [f"| {d.day} | {d.upstream} | {d.table} |" for d in counts.differing_days[:MAX_DIFFERING_DAYS]]
+    if len(counts.differing_days) > MAX_DIFFERING_DAYS:
+        out.append(f"| … {len(counts.differing_days) - MAX_DIFFERING_DAYS} more days | | |")
+    return [*out, "", "`tollwatch audit --start … --stop … --repair` requests a window load of each differing day."]
 
 
 def _pivot(result: LoadResult) -> list[str]:

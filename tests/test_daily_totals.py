@@ -62,7 +62,10 @@ def load(settings: Settings, window: Window, rows: Raw, refresh_id: str) -> int:
     """Replace `window` in bronze with `rows`, as the ingest flow does; returns the bronze snapshot id."""
     batch = convert(rows, base_schema()).good
     properties = {REFRESH_ID: refresh_id, WINDOW: f"{window.start}/{window.stop}"}
-    return bronze(settings).commit_window(window, iter([batch]), base_schema(), properties)
+    months = pc.strftime(batch["date"], format="%Y-%m")
+    parts = [(month, batch.filter(pc.equal(months, month))) for month in pc.unique(months).to_pylist()]
+    # fetched "now": every row stored before is older than this load, so the window is replaced
+    return bronze(settings).commit_window(window, parts, base_schema(), properties, fetched_through=2**31)
 
 
 def run(settings: Settings, window: Window, snapshot_id: int | None = None, refresh_id: str = "r"):

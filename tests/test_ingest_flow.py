@@ -47,6 +47,7 @@ def test_window_ingested_twice_gives_an_identical_table(env):
 
 def test_replayed_refresh_adds_no_snapshot(env, mirror: MirrorServer):
     watermark = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=watermark)  # the history so far: the ledger is committed through `watermark`
     published = mirror.dataset.publish(days=7)
     first = ingest(rows_updated_at=published.updated_at, previous_rows_updated_at=watermark)
     snapshots = snapshot_ids()
@@ -60,15 +61,16 @@ def test_replayed_refresh_adds_no_snapshot(env, mirror: MirrorServer):
 
 
 def test_refresh_merges_changed_rows_on_the_key(env, mirror: MirrorServer):
-    ingest(start=JAN.start, stop=JAN.stop, request_id="base")
-    before = table_rows(JAN)
     watermark = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=watermark)  # the history so far: the ledger is committed through `watermark`
+    before = table_rows(JAN)
+    total_before = table_rows().num_rows
     published = mirror.dataset.publish(days=3)  # April 1-3 are new rows
 
     ingest(rows_updated_at=published.updated_at, previous_rows_updated_at=watermark)
 
     after = table_rows()
-    assert after.num_rows == before.num_rows + 3 * ROWS_PER_DAY
+    assert after.num_rows == total_before + 3 * ROWS_PER_DAY
     assert table_rows(JAN).drop_columns(["source_updated_at"]).equals(before.drop_columns(["source_updated_at"]))
 
 

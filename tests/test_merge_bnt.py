@@ -27,7 +27,7 @@ from jobs import merge_bnt
 from tollwatch import clients, schema
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.events import Window
-from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing
+from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, plan_fetch
 from tollwatch.landing import LandingManifest
 from tollwatch.settings import load_settings
 from tollwatch.socrata import Page, build_http_client
@@ -94,7 +94,8 @@ class Writers:
         """Fetch from the mirror into Blob, as the flow does."""
         with build_http_client(str(self.settings.upstream_url), 30.0) as http:
             socrata = clients.socrata_client(self.settings, http)
-            return fetch_and_land(request, socrata, self.landing, run_id="test", page_size=page_size)
+            plan = plan_fetch(request, socrata, committed_through=None)
+            return fetch_and_land(request, plan, socrata, self.landing, run_id="test", page_size=page_size)
 
     def land_pages(self, request: IngestRequest, pages: list[list[dict[str, str]]]) -> LandingManifest:
         """Put crafted pages into Blob through the landing zone, sealed with a manifest like a real landing."""

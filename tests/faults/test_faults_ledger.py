@@ -1,0 +1,136 @@
+"""Fault suite, the ledger (issue 12): the table is the truth about what is loaded, versions only move forward, and a
+load accounts for its rows before it commits.
+
+Every test drives the real ingest flow in-process (`flows.ingest.ingest`) against the session's Prefect server,
+Azurite, the Socrata mirror and a pyiceberg warehouse on disk (fixtures in tests/conftest.py); "nothing lost" is
+checked as in the rest of the fault suite: the table's rows equal the mirror's rows, every key once, each at its
+latest upstream version. The end-to-end versions through the worker and the automations are in
+test_faults_missed_runs.py.
+"""
+
+from __future__ import annotations
+
+from datetime import date
+
+import pytest
+
+from flows.ingest import ingest
+from tests.faults._ingest_support import assert_same_rows, mirror_rows, snapshot_ids, table_rows_by_key
+from tests.support.prefect_events import wait_for_events
+from tollwatch import clients
+from tollwatch.dev.mirror import MirrorServer
+from tollwatch.dev.synthetic import ROWS_PER_DAY
+from tollwatch.events import EventName
+from tollwatch.settings import load_settings
+
+pytestmark = pytest.mark.stack
+
+PAGE = 2000
+
+
+@pytest.fixture(autouse=True)
+def small_pages(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Several pages per load, so a fault can land between two pages of one run."""
+    monkeypatch.setenv("TOLLWATCH_UPSTREAM_PAGE_SIZE", str(PAGE))
+
+
+def everything(mirror: MirrorServer) -> dict:
+    """Every row the upstream holds now, as the table should hold it."""
+    return mirror_rows(mirror, "date >= '2000-01-01T00:00:00'")
+
+
+def table_days() -> list[date]:
+    return sorted({key[1] for key in table_rows_by_key()})
+
+
+def committed_through() -> int | None:
+    return clients.table_store(load_settings()).committed_through()
+
+
+def test_refreshes_that_never_ran_are_covered_by_the_next_one(env: dict[str, str], mirror: MirrorServer) -> None:
+    """The issue's hole: refresh A completes; publishes B and C are announced but their runs never happen (the event
+    was lost, the action failed, the run crashed before running); then publish D's refresh runs, its event naming C
+    as the previous publish.
+    Expected: D fetches from what the table has committed (A), not from C: every published day is in the table
+    exactly once, and the ledger's mark is D's publish."""
+    base = mirror.dataset.rows_updated_at
+    a = mirror.dataset.publish(days=7)  # 2024-04-01..07
+    ingest(rows_updated_at=a.updated_at, previous_rows_updated_at=base)
+    b = mirror.dataset.publish(days=7)  # 04-08..14: its run never happened
+    c = mirror.dataset.publish(days=7)  # 04-15..21: nor this one
+    d = mirror.dataset.publish(days=7)  # 04-22..28
+
+    completed = ingest(rows_updated_at=d.updated_at, previous_rows_updated_at=c.updated_at)
+
+    assert b.updated_at < c.updated_at < d.updated_at
+    assert completed.rows_fetched == 21 * ROWS_PER_DAY, "B, C and D: everything after the committed mark A"
+    assert completed.committed_through == d.updated_at == committed_through()
+    assert table_days()[-28:] == [date.fromordinal(date(2024, 4, 1).toordinal() + i) for i in range(28)]
+    assert_same_rows(table_rows_by_key(), everything(mirror))
+
+
+def test_a_late_run_of_a_refresh_a_later_one_covered_fetches_and_commits_nothing(
+    env: dict[str, str], mirror: MirrorServer
+) -> None:
+    """Refresh B's run is late (a repair, a retry after a crash) and refresh C, which covered B's publish, has
+    already committed. Expected: B asks the upstream for no rows, commits no snapshot, and announces itself as
+    already committed (subscribers already heard of C); the table and the mark are C's."""
+    base = mirror.dataset.rows_updated_at
+    b = mirror.dataset.publish(days=7)
+    c = mirror.dataset.publish(days=7)
+    ingest(rows_updated_at=c.updated_at, previous_rows_updated_at=b.updated_at)
+    snapshots, rows = snapshot_ids(), table_rows_by_key()
+    mirror.dataset.clear_requests()
+
+    late = ingest(rows_updated_at=b.updated_at, previous_rows_updated_at=base)
+
+    assert late.already_committed is True
+    assert late.rows_fetched == 0
+    assert [r for r in mirror.dataset.requests if r.path.startswith("/resource/")] == []
+    assert snapshot_ids() == snapshots
+    assert table_rows_by_key() == rows
+    assert committed_through() == c.updated_at
+
+
+def test_a_fetch_that_cannot_account_for_its_rows_commits_nothing(env: dict[str, str], mirror: MirrorServer) -> None:
+    """The upstream answers one page of a 14-day window with an empty 200 (a broken gateway, a cache): paging ends
+    early with 2,000 of 7,392 rows. Expected: the load compares its rows with the upstream's count(*) for the same
+    query, fails naming both numbers, and commits nothing — a window is never replaced by fewer rows than the
+    upstream holds (before the fix it was replaced by 2,000 rows)."""
+    ingest(start=date(2024, 3, 1), stop=date(2024, 3, 15), request_id="complete")
+    snapshots, rows = snapshot_ids(), table_rows_by_key()
+    # request 1 is the count before paging, request 2 page 0; the next one (page 1) gets an empty array
+    mirror.dataset.after_requests(2, faults={"fail_next": [{"status": 200, "body": "[]"}]})
+
+    state = ingest(start=date(2024, 3, 1), stop=date(2024, 3, 15), request_id="short", return_state=True)
+
+    assert state.is_failed()
+    (event,) = wait_for_events(
+        env["PREFECT_API_URL"],
+        EventName.INGESTION_FAILED,
+        lambda e: e["payload"]["flow_run_id"] == str(state.state_details.flow_run_id),
+    )
+    assert event["payload"]["error_class"] == "UnaccountedRowsError"
+    assert f"fetched {PAGE} rows but the upstream counts {14 * ROWS_PER_DAY}" in event["payload"]["error_message"]
+    assert snapshot_ids() == snapshots
+    assert table_rows_by_key() == rows
+
+
+def test_the_completion_event_carries_the_committed_mark_and_the_reconciled_counts(
+    env: dict[str, str], mirror: MirrorServer
+) -> None:
+    """The first refresh of an empty table loads the whole history (there is no committed mark to start from);
+    its completion event says what the table is now committed through, and the upstream's and the table's row
+    counts for the days it touched, reconciled after the commit."""
+    base = mirror.dataset.rows_updated_at
+    a = mirror.dataset.publish(days=1)
+    completed = ingest(rows_updated_at=a.updated_at, previous_rows_updated_at=base)
+    (event,) = wait_for_events(
+        env["PREFECT_API_URL"],
+        EventName.INGESTION_COMPLETED,
+        lambda e: e["payload"]["refresh_id"] == completed.refresh_id,
+    )
+    assert event["payload"]["committed_through"] == a.updated_at
+    assert event["payload"]["window"] == {"start": "2024-01-01", "stop": "2024-04-02"}
+    assert event["payload"]["upstream_rows"] == event["payload"]["table_rows"] == 92 * ROWS_PER_DAY
+    assert event["resource"]["tollwatch.refresh-id"] == completed.refresh_id
