@@ -33,7 +33,7 @@ from tollwatch.dev.synthetic import (
     revised_ezpass,
     row_id,
 )
-from tollwatch.socrata import updated_after_where, updated_between_where
+from tollwatch.socrata import SocrataClient, build_http_client, updated_after_where, updated_between_where
 
 DATASET = "qzve-kjga"
 RESOURCE = f"/resource/{DATASET}.json"
@@ -54,6 +54,13 @@ def mirror() -> Iterator[MirrorServer]:
 def client(mirror: MirrorServer) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=mirror.url, timeout=30) as http:
         yield http
+
+
+@pytest.fixture
+def socrata(mirror: MirrorServer) -> Iterator[SocrataClient]:
+    """tollwatch's own client on the mirror: what the count answers must satisfy in the end."""
+    with build_http_client(mirror.url, 30) as http:
+        yield SocrataClient(http, app_token="tok", max_attempts=3, backoff_max_s=0.05)
 
 
 def rows(client: httpx.Client, **params: str | int) -> list[dict[str, str]]:
@@ -274,17 +281,22 @@ class Oracle:
         ]
 
 
-def paged_ids(client: httpx.Client, where: str | None, page_size: int) -> list[str]:
-    """`:id`s of every row a client paging by `$offset` sees (the way `SocrataClient.pages` pages)."""
-    seen: list[str] = []
+def paged_rows(client: httpx.Client, where: str | None, page_size: int) -> list[dict[str, str]]:
+    """Every row a client paging by `$offset` sees (the way `SocrataClient.pages` pages)."""
+    seen: list[dict[str, str]] = []
     while True:
         params: dict[str, str | int] = {"_select": ":*, *", "_order": ":id", "_limit": page_size, "_offset": len(seen)}
         if where:
             params["_where"] = where
         page = rows(client, **params)
-        seen.extend(r[":id"] for r in page)
+        seen.extend(page)
         if len(page) < page_size:
             return seen
+
+
+def paged_ids(client: httpx.Client, where: str | None, page_size: int) -> list[str]:
+    """`:id`s of every row a client paging by `$offset` sees."""
+    return [r[":id"] for r in paged_rows(client, where, page_size)]
 
 
 def test_revision_changes_values_and_updated_at_but_not_id(mirror: MirrorServer, client: httpx.Client) -> None:
@@ -509,6 +521,169 @@ def test_revise_and_delete_refuse_malformed_bodies(
     assert reason in response.json()["message"]
     assert client.get("/admin/state").json()["rowsUpdatedAt"] == DEFAULT_BASE_EPOCH  # nothing happened
     assert (mirror.dataset.revisions, mirror.dataset.deletions) == ((), ())
+
+
+# ---------------------------------------------------------------------------------------------- counts
+
+
+def count_of(client: httpx.Client, where: str | None) -> list[dict[str, str]]:
+    """The raw answer to the client's `count(*)` request."""
+    return rows(client, _select="count(*) AS n", **({"_where": where} if where else {}))
+
+
+def counts_per_date(client: httpx.Client, where: str | None, **paging: int) -> list[dict[str, str]]:
+    """The raw answer to the client's per-date count request (one page)."""
+    params: dict[str, str | int] = {"_select": "date, count(*) AS n", "_group": "date", "_order": "date"}
+    params |= {"_limit": 50_000, "_offset": 0} | {f"_{k}": v for k, v in paging.items()}
+    return rows(client, **params, **({"_where": where} if where else {}))
+
+
+def change_everything(mirror: MirrorServer) -> int:
+    """Publish, revise (overlapping, across publishes), delete: the returned watermark (the stamp before)
+    splits the rows into untouched originals and several disjoint ranges of changed ones."""
+    dataset = mirror.dataset
+    watermark = dataset.rows_updated_at
+    dataset.publish(days=3, now=0)  # Jan 15-17
+    dataset.revise("2024-01-03", "2024-01-06", now=0)
+    dataset.revise("2024-01-05", "2024-01-16", now=0)
+    dataset.delete_days("2024-01-08", "2024-01-10", now=0)
+    dataset.revise("2024-01-12", "2024-01-13", now=0)  # a third version of Jan 12
+    dataset.delete_days("2024-01-17", "2024-01-18", now=0)
+    return watermark
+
+
+@pytest.mark.parametrize("changed", [False, True], ids=["as-constructed", "after-changes"])
+@pytest.mark.parametrize(
+    "where",
+    [
+        None,
+        window(date(2024, 1, 4), date(2024, 1, 14)),
+        updated_after_where(DEFAULT_BASE_EPOCH),
+        updated_between_where(None, DEFAULT_BASE_EPOCH),
+        f"{window(date(2024, 1, 2), date(2024, 1, 13))} AND {updated_after_where(DEFAULT_BASE_EPOCH + 1)}",
+        f":updated_at >= '{iso_utc(DEFAULT_BASE_EPOCH + 2)}' AND :updated_at < '{iso_utc(DEFAULT_BASE_EPOCH + 4)}'",
+        updated_after_where(DEFAULT_BASE_EPOCH + 10_000),
+    ],
+    ids=["all", "window", "updated-after", "originals", "window-and-updated", "stamp-range", "nothing"],
+)
+def test_counts_equal_the_rows_the_data_query_pages_through(
+    mirror: MirrorServer, client: httpx.Client, socrata: SocrataClient, where: str | None, changed: bool
+) -> None:
+    if changed:
+        assert change_everything(mirror) == DEFAULT_BASE_EPOCH
+    served = paged_rows(client, where, page_size=997)
+    per_day: dict[str, int] = {}
+    for row in served:
+        per_day[row["date"]] = per_day.get(row["date"], 0) + 1
+
+    assert count_of(client, where) == [{"n": str(len(served))}]
+    assert counts_per_date(client, where) == [{"date": day, "n": str(n)} for day, n in sorted(per_day.items())]
+    assert socrata.count(DATASET, where=where) == len(served)
+    assert socrata.counts_by_day(DATASET, where=where, page_size=4) == {
+        date.fromisoformat(day[:10]): n for day, n in per_day.items()
+    }
+    in_process = {"$select": "count(*) AS n"} | ({"$where": where} if where else {})
+    assert mirror.dataset.query(in_process) == [{"n": str(len(served))}]
+
+
+def test_counts_see_changes_as_the_data_does(mirror: MirrorServer, client: httpx.Client) -> None:
+    """The scenario of the parametrized test, spelled out: what each count must be after each change."""
+    assert count_of(client, None) == [{"n": str(TOTAL)}]
+    watermark = change_everything(mirror)
+    assert count_of(client, None) == [{"n": str(TOTAL)}]  # three days published (Jan 15-17), three deleted
+    # changed since the watermark: Jan 3-7, 10-16 (Jan 8-9 and 17 deleted)
+    assert count_of(client, updated_after_where(watermark)) == [{"n": str(12 * ROWS_PER_DAY)}]
+    per_date = counts_per_date(client, window(date(2024, 1, 6), date(2024, 1, 12)))
+    assert [(d["date"][:10], d["n"]) for d in per_date] == [
+        ("2024-01-06", "528"),
+        ("2024-01-07", "528"),
+        ("2024-01-10", "528"),
+        ("2024-01-11", "528"),
+    ]
+    assert client.get(VIEW).json()["rowsUpdatedAt"] == watermark + 6
+
+
+def test_count_answer_shapes(mirror: MirrorServer, client: httpx.Client) -> None:
+    assert rows(client, _select="count(*)") == [{"count": str(TOTAL)}]  # no alias: Socrata's `count`
+    assert rows(client, _select="COUNT( * ) as total") == [{"total": str(TOTAL)}]
+    assert rows(client, _select="count(*) AS n", _offset=1) == []  # one object, paged like any answer
+    assert count_of(client, window(date(2024, 2, 1), date(2024, 3, 1))) == [{"n": "0"}]
+
+    reversed_keys = rows(client, _select="count(*) AS n, date", _group="date", _order="date ASC", _limit=2)
+    assert [list(r) for r in reversed_keys] == [["n", "date"], ["n", "date"]]  # keys in $select order
+    page = counts_per_date(client, None, limit=5, offset=3)
+    assert [r["date"] for r in page] == [f"2024-01-{d:02d}T00:00:00.000" for d in range(4, 9)]
+    assert all(r["n"] == "528" and isinstance(r["n"], str) for r in page)
+    assert counts_per_date(client, None, offset=14) == []
+    unordered = rows(client, _select="`date`, count(*) AS n", _group="`date`", _limit=50_000)
+    assert unordered == counts_per_date(client, None)
+
+
+def test_per_date_counts_follow_a_corrupted_date(
+    mirror: MirrorServer, client: httpx.Client, socrata: SocrataClient
+) -> None:
+    seq = mirror.dataset.seq_of("2024-01-02", 4, 9, "O")
+    mirror.dataset.corrupt(seq, "date", "2024-01-05")  # another valid date, written differently
+    mirror.dataset.corrupt(seq + 1, "date", "2024-01-05T00:00:00.000")
+    by_day = socrata.counts_by_day(DATASET, where=None)
+    assert (by_day[date(2024, 1, 2)], by_day[date(2024, 1, 5)]) == (ROWS_PER_DAY - 2, ROWS_PER_DAY + 2)
+    assert sum(by_day.values()) == socrata.count(DATASET, where=None) == TOTAL
+    # the data query filters on the row's position (its published date) and serves the corrupted value; the
+    # per-date count of the same filter follows what is served
+    jan2 = window(date(2024, 1, 2), date(2024, 1, 3))
+    served_dates = {r["date"] for r in rows(client, _where=jan2, _limit=50_000)}
+    assert served_dates == {"2024-01-02T00:00:00.000", "2024-01-05", "2024-01-05T00:00:00.000"}
+    assert counts_per_date(client, jan2) == [
+        {"date": "2024-01-02T00:00:00.000", "n": str(ROWS_PER_DAY - 2)},
+        {"date": "2024-01-05T00:00:00.000", "n": "2"},
+    ]
+    # a date that is not a date is grouped under its text; a dropped date (null) has no key and sorts last
+    mirror.dataset.corrupt(seq + 2, "date", "not-a-date")
+    mirror.dataset.corrupt(seq + 3, "date", None)
+    tail = counts_per_date(client, jan2)[-2:]
+    assert tail == [{"date": "not-a-date", "n": "1"}, {"n": "1"}]
+    assert sum(int(r["n"]) for r in counts_per_date(client, jan2)) == ROWS_PER_DAY
+
+
+def test_count_requests_share_the_fault_queue_and_request_log(mirror: MirrorServer, socrata: SocrataClient) -> None:
+    mirror.dataset.fail_next([{"status": 429, "retry_after": 0}, {"truncate": True}])
+    assert socrata.count(DATASET, where=None) == TOTAL  # retried through a 429 and a truncated body
+    logged = [(r.status, r.params, r.app_token) for r in mirror.dataset.requests]
+    assert logged == [(429, {"$select": "count(*) AS n"}, "tok"), *[(200, {"$select": "count(*) AS n"}, "tok")] * 2]
+
+    # count requests also count down scheduled changes, like any /resource request
+    mirror.dataset.after_requests(1, publish_days=2)
+    assert socrata.count(DATASET, where=None) == TOTAL  # answered before the change
+    assert socrata.count(DATASET, where=None) == TOTAL + 2 * ROWS_PER_DAY
+
+
+@pytest.mark.parametrize(
+    ("params", "reason"),
+    [
+        ({"$select": "sum(vehicles_e_zpass)"}, "only count(*)"),
+        ({"$select": "count(date) AS n"}, "only count(*)"),
+        ({"$select": "plaza_id, count(*) AS n", "$group": "plaza_id"}, "groups only by date"),
+        ({"$select": "date", "$group": "date"}, "without count(*)"),
+        ({"$select": "date, count(*) AS n"}, "$group=date"),
+        ({"$select": "count(*) AS n", "$group": "date"}, "needs date in $select"),
+        ({"$select": "date, count(*) AS n", "$group": "date", "$order": "date DESC"}, "$order=date"),
+        ({"$select": "date, count(*) AS n", "$group": "date", "$order": "n"}, "$order=date"),
+        ({"$select": "count(*) AS n", "$order": ":id"}, "$order=date"),
+        ({"$select": "count(*) n"}, "could not parse"),
+        ({"$select": "count(*) AS n, count(*) AS m"}, "one count(*)"),
+        ({"$select": "date, count(*) AS date", "$group": "date"}, "collides"),
+        ({"$select": ":id, count(*) AS n"}, "selects only date"),
+        ({"$select": "count(*) AS n", "$having": "n > 1"}, "Unrecognized"),
+        ({"$select": "count(*) AS n", "$where": "plaza_id = '1'"}, "$where"),
+    ],
+)
+def test_malformed_aggregate_queries_are_400_with_a_reason(
+    client: httpx.Client, params: dict[str, str], reason: str
+) -> None:
+    response = client.get(RESOURCE, params=params)
+    assert response.status_code == 400
+    assert response.json()["error"] is True
+    assert reason in response.json()["message"]
 
 
 # ---------------------------------------------------------------------------------------------- faults

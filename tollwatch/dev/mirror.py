@@ -12,6 +12,16 @@ Data endpoints (SODA 2.x semantics for what tollwatch uses; every value is a JSO
   (``AND`` of ``date``/``:updated_at`` compared with ``>= > < <=`` to a quoted timestamp), ``$order``
   (``:id`` only), ``$limit`` (default 1000, at most 50000), ``$offset``; ``X-App-Token`` header or
   ``$$app_token`` accepted and logged. Query errors answer 400 ``{"error": true, "message": ...}``.
+* Counts (SoQL aggregates), the shapes ``SocrataClient.count``/``counts_by_day`` send, with the same ``$where``:
+  ``$select=count(*) AS n`` -> ``[{"n": "1234"}]``; ``$select=date, count(*) AS n&$group=date&$order=date``
+  -> ``[{"date": "2024-01-01T00:00:00.000", "n": "528"}, ...]`` (one object per date that has rows,
+  ascending, paged by ``$limit``/``$offset``). ``count(*)`` without an alias answers under ``count``; ``AS`` and
+  ``COUNT`` in any case; ``$order`` absent or ``date [asc]``. Any other aggregate (another function, ``$group``
+  by another column or without ``count(*)``, ``date`` without ``$group``) is a 400 with the reason. A count
+  equals the number of rows the data query with the same ``$where`` pages through (both read the same
+  version-map ranges) and costs O(days), not O(rows); per date, a row whose ``date`` was ``corrupt``-ed counts
+  under the value it serves (a null date: no ``date`` key, last). Count requests are ``/resource`` requests:
+  they take injected faults, are in the request log and count down ``after_requests``, like data requests.
 
 Publishing model: rows exist for days in ``[history_start, published_through)``; the history is a list of
 publish batches (contiguous ``seq`` ranges, one ``updated_at`` each). The initial batch is stamped with a
@@ -84,6 +94,7 @@ from tollwatch.dev.synthetic import (
     ROWS_PER_DAY,
     VTOLL_COLUMN,
     SyntheticTable,
+    floating_timestamp,
     iso_utc,
     row_id,
 )
@@ -109,10 +120,15 @@ _COLUMN_TYPES = {
     VTOLL_COLUMN: "number",
     CASH_COLUMN: "number",
 }
-_KNOWN_PARAMS = frozenset({"$select", "$where", "$order", "$limit", "$offset", "$$app_token"})
+_KNOWN_PARAMS = frozenset({"$select", "$where", "$order", "$group", "$limit", "$offset", "$$app_token"})
 _CONDITION = re.compile(r"\s*(?P<field>:updated_at|date|`date`)\s*(?P<op>>=|<=|>|<)\s*'(?P<literal>[^']*)'\s*")
 _AND = re.compile(r"\s+and\s+", re.IGNORECASE)
 _ORDER_BY_ID = re.compile(r"\s*:id(\s+asc)?\s*", re.IGNORECASE)
+_COUNT_ITEM = re.compile(r"count\s*\(\s*\*\s*\)(?P<rest>.*)", re.IGNORECASE | re.DOTALL)
+_ALIAS = re.compile(r"\s+as\s+(?P<alias>[A-Za-z_][A-Za-z0-9_]*)\s*", re.IGNORECASE)
+_DATE_COLUMN = re.compile(r"\s*(date|`date`)\s*")
+_ORDER_BY_DATE = re.compile(r"\s*(date|`date`)(\s+asc)?\s*", re.IGNORECASE)
+_DATE_KEY = "date"
 
 #: An extra column's value: a constant, or a function of (seq, row so far); `None` results are omitted.
 ExtraValue = Callable[[int, Mapping[str, str]], object] | str | int | float
@@ -333,6 +349,26 @@ class DataQuery:
 
 
 @dataclass(frozen=True)
+class CountQuery:
+    """A parsed aggregate `/resource` request: `count(*)` alone, or per `date` (`$group=date`).
+
+    `keys` are the answer's keys in `$select` order: the count's alias (`count` without one) and, when
+    grouped, `date`. `$limit`/`$offset` page the answer's objects, as on Socrata.
+    """
+
+    count_key: str
+    keys: tuple[str, ...]
+    conditions: tuple[Condition, ...] = ()
+    limit: int = DEFAULT_LIMIT
+    offset: int = 0
+
+    @property
+    def by_date(self) -> bool:
+        """Whether the answer has one object per date rather than one in all."""
+        return _DATE_KEY in self.keys
+
+
+@dataclass(frozen=True)
 class _Snapshot:
     """Everything a read needs, captured at once so a concurrent publish never tears a page."""
 
@@ -413,8 +449,11 @@ def _parse_int(name: str, raw: str, maximum: int | None = None) -> int:
     return value
 
 
-def parse_query(params: Mapping[str, str]) -> DataQuery:
-    """Validate SODA parameters; everything the mirror cannot honour exactly is a 400, never ignored."""
+def parse_query(params: Mapping[str, str]) -> DataQuery | CountQuery:
+    """Validate SODA parameters; everything the mirror cannot honour exactly is a 400, never ignored.
+
+    A `$group`, or a function call in `$select`, makes it an aggregate query (`CountQuery`).
+    """
     for name in params:
         if name.startswith("$") and name not in _KNOWN_PARAMS:
             raise QueryError(f"Unrecognized arguments [{name}]", "query.soql.unknown-parameter")
@@ -422,18 +461,68 @@ def parse_query(params: Mapping[str, str]) -> DataQuery:
             raise QueryError(
                 f"simple filter '{name}' is not supported by the mirror; use $where", "query.soql.unsupported"
             )
-    order = params.get("$order")
-    if order is not None and _ORDER_BY_ID.fullmatch(order) is None:
-        raise QueryError(f"the mirror supports only $order=:id, got '{order}'", "query.soql.unsupported")
     items = tuple(item.strip() for item in params.get("$select", "*").split(","))
     if not all(items):
         raise QueryError(f"empty item in $select '{params['$select']}'")
-    return DataQuery(
-        select_items=items,
-        conditions=parse_where(params.get("$where", "")),
-        limit=_parse_int("$limit", params.get("$limit", str(DEFAULT_LIMIT)), MAX_LIMIT),
-        offset=_parse_int("$offset", params.get("$offset", "0")),
-    )
+    conditions = parse_where(params.get("$where", ""))
+    limit = _parse_int("$limit", params.get("$limit", str(DEFAULT_LIMIT)), MAX_LIMIT)
+    offset = _parse_int("$offset", params.get("$offset", "0"))
+    if "$group" in params or any("(" in item for item in items):
+        return _parse_count(items, params.get("$group"), params.get("$order"), conditions, limit, offset)
+    order = params.get("$order")
+    if order is not None and _ORDER_BY_ID.fullmatch(order) is None:
+        raise QueryError(f"the mirror supports only $order=:id, got '{order}'", "query.soql.unsupported")
+    return DataQuery(select_items=items, conditions=conditions, limit=limit, offset=offset)
+
+
+def _parse_count(
+    items: tuple[str, ...],
+    group: str | None,
+    order: str | None,
+    conditions: tuple[Condition, ...],
+    limit: int,
+    offset: int,
+) -> CountQuery:
+    """The aggregate shapes tollwatch sends: `$select=count(*) [AS n]`, and `$select=date, count(*) [AS n]`
+    with `$group=date` (optionally `$order=date [asc]`). Any other aggregate is refused with the reason, so a
+    client never reconciles against a number the mirror only pretended to compute."""
+    unsupported = "query.soql.unsupported"
+    if group is not None and _DATE_COLUMN.fullmatch(group) is None:
+        raise QueryError(f"the mirror groups only by date, got $group='{group}'", unsupported)
+    count_key: str | None = None
+    keys: list[str] = []
+    for item in items:
+        count = _COUNT_ITEM.fullmatch(item)
+        if count is not None:
+            alias = _ALIAS.fullmatch(count["rest"]) if count["rest"].strip() else None
+            if count["rest"].strip() and alias is None:
+                raise QueryError(f"could not parse '{item}': write count(*) or count(*) AS <name>")
+            if count_key is not None:
+                raise QueryError(f"the mirror supports one count(*) per query, got $select '{', '.join(items)}'")
+            count_key = alias["alias"] if alias else "count"
+            keys.append(count_key)
+        elif _DATE_COLUMN.fullmatch(item):
+            if _DATE_KEY in keys:
+                raise QueryError("date is selected twice")
+            keys.append(_DATE_KEY)
+        elif "(" in item:
+            raise QueryError(f"the mirror supports only count(*) among aggregate functions, got '{item}'", unsupported)
+        else:
+            raise QueryError(f"with count(*) the mirror selects only date (grouped by date), got '{item}'", unsupported)
+    if count_key is None:
+        raise QueryError("$group without count(*) is not supported by the mirror: select count(*) [AS name]")
+    if keys.count(count_key) > 1:
+        raise QueryError(f"the alias '{count_key}' collides with the date column")
+    by_date = _DATE_KEY in keys
+    if by_date and group is None:
+        raise QueryError("date is selected beside count(*) but not grouped: add $group=date", "query.soql.no-group")
+    if group is not None and not by_date:
+        raise QueryError("$group=date needs date in $select: the mirror answers per-date counts with their date")
+    if order is not None and (not by_date or _ORDER_BY_DATE.fullmatch(order) is None):
+        raise QueryError(
+            f"on counts the mirror supports only $order=date (ascending, per-date counts), got '{order}'", unsupported
+        )
+    return CountQuery(count_key, tuple(keys), conditions, limit, offset)
 
 
 def resolve_select(items: tuple[str, ...], user_columns: tuple[str, ...]) -> Selection:
@@ -949,9 +1038,24 @@ class MirrorDataset:
         """Rows for SODA parameters, in `:id` order; raises `QueryError` for what Socrata would refuse."""
         parsed = parse_query(params)
         snap = self._snapshot()
+        if isinstance(parsed, CountQuery):
+            return self._count(snap, parsed)
         selection = resolve_select(parsed.select_items, snap.user_columns)
         pieces = _matching_pieces(snap, parsed.conditions, self.history_start)
         return list(self._render(snap, _page(pieces, parsed.offset, parsed.limit), selection))
+
+    def _count(self, snap: _Snapshot, parsed: CountQuery) -> list[dict[str, str]]:
+        """A count query's answer, from the same pieces the data query pages through (so they agree by
+        construction): O(version-map entries) for `count(*)`, O(days) per date, no row is rendered."""
+        pieces = _matching_pieces(snap, parsed.conditions, self.history_start)
+        if not parsed.by_date:
+            answer = [{parsed.count_key: str(sum(hi - lo for lo, hi, _ in pieces))}]
+        else:
+            answer = []
+            for served, count in _counts_by_served_date(snap, pieces):
+                values = {_DATE_KEY: served, parsed.count_key: str(count)}
+                answer.append({key: values[key] for key in parsed.keys if values[key] is not None})
+        return answer[parsed.offset : parsed.offset + parsed.limit]
 
     def _render(self, snap: _Snapshot, pieces: Iterable[Piece], selection: Selection) -> Iterator[dict[str, str]]:
         """Synthetic rows at their current version plus system fields, extra columns and overrides, then the
@@ -971,6 +1075,46 @@ class MirrorDataset:
                 if selection.keep is not None:
                     row = {name: row[name] for name in selection.keep if name in row}
                 yield row
+
+
+def _counts_by_served_date(snap: _Snapshot, pieces: list[Piece]) -> list[tuple[str | None, int]]:
+    """Rows per served `date` value, ascending (a dropped date, Socrata's null, sorts last).
+
+    Rows are counted on their positional day, O(days); then each `corrupt` override of `date` on a selected
+    row moves one row to the group of the value it serves, normalised like a calendar_date (a valid date
+    or timestamp becomes `YYYY-MM-DDTHH:MM:SS.mmm`; anything else is grouped under its raw text). So the
+    groups sum to `count(*)` and follow what the data query serves.
+    """
+    per_day: dict[int, int] = {}
+    for lo, hi, _ in pieces:
+        day = lo // ROWS_PER_DAY
+        while day * ROWS_PER_DAY < hi:
+            per_day[day] = per_day.get(day, 0) + min(hi, (day + 1) * ROWS_PER_DAY) - max(lo, day * ROWS_PER_DAY)
+            day += 1
+    counts: dict[str | None, int] = {floating_timestamp(snap.table.day(d)): n for d, n in per_day.items()}
+    if snap.overrides and pieces:
+        starts = [lo for lo, _, _ in pieces]
+        for seq, override in snap.overrides.items():
+            if _DATE_KEY not in override:
+                continue
+            index = bisect.bisect_right(starts, seq) - 1
+            if index < 0 or seq >= pieces[index][1]:
+                continue
+            counts[floating_timestamp(snap.table.day(seq // ROWS_PER_DAY))] -= 1
+            served = _served_date(override[_DATE_KEY])
+            counts[served] = counts.get(served, 0) + 1
+    return sorted(((k, n) for k, n in counts.items() if n > 0), key=lambda kn: (kn[0] is None, kn[0] or ""))
+
+
+def _served_date(value: str | None) -> str | None:
+    """The group key of a served `date` text: normalised when it is a date, else as is (None stays null)."""
+    if value is None:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError:
+        return value
+    return parsed.strftime("%Y-%m-%dT%H:%M:%S.") + f"{parsed.microsecond // 1000:03d}"
 
 
 def _apply_override(row: dict[str, str], override: Mapping[str, str | None], system: bool) -> None:
