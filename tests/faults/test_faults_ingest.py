@@ -28,6 +28,7 @@ from tests.faults._ingest_support import (
     assert_same_rows,
     committing_runs,
     landings,
+    mirror_rows,
     run_ingest_in_child,
     snapshot_ids,
     table_rows_by_key,
@@ -40,6 +41,7 @@ from tollwatch.dev.mirror import MirrorServer, RequestRecord
 from tollwatch.dev.synthetic import ROWS_PER_DAY, row_id
 from tollwatch.events import EventName, Window
 from tollwatch.settings import load_settings
+from tollwatch.socrata import updated_between_where, window_where
 
 pytestmark = pytest.mark.stack
 
@@ -59,6 +61,11 @@ def data_requests(mirror: MirrorServer) -> list[RequestRecord]:
     return [r for r in mirror.dataset.requests if r.path.startswith("/resource/")]
 
 
+def page_requests(mirror: MirrorServer) -> list[RequestRecord]:
+    """The requests that paged rows (not the count(*) ones a load reconciles with)."""
+    return [r for r in data_requests(mirror) if "$offset" in r.params and "$group" not in r.params]
+
+
 def days_of(window: Window) -> list[date]:
     return [date.fromordinal(window.start.toordinal() + i) for i in range(window.days)]
 
@@ -74,23 +81,35 @@ def refresh_id_of(parameters: dict[str, Any]) -> str:
 def test_429_5xx_truncated_body_and_202_mid_paging_are_retried_and_the_window_loads_completely(
     env: dict[str, str], mirror: MirrorServer, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """Fault 5: the first request is throttled (429, Retry-After 0.1 s); after pages have succeeded, page 2 gets
-    a 503, page 3 a truncated JSON body (a 200 cut in half) and page 4 a 202 "still processing".
+    """Fault 5: the first request (the count(*) a load reconciles with) is throttled (429, Retry-After 0.1 s);
+    after pages have succeeded, page 2 gets a 503, page 3 a truncated JSON body (a 200 cut in half) and page 4 a
+    202 "still processing".
     Expected: each failed request is asked again for the same offset (the 429 after the server's Retry-After,
     not the client's own backoff) and the run completes.
     Nothing lost: January in the table equals January in the mirror (same keys and values, no key twice), and
     rows fetched == rows written == the mirror's row count."""
     mirror.dataset.fail_next([{"status": 429, "retry_after": 0.1}])
-    mirror.dataset.after_requests(3, faults={"fail_next": [{"status": 503}]})  # after the 429, pages 0 and 1
-    mirror.dataset.after_requests(5, faults={"fail_next": [{"truncate": True}]})  # ... the 503 and page 2
-    mirror.dataset.after_requests(7, faults={"fail_next": [{"status": 202}]})  # ... the torn and the whole page 3
+    mirror.dataset.after_requests(4, faults={"fail_next": [{"status": 503}]})  # after the 429, count, pages 0, 1
+    mirror.dataset.after_requests(6, faults={"fail_next": [{"truncate": True}]})  # ... the 503 and page 2
+    mirror.dataset.after_requests(8, faults={"fail_next": [{"status": 202}]})  # ... the torn and the whole page 3
     caplog.set_level(logging.WARNING, logger="tollwatch.socrata")
 
     result = ingest(start=JAN.start, stop=JAN.stop, request_id="flaky-upstream")
 
-    requests = data_requests(mirror)
-    assert [r.status for r in requests[:9]] == [429, 200, 200, 503, 200, 200, 200, 202, 200]
-    assert [int(r.params["$offset"]) for r in requests[:9]] == [0, 0, 2000, 4000, 4000, 6000, 6000, 8000, 8000]
+    asked = [(r.status, r.params.get("$offset", "count")) for r in data_requests(mirror) if "$group" not in r.params]
+    assert asked[:10] == [
+        (429, "count"),
+        (200, "count"),
+        (200, "0"),
+        (200, "2000"),
+        (503, "4000"),
+        (200, "4000"),
+        (200, "6000"),  # the torn body
+        (200, "6000"),
+        (202, "8000"),
+        (200, "8000"),
+    ]
+    assert asked[-1] == (200, "count"), "the count after paging reconciles the fetch"
     throttled = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
     assert len(throttled) == 1
     assert throttled[0].endswith("retrying in 0.1s")  # the server's Retry-After, not the 0.2 s backoff cap
@@ -122,7 +141,7 @@ def test_an_upstream_fault_that_persists_mid_paging_fails_the_run_with_nothing_c
     ingest(start=FEB.start, stop=date(2024, 2, 8), request_id="before")
     snapshots, rows_before = snapshot_ids(), table_rows_by_key()
     mirror.dataset.clear_requests()
-    mirror.dataset.after_requests(2, faults={"fail_always": fault})
+    mirror.dataset.after_requests(3, faults={"fail_always": fault})  # the count and two pages are answered
 
     state = ingest(start=FEB.start, stop=FEB.stop, request_id=f"persistent-{reason}", return_state=True)
 
@@ -136,8 +155,8 @@ def test_an_upstream_fault_that_persists_mid_paging_fails_the_run_with_nothing_c
     assert payload["error_class"] == "UpstreamError"
     assert reason in payload["error_message"]
     assert "failed after 3 attempts" in payload["error_message"]
-    assert [r.status for r in data_requests(mirror)][:2] == [200, 200]
-    assert len(data_requests(mirror)) == 2 + 3
+    assert [r.status for r in data_requests(mirror)][:3] == [200, 200, 200]
+    assert len(data_requests(mirror)) == 3 + 3
     assert snapshot_ids() == snapshots
     assert table_rows_by_key() == rows_before
     (landed,) = landings(payload["refresh_id"]).values()
@@ -192,60 +211,69 @@ def test_the_mirror_can_change_the_upstream_between_two_pages_of_one_request_seq
         assert mirror.dataset.published_through == through + timedelta(days=1)
 
 
-def test_a_publish_between_pages_of_a_window_load_leaves_no_duplicate_and_no_missing_key(
+def test_a_publish_between_pages_of_a_window_load_is_left_to_its_refresh_and_nothing_is_lost(
     env: dict[str, str], mirror: MirrorServer
 ) -> None:
     """Fault 6: a window load reaching past the published data is paging when the upstream publishes 7 more
     days (right after page 0 was served); the publish also re-issues an already served row of March 25 as a
-    correction (a new `:id`, the same natural key).
-    Expected: stable `$order=:id` paging continues at the next offset and picks up the new days; the
-    correction replaces the earlier version (dedupe on the key keeps the latest `:id`).
-    Nothing lost: the table's window equals the mirror's window after the publish (every key once, with the
-    latest values), and rows written == rows fetched minus the one superseded version."""
+    correction (a new `:id`, the same natural key, a newer version).
+    Expected: the window load takes the upstream as it was when it started (its ceiling is the `rowsUpdatedAt` read
+    before paging): the new days and the correction are not half in it, and its count(*) before and after paging
+    agree. The publish's own refresh then loads them, and the correction replaces the older version of the key.
+    Nothing lost: after the refresh the table's window equals the mirror's window after the publish (every key
+    once, with the latest values)."""
     window = Window(start=date(2024, 3, 25), stop=date(2024, 4, 8))
     correction = mirror.dataset.seq_of(date(2024, 4, 3), 2, 5, "O")
     mirror.dataset.corrupt(correction, "date", "2024-03-25T00:00:00.000")  # served only once it is published
-    mirror.dataset.after_requests(1, publish_days=7)
+    base = mirror.dataset.rows_updated_at
+    mirror.dataset.after_requests(2, publish_days=7)  # once the count and page 0 are answered
 
     result = ingest(start=window.start, stop=window.stop, request_id="publish-while-paging")
 
     assert mirror.dataset.published_through == date(2024, 4, 8)
-    assert [int(r.params["$offset"]) for r in data_requests(mirror)] == [0, 2000, 4000, 6000]
+    assert [r.params["$offset"] for r in page_requests(mirror)] == ["0", "2000"]
+    assert result.rows_fetched == result.rows_written == 7 * ROWS_PER_DAY  # March 25-31, as published at the start
+    as_published = f"{window_where(window.start, window.stop)} AND {updated_between_where(None, base)}"
+    assert_same_rows(table_rows_by_key(window), mirror_rows(mirror, as_published))
+
+    publish = mirror.dataset.batches[-1]
+    ingest(rows_updated_at=publish.updated_at, previous_rows_updated_at=base)
+
     expected = window_rows(mirror, window)
     assert expected[(2, date(2024, 3, 25), 5, "O")]["source_row_id"] == row_id(correction)
-    assert result.rows_fetched == 14 * ROWS_PER_DAY
-    assert result.rows_written == len(expected) == 14 * ROWS_PER_DAY - 1
+    assert len(expected) == 14 * ROWS_PER_DAY - 1
     assert_same_rows(table_rows_by_key(window), expected)
 
 
-def test_a_publish_while_a_refresh_is_paging_is_loaded_once_also_when_its_own_refresh_follows(
+def test_a_publish_while_a_refresh_is_paging_is_left_to_its_own_refresh_and_loaded_once(
     env: dict[str, str], mirror: MirrorServer
 ) -> None:
-    """Fault 6, refresh mode: a refresh (rows updated after the watermark) is paging when the upstream publishes
-    again (3 more days, right after page 0), re-issuing one row served on page 0 as a correction.
-    Expected: the refresh also loads the newer publish (it is "updated after the watermark" too) and reports
-    the days it touched; the newer publish's own refresh then merges the same rows again on the key.
-    Nothing lost: after each run the table equals the mirror's rows updated after the first watermark (every
-    key once, latest values)."""
+    """Fault 6, refresh mode: a refresh (April 1-7) is paging when the upstream publishes again (April 8-10,
+    right after page 0), re-issuing one row served on page 0 as a correction (a newer version of its key).
+    Expected: the refresh loads exactly its own publish (versions through its `rowsUpdatedAt`), reports the days it
+    touched and moves the ledger's mark to its publish; the newer publish's refresh then fetches from that mark
+    and its correction replaces the older version.
+    Nothing lost: after each run the table equals the mirror's rows of the publishes committed so far."""
     watermark = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=watermark)  # the history so far: the ledger's mark is now `watermark`
     first = mirror.dataset.publish(days=7)  # April 1-7
     correction = mirror.dataset.seq_of(date(2024, 4, 9), 3, 7, "I")
     mirror.dataset.corrupt(correction, "date", "2024-04-01T00:00:00.000")
-    mirror.dataset.after_requests(1, publish_days=3)  # April 8-10, while the first refresh is paging
+    mirror.dataset.after_requests(2, publish_days=3)  # April 8-10, while the first refresh is paging
 
     result = ingest(rows_updated_at=first.updated_at, previous_rows_updated_at=watermark)
 
     second = mirror.dataset.batches[-1]
     assert second.updated_at > first.updated_at
-    expected = updated_rows(mirror, watermark)
-    assert expected[(3, date(2024, 4, 1), 7, "I")]["source_row_id"] == row_id(correction)
-    assert len(expected) == 10 * ROWS_PER_DAY - 1
-    assert result.rows_fetched == 10 * ROWS_PER_DAY
-    assert result.window == Window(start=date(2024, 4, 1), stop=date(2024, 4, 11))
-    assert_same_rows(table_rows_by_key(), expected)
+    assert result.rows_fetched == 7 * ROWS_PER_DAY
+    assert result.window == Window(start=date(2024, 4, 1), stop=date(2024, 4, 8))
+    assert result.committed_through == first.updated_at
+    assert_same_rows(table_rows_by_key(), mirror_rows(mirror, updated_between_where(None, first.updated_at)))
 
     follow_up = ingest(rows_updated_at=second.updated_at, previous_rows_updated_at=first.updated_at)
 
+    expected = mirror_rows(mirror, updated_between_where(None, second.updated_at))
+    assert expected[(3, date(2024, 4, 1), 7, "I")]["source_row_id"] == row_id(correction)
     assert follow_up.rows_fetched == 3 * ROWS_PER_DAY
     assert_same_rows(table_rows_by_key(), expected)
 
@@ -295,6 +323,7 @@ def test_killed_right_after_the_commit_the_rerun_commits_nothing_and_announces_t
     Nothing lost: the table equals the mirror's rows of that publish, no key twice; the server holds exactly
     one completion event for the refresh, the re-run's."""
     watermark = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=watermark)  # the history so far: the ledger is committed through `watermark`
     published = mirror.dataset.publish(days=7)  # April 1-7
     parameters = {"rows_updated_at": published.updated_at, "previous_rows_updated_at": watermark}
     refresh_id = refresh_id_of(parameters)
@@ -320,7 +349,9 @@ def test_killed_right_after_the_commit_the_rerun_commits_nothing_and_announces_t
     assert event["payload"]["snapshot_id"] == committed
     assert event["payload"]["already_committed"] is False
     assert event["payload"]["window"] == {"start": "2024-04-01", "stop": "2024-04-08"}
-    assert_same_rows(table_rows_by_key(), updated_rows(mirror, watermark))
+    assert_same_rows(
+        table_rows_by_key(Window(start=date(2024, 4, 1), stop=date(2024, 4, 8))), updated_rows(mirror, watermark)
+    )
 
     replay = ingest(**parameters)
 
@@ -346,8 +377,8 @@ def test_two_overlapping_loads_at_the_same_time_both_finish_and_the_table_is_rig
     replace) - April 7, no key twice (the overlap is neither doubled nor dropped)."""
     import tollwatch.table
 
-    ingest(start=date(2024, 3, 1), stop=date(2024, 4, 1), request_id="march")  # the overlap has rows to replace
     watermark = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=watermark)  # the history so far (the overlap has rows to replace); the ledger's mark
     published = mirror.dataset.publish(days=7)  # April 1-7
     backfill = {"start": date(2024, 3, 20), "stop": date(2024, 4, 5), "request_id": "backfill"}
     second = (
@@ -378,7 +409,7 @@ def test_two_overlapping_loads_at_the_same_time_both_finish_and_the_table_is_rig
     for parameters in (backfill, second):
         assert len(committing_runs(refresh_id_of(parameters))) == 1
     union = Window(start=date(2024, 3, 1), stop=date(2024, 4, 8))
-    assert_same_rows(table_rows_by_key(), window_rows(mirror, union))
+    assert_same_rows(table_rows_by_key(union), window_rows(mirror, union))
 
 
 # ------------------------------------------------------------------------------------- 9. schema drift
@@ -397,8 +428,8 @@ def test_schema_drift_mid_history_is_loaded_in_one_run_into_the_right_columns(
     Nothing lost: the table's rows for the run's days equal the mirror's (including `vehicles_truck`), and the
     rows loaded before are unchanged."""
     earlier = Window(start=date(2024, 3, 1), stop=date(2024, 3, 8))
-    ingest(start=earlier.start, stop=earlier.stop, request_id="before-drift")
-    loaded_before = table_rows_by_key()
+    ingest(rows_updated_at=mirror.dataset.rows_updated_at)  # the history so far; the ledger's mark
+    loaded_before = table_rows_by_key(earlier)
     schemas_before = len(clients.table_store(load_settings()).table().schemas())
     if mode == "window":
         days, cash_until, truck_from = FEB, "2024-02-10", "2024-02-20"
