@@ -269,7 +269,9 @@ class Oracle:
         for seq in self.seqs(lo, hi):
             self.stamp.pop(seq, None)
 
-    def ids(self, *, after: int | None = None, through: int | None = None, days: tuple[date, date] | None = None):
+    def ids(
+        self, *, after: int | None = None, through: int | None = None, days: tuple[date, date] | None = None
+    ) -> list[str]:
         """`:id`s of live rows with after < stamp <= through and date in [days), in `:id` order."""
         window = self.seqs(*days) if days else None
         return [
@@ -895,6 +897,16 @@ def test_full_history_serves_a_high_offset_page_without_materialising() -> None:
         assert len(final_day) == ROWS_PER_DAY
         assert final_day == [{k: v for k, v in r.items() if not k.startswith(":")} for r in last[-528:]]
         assert rows(client, _offset=total) == []
+        # counts over the whole history, without rendering it
+        assert count_of(client, None) == [{"n": str(total)}]
+        per_date = counts_per_date(client, None)
+        assert len(per_date) == (date(2026, 1, 1) - date(2010, 1, 1)).days == 5844
+        assert (per_date[0]["date"], per_date[-1]["date"]) == ("2010-01-01T00:00:00.000", "2025-12-31T00:00:00.000")
+        assert {r["n"] for r in per_date} == {str(ROWS_PER_DAY)}
+        mirror.dataset.revise("2012-02-28", "2012-03-02", now=0)
+        mirror.dataset.delete_days("2020-01-01", "2021-01-01", now=0)
+        assert count_of(client, None) == [{"n": str(total - 366 * ROWS_PER_DAY)}]
+        assert count_of(client, updated_after_where(DEFAULT_BASE_EPOCH)) == [{"n": str(3 * ROWS_PER_DAY)}]
 
 
 # ---------------------------------------------------------------------------------------------- process
