@@ -30,7 +30,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 from tollwatch.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.landing import LandingManifest, LandingZone
 from tollwatch.schema import convert, dedupe_on_key, target_schema
-from tollwatch.socrata import SocrataClient, and_where, updated_between_where, window_where
+from tollwatch.socrata import SocrataClient, updated_between_where, window_where
 from tollwatch.table import FLOW_RUN_ID, MODE, REFRESH_ID, TOUCHED, WINDOW, IcebergTableStore
 
 log = logging.getLogger(__name__)
@@ -107,11 +107,14 @@ class IngestRequest(BaseModel):
 class FetchPlan(BaseModel):
     """What one load asks the upstream for, decided from the table's ledger rather than from the event.
 
-    Every fetch has a ceiling (`through`, a `rowsUpdatedAt`): it asks only for versions published at or before it,
-    so a publish while the load pages is not half in it (it is the next refresh's), and the set it pages through can
-    only shrink while it pages — which is what makes the before/after count check exact (see `fetch_and_land`).
-    A refresh's floor (`after`) is the ledger's high-water mark: whatever runs were missed, lost or crashed since
-    the last commit, this fetch covers them. Its event's `previous_rows_updated_at` is information only.
+    A refresh asks for the versions published after the ledger's high-water mark (`after`) and through its own
+    publish (`through`): whatever runs were missed, lost or crashed since the last commit, this fetch covers them
+    (its event's `previous_rows_updated_at` is information only), and a publish while it pages is not half in it
+    but left whole to the next refresh.
+    A window asks for its days as they are when it pages; `through` is the upstream's `rowsUpdatedAt` read before
+    paging, which tells the commit a row deleted upstream (absent from the fetch, version at or before it) from a
+    row published after the fetch (newer: kept). A window query has no version ceiling on purpose: a row revised
+    while the window pages must stay in it, or it would look deleted.
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -127,9 +130,8 @@ def plan_fetch(request: IngestRequest, socrata: SocrataClient, committed_through
     """The upstream query for `request`, given the ledger's mark (`IcebergTableStore.committed_through`)."""
     if request.mode == "window":
         through = socrata.metadata(request.dataset_id).rows_updated_at
-        where = and_where(request.days_where, updated_between_where(None, through))
-        assert where is not None  # a window always has both parts
-        return FetchPlan(where=where, through=through)
+        assert request.days_where is not None  # a window request always has its days
+        return FetchPlan(where=request.days_where, through=through)
     through = request.rows_updated_at
     assert through is not None  # IngestRequest validates a refresh has it
     after = committed_through
@@ -175,10 +177,10 @@ def fetch_and_land(
     """Stream matching rows from the upstream into the landing zone, one page at a time, then seal it.
 
     The load accounts for its rows before anything is committed: the upstream's count(*) for the same query is
-    asked before and after paging. The ceiling makes that set shrink-only (a revision or deletion moves a row out;
-    nothing moves in), so equal counts mean it did not change and the fetch must hold exactly that many rows. When it
-    changed (offset paging may then have skipped a row), the landing is paged again; rows that cannot be accounted
-    for fail the run with both numbers, and a manifest is never written for them.
+    asked before and after paging. Equal counts mean the set did not change while it was paged, and the fetch must
+    then hold exactly that many rows. When it changed (rows added to or removed from the query while it was paged:
+    offset paging may then have skipped or repeated a row), the landing is paged again; rows that cannot be
+    accounted for fail the run with both numbers, and no manifest is written for them, so nothing is committed.
     """
     landing.ensure_container()
     prefix = landing.prefix_for(request.dataset_id, request.mode, request.window, request.refresh_id, run_id)
@@ -259,9 +261,7 @@ def covered_load(store: IcebergTableStore) -> LoadResult:
     """A refresh whose publish a later load already committed: nothing to fetch or commit, and nothing new for
     subscribers (announced as already committed, at the table's current snapshot)."""
     info = store.info()
-    return LoadResult(
-        info.snapshot_id, 0, 0, 0, already_committed=True, committed_through=store.committed_through()
-    )
+    return LoadResult(info.snapshot_id, 0, 0, 0, already_committed=True, committed_through=store.committed_through())
 
 
 def previous_load(request: IngestRequest, store: IcebergTableStore, landing: LandingZone) -> LoadResult | None:

@@ -10,18 +10,23 @@ test_faults_missed_runs.py.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from datetime import date
+from typing import Any
 
 import pytest
 
-from flows.ingest import ingest
+from flows.ingest import build_request, ingest
 from tests.faults._ingest_support import assert_same_rows, mirror_rows, snapshot_ids, table_rows_by_key
 from tests.support.prefect_events import wait_for_events
 from tollwatch import clients
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.dev.synthetic import ROWS_PER_DAY
 from tollwatch.events import EventName
+from tollwatch.ingest import IngestRequest, fetch_and_land, load_landing, plan_fetch
+from tollwatch.landing import LandingManifest
 from tollwatch.settings import load_settings
+from tollwatch.socrata import SocrataClient
 
 pytestmark = pytest.mark.stack
 
@@ -134,3 +139,103 @@ def test_the_completion_event_carries_the_committed_mark_and_the_reconciled_coun
     assert event["payload"]["window"] == {"start": "2024-01-01", "stop": "2024-04-02"}
     assert event["payload"]["upstream_rows"] == event["payload"]["table_rows"] == 92 * ROWS_PER_DAY
     assert event["resource"]["tollwatch.refresh-id"] == completed.refresh_id
+
+
+# ------------------------------------------------------------------------------------ versions only move forward
+
+
+def fetch_now(parameters: dict[str, Any]) -> tuple[IngestRequest, LandingManifest]:
+    """The first half of a run: plan and land (what a run that will commit late has done already)."""
+    settings = load_settings()
+    request = build_request(settings, parameters)
+    socrata = clients.socrata_client(settings)
+    plan = plan_fetch(request, socrata, clients.table_store(settings).committed_through())
+    manifest = fetch_and_land(request, plan, socrata, clients.landing_zone(settings), run_id="late", page_size=PAGE)
+    return request, manifest
+
+
+def commit_later(request: IngestRequest, manifest: LandingManifest) -> None:
+    """The second half of that run, after other loads committed."""
+    settings = load_settings()
+    load_landing(request, manifest, clients.landing_zone(settings), clients.table_store(settings), flow_run_id="late")
+
+
+def test_a_refresh_that_fetched_earlier_and_commits_later_does_not_revert_a_newer_one(
+    env: dict[str, str], mirror: MirrorServer
+) -> None:
+    """Two refreshes finish out of order (the deployment runs two loads at once): X (April 1-7) has fetched; the
+    upstream then corrects April 3-5 and Y's run fetches and commits that; X commits last, with the old versions.
+    Expected: April 3-5 keep Y's versions (newest `:updated_at` wins per key), X's other days are merged, and the
+    ledger's mark stays at Y's publish. Before the fix X's merge put the old versions back."""
+    base = mirror.dataset.rows_updated_at
+    ingest(rows_updated_at=base)  # the history so far: the ledger's mark
+    x = mirror.dataset.publish(days=7)
+    request, manifest = fetch_now({"rows_updated_at": x.updated_at, "previous_rows_updated_at": base})
+    y = mirror.dataset.revise(date(2024, 4, 3), date(2024, 4, 6))
+    ingest(rows_updated_at=y.updated_at, previous_rows_updated_at=x.updated_at)
+
+    commit_later(request, manifest)
+
+    assert_same_rows(table_rows_by_key(), everything(mirror))
+    revised = [v for k, v in table_rows_by_key().items() if date(2024, 4, 3) <= k[1] < date(2024, 4, 6)]
+    assert len(revised) == 3 * ROWS_PER_DAY
+    assert {int(v["source_updated_at"].timestamp()) for v in revised} == {y.updated_at}
+    assert committed_through() == y.updated_at
+
+
+def test_a_window_that_fetched_before_a_correction_and_commits_after_it_cannot_revert_it(
+    env: dict[str, str], mirror: MirrorServer
+) -> None:
+    """A backfill of March 1-14 has fetched; the upstream then corrects March 5-7 and that refresh commits; the
+    backfill commits last. Expected: March 5-7 keep the corrected versions; nothing is deleted (every stored row the
+    window did not return is newer than its fetch)."""
+    ingest(rows_updated_at=mirror.dataset.rows_updated_at)
+    request, manifest = fetch_now({"start": date(2024, 3, 1), "stop": date(2024, 3, 15), "request_id": "slow"})
+    correction = mirror.dataset.revise(date(2024, 3, 5), date(2024, 3, 8))
+    ingest(rows_updated_at=correction.updated_at)
+
+    commit_later(request, manifest)
+
+    assert_same_rows(table_rows_by_key(), everything(mirror))
+
+
+def test_a_window_load_removes_rows_deleted_upstream_and_keeps_rows_published_after_its_fetch(
+    env: dict[str, str], mirror: MirrorServer
+) -> None:
+    """Deletions: the upstream deletes March 10-11 and a window load of March replaces them with nothing (they are
+    absent from its fetch and no newer than it: deleted upstream). A refresh does not delete (Socrata's
+    `:updated_at` feed does not show deletions); `tollwatch audit` finds such days."""
+    ingest(rows_updated_at=mirror.dataset.rows_updated_at)
+    mirror.dataset.delete_days(date(2024, 3, 10), date(2024, 3, 12))
+
+    result = ingest(start=date(2024, 3, 1), stop=date(2024, 4, 1), request_id="after-deletion")
+
+    assert result.rows_fetched == 29 * ROWS_PER_DAY
+    assert date(2024, 3, 10) not in table_days()
+    assert_same_rows(table_rows_by_key(), everything(mirror))
+
+
+def test_rows_deleted_upstream_while_a_window_pages_are_paged_again_and_nothing_is_lost(
+    env: dict[str, str], mirror: MirrorServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The upstream deletes a day of the window after page 0 was served: offset paging would now skip 528 rows.
+    Expected: the count(*) before and after paging differ, the window is paged again, and the table holds the
+    window exactly as the upstream does (the deleted day gone, no row skipped)."""
+    ingest(rows_updated_at=mirror.dataset.rows_updated_at)
+    real_pages = SocrataClient.pages
+    deleted: list[object] = []
+
+    def pages_then_delete(self: SocrataClient, *args: Any, **kwargs: Any) -> Iterator[Any]:
+        for number, page in enumerate(real_pages(self, *args, **kwargs)):
+            yield page
+            if number == 0 and not deleted:
+                deleted.append(mirror.dataset.delete_days(date(2024, 3, 2), date(2024, 3, 3)))
+
+    monkeypatch.setattr(SocrataClient, "pages", pages_then_delete)
+
+    result = ingest(start=date(2024, 3, 1), stop=date(2024, 3, 15), request_id="deleted-while-paging")
+
+    assert deleted, "the deletion happened mid-paging"
+    assert result.rows_fetched == 13 * ROWS_PER_DAY
+    assert date(2024, 3, 2) not in table_days()
+    assert_same_rows(table_rows_by_key(), everything(mirror))
