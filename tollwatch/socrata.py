@@ -91,12 +91,6 @@ def updated_between_where(after_epoch_s: int | None, through_epoch_s: int) -> st
     return f":updated_at >= '{socrata_timestamp(after_epoch_s + 1)}' AND {upper}"
 
 
-def and_where(*conditions: str | None) -> str | None:
-    """Join `$where` conditions with AND (None and empty ones are skipped)."""
-    parts = [c for c in conditions if c]
-    return " AND ".join(parts) if parts else None
-
-
 def _retry_after_seconds(value: str | None) -> float | None:
     """Parse Retry-After (seconds or HTTP date)."""
     if not value:
