@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -237,6 +238,11 @@ def test_trace_and_status_commands_print_the_chain_and_the_pipeline_state(chain)
     assert f"event {refreshed.id}" in status.output
     assert "rowsUpdatedAt" in status.output
     assert "bronze.bnt_traffic_hourly snapshot" in status.output
+    # the refreshes above committed: the ledger's mark is shown beside the announced and the upstream ones
+    for label in ("announced", "committed", "upstream"):
+        assert re.search(rf"^{label} +: rowsUpdatedAt \d+ \(\d{{4}}-\d\d-\d\d \d\d:\d\d:\d\dZ\)", status.output, re.M)
+    assert re.search(r"^lag +: ", status.output, re.M)
+    assert re.search(r"^gaps +: ", status.output, re.M)
 
     unknown = CliRunner().invoke(_cli(), ["trace", "not-a-uuid", "--no-local-stack"])
     assert unknown.exit_code == 1
