@@ -47,7 +47,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from datetime import date
+from datetime import UTC, date, datetime
 from functools import reduce
 from typing import Any, Protocol
 from urllib.parse import urlsplit
@@ -223,6 +223,9 @@ class Manifest:
     pages: tuple[str, ...]
     columns: tuple[str, ...]
     rows: int
+    #: The fetch's `rowsUpdatedAt` ceiling (epoch s): a stored row of a window the fetch did not return is deleted
+    #: upstream when no newer than it (tollwatch.table.newest_per_key). None: a landing sealed before it was recorded.
+    through: int | None = None
 
 
 def read_manifest(spark: SparkSession, landing: str) -> Manifest:
@@ -237,7 +240,15 @@ def read_manifest(spark: SparkSession, landing: str) -> Manifest:
     data = json.loads(text[0])
     pages = tuple(str(p["blob"]).rsplit("/", 1)[-1] for p in data.get("pages", []))
     rows = sum(int(p.get("rows", 0)) for p in data.get("pages", []))
-    return Manifest(pages=pages, columns=tuple(data.get("columns", [])), rows=rows)
+    through = data.get("through")
+    if through is None and data.get("landed_at"):  # older landings: no version in them is newer than their seal
+        through = int(datetime.fromisoformat(str(data["landed_at"]).replace("Z", "+00:00")).timestamp())
+    return Manifest(
+        pages=pages,
+        columns=tuple(data.get("columns", [])),
+        rows=rows,
+        through=None if through is None else int(through),
+    )
 
 
 def target_schema(columns_seen: Iterable[str]) -> T.StructType:
@@ -374,8 +385,11 @@ def type_rows(raw: DataFrame, schema: T.StructType, window: tuple[date, date] | 
 
 
 def dedupe_on_key(good: DataFrame) -> DataFrame:
-    """One row per key: the latest (last page, last position), as `tollwatch.schema.dedupe_on_key`."""
-    latest = W.partitionBy(*KEY).orderBy(F.col(_PAGE).desc(), F.col(_POS).desc())
+    """One row per key: the newest version, then the latest (last page, last position), as
+    `tollwatch.schema.dedupe_on_key`."""
+    latest = W.partitionBy(*KEY).orderBy(
+        F.col("source_updated_at").desc_nulls_last(), F.col(_PAGE).desc(), F.col(_POS).desc()
+    )
     ranked = good.withColumn("__rank", F.row_number().over(latest))
     return ranked.where(F.col("__rank") == 1).drop("__rank", _PAGE, _POS)
 
@@ -437,18 +451,35 @@ def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
     )
 
 
-def merged(existing: DataFrame, new: DataFrame, mode: str, window: tuple[date, date] | None) -> DataFrame:
-    """The new content of the rewritten months.
+def merged(
+    existing: DataFrame, new: DataFrame, mode: str, window: tuple[date, date] | None, through: int | None
+) -> DataFrame:
+    """The new content of the rewritten months; versions only move forward (`tollwatch.table.newest_per_key`).
 
-    Window: the months' rows outside the window, plus the load (a window day with no new rows ends up empty).
-    Refresh: the months' rows whose key is not in the load, plus the load (merge on the key).
+    Per key, the stored and the loaded row compete by `source_updated_at` (the loaded one wins a tie). Window: the
+    months' rows outside the window stay; a stored row of the window the load lacks was deleted upstream when it is
+    no newer than the fetch (`through`) and goes, a newer one stays. Refresh: stored rows the load lacks stay.
     """
     if mode == "window" and window:
         start, stop = window
-        kept = existing.where((F.col("date") < F.lit(start)) | (F.col("date") >= F.lit(stop)))
+        inside = (F.col("date") >= F.lit(start)) & (F.col("date") < F.lit(stop))
+        outside = existing.where(~inside)
+        stored = existing.where(inside)
+        present = stored.join(new.select(*KEY), on=list(KEY), how="left_semi")
+        absent = stored.join(new.select(*KEY), on=list(KEY), how="left_anti")
+        if through is not None:
+            newer = F.col("source_updated_at") >= F.lit(datetime.fromtimestamp(through + 1, UTC))
+            absent = absent.where(newer)
+        else:
+            absent = absent.limit(0)
+        competing, kept = present.unionByName(absent), outside
     else:
+        competing = existing.join(new.select(*KEY), on=list(KEY), how="left_semi")
         kept = existing.join(new.select(*KEY), on=list(KEY), how="left_anti")
-    return kept.unionByName(new)
+    both = competing.withColumn("__incoming", F.lit(0)).unionByName(new.withColumn("__incoming", F.lit(1)))
+    newest = W.partitionBy(*KEY).orderBy(F.col("source_updated_at").desc_nulls_last(), F.col("__incoming").desc())
+    winners = both.withColumn("__rank", F.row_number().over(newest)).where(F.col("__rank") == 1)
+    return kept.unionByName(winners.drop("__rank", "__incoming"))
 
 
 # ------------------------------------------------------------------------------ table formats
@@ -472,7 +503,9 @@ class TableFormat(Protocol):
         """Create or evolve the table for a load's schema; the table schema."""
         ...
 
-    def rewrite(self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType) -> int | None:
+    def rewrite(
+        self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType, through: int | None
+    ) -> int | None:
         """Replace the months with their merged content; the snapshot id when the format has one."""
         ...
 
@@ -574,7 +607,9 @@ class IcebergFormat:
             current = self.spark.table(self.name).schema
         return current
 
-    def rewrite(self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType) -> int | None:
+    def rewrite(
+        self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType, through: int | None
+    ) -> int | None:
         """One atomic overwrite of the months, carrying the ledger properties in its snapshot summary.
 
         The existing rows are read at a pinned snapshot (`snapshot-id` read option) and the write validates
@@ -583,7 +618,7 @@ class IcebergFormat:
         base = self.current_snapshot()
         reader = self.spark.read if base is None else self.spark.read.option("snapshot-id", str(base))
         existing = conform(reader.table(self.name).where(in_months(months)), schema)
-        content = merged(existing, conform(new, schema), args.mode, args.window)
+        content = merged(existing, conform(new, schema), args.mode, args.window, through)
         writer = content.writeTo(self.name).options(**iceberg_write_options(args.properties(), base))
         writer.overwrite(in_months(months))  # month-aligned: whole data files match, so no partial-file error
         committed = self.committed(args.refresh_id)
@@ -650,11 +685,13 @@ class ParquetFormat:
         full = T.StructType([*schema.fields, T.StructField(MONTH_COLUMN, T.StringType())])
         return self.spark.read.schema(full).parquet(self.root)
 
-    def rewrite(self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType) -> int | None:
+    def rewrite(
+        self, new: DataFrame, months: Sequence[date], args: Args, schema: T.StructType, through: int | None
+    ) -> int | None:
         """Compute the months' new content (materialised first: it reads the files it replaces), then swap it in."""
         labels = [m.strftime("%Y-%m") for m in months]
         existing = self.read(schema).where(F.col(MONTH_COLUMN).isin(labels)).drop(MONTH_COLUMN)
-        content = merged(conform(existing, schema), conform(new, schema), args.mode, args.window)
+        content = merged(conform(existing, schema), conform(new, schema), args.mode, args.window, through)
         content = content.withColumn(MONTH_COLUMN, F.date_format("date", "yyyy-MM")).localCheckpoint(eager=True)
         for label in labels:  # the content is materialised: the old files can go
             fs, jpath = self._path(f"{self.root}/{MONTH_COLUMN}={label}")
@@ -719,18 +756,20 @@ def load(spark: SparkSession, args: Args) -> MergeResult:
         result.rejected_by_reason, result.rows_rejected = reasons, sum(reasons.values())
         with cached(dedupe_on_key(typed.where(F.col(_REASON).isNull()).drop(_REASON))) as new:
             result.rows_written = new.count()
-            write(table, new, schema, args, result)
+            write(table, new, schema, args, result, manifest.through)
     return result
 
 
-def write(table: TableFormat, new: DataFrame, schema: T.StructType, args: Args, result: MergeResult) -> None:
+def write(
+    table: TableFormat, new: DataFrame, schema: T.StructType, args: Args, result: MergeResult, through: int | None
+) -> None:
     """Create or evolve the table, rewrite the load's months, then close the ledger entry."""
     if args.mode == "refresh" and result.rows_written == 0:
         log.info("refresh %s brought no valid rows: nothing to write", args.refresh_id)
         return  # as the local writer: no commit, so no ledger entry either
     table_schema = table.ensure(schema)
     months = scope_months(new, args.mode, args.window)
-    result.snapshot_id = table.rewrite(new, months, args, table_schema)
+    result.snapshot_id = table.rewrite(new, months, args, table_schema, through)
     table.finish(args, result)
     log.info("wrote %d rows into %s (%d rejected)", result.rows_written, args.table, result.rows_rejected)
 
