@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from tollwatch.backfill import Chunk, chunks
-from tollwatch.events import BackfillRequested, TollwatchEvent, Window, deterministic_id
+from tollwatch.backfill import Chunk, chunk_event, chunks
+from tollwatch.events import TollwatchEvent, Window, deterministic_id
 from tollwatch.socrata import window_where
 
 if TYPE_CHECKING:
@@ -208,16 +208,13 @@ def repair_events(
             f"differ from the upstream ({upstream:,} rows upstream, {table:,} in the table)"
         )
         events.append(
-            TollwatchEvent.of(
-                BackfillRequested(
-                    domain=domain,
-                    dataset_id=dataset_id,
-                    start=window.start,
-                    stop=window.stop,
-                    request_id=request_id,
-                    requested_by=requested_by,
-                    reason=reason,
-                )
+            chunk_event(
+                window,
+                domain=domain,
+                dataset_id=dataset_id,
+                request_id=request_id,
+                requested_by=requested_by,
+                reason=reason,
             )
         )
     return events

@@ -235,21 +235,35 @@ class BackfillPlan(BaseModel):
         }
 
 
+def chunk_event(
+    window: Window, *, domain: str, dataset_id: str, request_id: str, requested_by: str, reason: str
+) -> TollwatchEvent:
+    """The `tollwatch.backfill.requested` of one chunk; its id depends only on the chunk and the request id."""
+    return TollwatchEvent.of(
+        BackfillRequested(
+            domain=domain,
+            dataset_id=dataset_id,
+            start=window.start,
+            stop=window.stop,
+            request_id=request_id,
+            requested_by=requested_by,
+            reason=reason,
+        )
+    )
+
+
 def plan_backfill(request: BackfillRequest, *, domain: str, dataset_id: str, requested_by: str) -> BackfillPlan:
     """One `tollwatch.backfill.requested` per chunk, with ids that depend only on chunk and request id."""
     request_id = request.request_id(domain, dataset_id)
     windows = chunks(request.start, request.stop, request.chunk)
     events = [
-        TollwatchEvent.of(
-            BackfillRequested(
-                domain=domain,
-                dataset_id=dataset_id,
-                start=window.start,
-                stop=window.stop,
-                request_id=request_id,
-                requested_by=requested_by,
-                reason=request.reason,
-            )
+        chunk_event(
+            window,
+            domain=domain,
+            dataset_id=dataset_id,
+            request_id=request_id,
+            requested_by=requested_by,
+            reason=request.reason,
         )
         for window in windows
     ]
