@@ -160,12 +160,21 @@ def reconcile_touched(window: Window) -> Reconciliation | None:
     """
     settings = load_settings()
     try:
-        return reconcile(
+        counts = reconcile(
             clients.socrata_client(settings), clients.table_store(settings), settings.upstream_dataset_id, window
         )
     except Exception as exc:
         get_run_logger().warning("could not reconcile %s after the commit: %s", window, exc)
         return None
+    if not counts.matches:
+        get_run_logger().warning(
+            "after the commit the table holds %d rows of %s, the upstream %d (%d days differ; `tollwatch audit`)",
+            counts.table_rows,
+            window,
+            counts.upstream_rows,
+            len(counts.differing_days),
+        )
+    return counts
 
 
 def emit_failure(flow: object, run: FlowRun, state: State) -> None:
@@ -242,14 +251,6 @@ def ingest(
     loaded = time.perf_counter()
     touched = request.window or result.touched or _touched(result)
     counts = reconcile_touched(touched) if touched is not None and settings.engine == "local" else None
-    if counts is not None and not counts.matches:
-        logger.warning(
-            "after the commit the table holds %d rows of %s, the upstream %d (%d days differ; `tollwatch audit`)",
-            counts.table_rows,
-            touched,
-            counts.upstream_rows,
-            len(counts.differing_days),
-        )
 
     completed = IngestionCompleted(
         table=settings.table,
