@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -65,13 +66,20 @@ def spawn(
     log_path: Path,
     env: Mapping[str, str],
     cwd: Path | None = None,
+    user: str | None = None,
 ) -> ProcessRef:
     """Start `argv` detached in its own session with stdout+stderr appended to `log_path`.
 
     stdin is /dev/null so no service ever waits on a terminal prompt, and the log is opened in append mode so
-    restarts keep the history of earlier attempts next to the failure being debugged.
+    restarts keep the history of earlier attempts next to the failure being debugged. `user` (needs root) runs
+    the process as that user and its primary group only, e.g. a server that refuses to run as root; the log
+    stays the caller's file, written through the inherited descriptor.
     """
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    identity: dict[str, object] = {}
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        identity = {"user": entry.pw_uid, "group": entry.pw_gid, "extra_groups": []}
     with log_path.open("ab") as log:
         proc = subprocess.Popen(  # a list argv built by the caller from fixed parts: never a shell
             list(argv),
@@ -81,22 +89,32 @@ def spawn(
             env=dict(env),
             cwd=cwd,
             start_new_session=True,
+            **identity,  # type: ignore[arg-type]
         )
     _CHILDREN[proc.pid] = proc
     return ProcessRef.of(proc.pid)
 
 
-def terminate_group(ref: ProcessRef, *, timeout: float = 10.0) -> None:
+def terminate_group(ref: ProcessRef, *, timeout: float = 10.0, leader_signal: signal.Signals | None = None) -> None:
     """Stop the process group led by `ref`: SIGTERM, wait up to `timeout` seconds, then SIGKILL.
 
     The group is signalled even if its leader already died: children may outlive it, and the kernel never
     recycles a pid while it still names a process group, so whatever is left there is ours. If the pid was
     recycled, nothing of ours is left and nothing is signalled; calling this twice or on a stale state file
     is safe.
+
+    `leader_signal` is for servers that stop their own children: that signal goes to the living leader alone
+    (PostgreSQL: SIGINT to the postmaster is a fast shutdown, whereas SIGTERM to every process of the group
+    at once would end its auxiliary processes behind its back), and the group is killed only if it is not gone
+    within `timeout`.
     """
     if ref.recycled():
         return
-    _kill_group(ref.pid, signal.SIGTERM)
+    if leader_signal is not None and ref.alive():
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(ref.pid, leader_signal)
+    else:
+        _kill_group(ref.pid, signal.SIGTERM)
     if _wait_group_gone(ref.pid, timeout):
         return
     _kill_group(ref.pid, signal.SIGKILL)
