@@ -67,6 +67,12 @@ Admin endpoints (JSON in, JSON out; not logged in the request log, never subject
 Run it: ``python -m tollwatch.dev.mirror --port 0 --start 2024-01-01 --through 2025-01-01`` prints
 ``MIRROR_URL=http://127.0.0.1:<port>`` once listening and stops cleanly on SIGTERM/SIGINT. In-process:
 ``with MirrorServer("qzve-kjga", "2024-01-01", "2024-02-01") as mirror: ... mirror.url, mirror.dataset``.
+
+State across restarts: with ``--state FILE`` (``MirrorServer(..., state_file=...)``) the data changes (publishes,
+revisions, deletions, each with its stamp) are written to FILE after every change and replayed on start, so a
+restarted mirror serves what it served before, with the same ``:updated_at`` and ``rowsUpdatedAt``. A file
+written for other construction parameters (dataset, range, seed, base epoch, cash boundary) is another upstream
+and is ignored (then overwritten at the next change). Faults, overrides and the request log are not kept.
 """
 
 from __future__ import annotations
@@ -74,8 +80,10 @@ from __future__ import annotations
 import argparse
 import bisect
 import json
+import os
 import re
 import signal
+import sys
 import threading
 import time
 from collections import deque
@@ -84,6 +92,7 @@ from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, date, datetime, timedelta
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import FrameType
 from typing import Any, Self
 from urllib.parse import parse_qs, urlsplit
@@ -110,6 +119,8 @@ MAX_LIMIT = 50_000
 SYSTEM_FIELDS = (":id", ":created_at", ":updated_at")
 #: Bounded so a long-running dev mirror does not grow without limit; tests see far fewer requests.
 REQUEST_LOG_SIZE = 10_000
+#: Version of the history document (`MirrorDataset.history`, the `--state` file).
+HISTORY_VERSION = 1
 
 _COLUMN_TYPES = {
     "plaza_id": "number",
@@ -685,6 +696,8 @@ class MirrorDataset:
         if self._initial_through < self.history_start:
             raise ValueError(f"published_through {through} is before history start {start}")
         self._lock = threading.Lock()
+        #: Called with `history()` after every data change, under the lock (so calls come in change order).
+        self.on_change: Callable[[dict[str, Any]], None] | None = None
         self._initialise()
 
     def _initialise(self) -> None:
@@ -701,6 +714,8 @@ class MirrorDataset:
         self._rows_updated_at = self.base_epoch
         self._revisions: tuple[Revision, ...] = ()
         self._deletions: tuple[Deletion, ...] = ()
+        #: Every data change since construction, in order, as `history()` lists them (what `replay` re-applies).
+        self._changes: tuple[dict[str, Any], ...] = ()
         self._schema_changed_at = self.base_epoch
         self._overrides: dict[int, dict[str, str | None]] = {}
         self._extras: dict[str, ExtraValue] = {}
@@ -841,6 +856,7 @@ class MirrorDataset:
             self._batches = (*self._batches, batch)
             self._set_versions((*self._versions, RowVersions(batch.start_seq, batch.end_seq, stamp, stamp)))
             self._days += days
+            self._changed({"change": "publish", "days": days, "at": stamp})
         return batch
 
     def revise(self, start: date | str, stop: date | str, now: float | None = None) -> Revision:
@@ -870,6 +886,7 @@ class MirrorDataset:
                 )
             )
             self._revisions = (*self._revisions, revision)
+            self._changed({"change": "revise", "start": first.isoformat(), "stop": last.isoformat(), "at": stamp})
         return revision
 
     def delete_days(self, start: date | str, stop: date | str, now: float | None = None) -> Deletion:
@@ -890,6 +907,7 @@ class MirrorDataset:
             deletion = Deletion(first, last, lo, hi, vanishing, stamp)
             self._set_versions(_replace_versions(self._versions, lo, hi, lambda e: None))
             self._deletions = (*self._deletions, deletion)
+            self._changed({"change": "delete", "start": first.isoformat(), "stop": last.isoformat(), "at": stamp})
         return deletion
 
     def _seq_span(self, first: date, last: date) -> tuple[int, int]:
@@ -912,6 +930,61 @@ class MirrorDataset:
         lock). Strictly increasing, whatever the clock says, so every change has its own `:updated_at`."""
         self._rows_updated_at = max(self._rows_updated_at + 1, int(wall))
         return self._rows_updated_at
+
+    def _changed(self, change: dict[str, Any]) -> None:
+        """Record a data change and report the new history (caller holds the lock)."""
+        self._changes = (*self._changes, change)
+        if self.on_change is not None:
+            self.on_change(self._history())
+
+    # ------------------------------------------------------------------ history (state across restarts)
+
+    def history(self) -> dict[str, Any]:
+        """The construction parameters and every data change since, enough for `replay` to rebuild the rows,
+        versions and stamps: ``{"version", "dataset", "history_start", "initial_published_through", "seed",
+        "base_epoch", "cash_until" (initial), "changes": [{"change": "publish", "days", "at"} | {"change":
+        "revise" | "delete", "start", "stop", "at"}, ...]}`` (``at``: the change's stamp)."""
+        with self._lock:
+            return self._history()
+
+    def _history(self) -> dict[str, Any]:
+        return {**self._identity(), "changes": [dict(change) for change in self._changes]}
+
+    def _identity(self) -> dict[str, Any]:
+        return {
+            "version": HISTORY_VERSION,
+            "dataset": self.dataset_id,
+            "history_start": self.history_start.isoformat(),
+            "initial_published_through": self._initial_through.isoformat(),
+            "seed": self.seed,
+            "base_epoch": self.base_epoch,
+            "cash_until": None if self._initial_cash_until is None else self._initial_cash_until.isoformat(),
+        }
+
+    def replay(self, document: Mapping[str, Any]) -> bool:
+        """Re-apply a `history()` document's changes to a dataset in its construction state, with their own
+        stamps. False (and nothing changed) if it was written for other construction parameters; ValueError if
+        it is malformed or its stamps do not replay (each change must be newer than the one before)."""
+        identity = {key: document.get(key) for key in self._identity()}
+        if identity != self._identity():
+            return False
+        if self._changes:
+            raise ValueError("replay needs a dataset in its construction state")
+        for change in document.get("changes", []):
+            kind, at = change.get("change"), change.get("at")
+            if not isinstance(at, int):
+                raise ValueError(f"history change without an integer stamp: {change!r}")
+            if kind == "publish":
+                stamp = self.publish(int(change["days"]), now=at).updated_at
+            elif kind == "revise":
+                stamp = self.revise(change["start"], change["stop"], now=at).updated_at
+            elif kind == "delete":
+                stamp = self.delete_days(change["start"], change["stop"], now=at).updated_at
+            else:
+                raise ValueError(f"unknown history change {kind!r}")
+            if stamp != at:
+                raise ValueError(f"history change {change!r} replayed with stamp {stamp}: stamps must increase")
+        return True
 
     def _set_versions(self, versions: tuple[RowVersions, ...]) -> None:
         """Replace the version map and what is derived from it (caller holds the lock, or is initialising)."""
@@ -1019,6 +1092,8 @@ class MirrorDataset:
         extras or log."""
         with self._lock:
             self._initialise()
+            if self.on_change is not None:
+                self.on_change(self._history())
 
     # ------------------------------------------------------------------ queries
 
@@ -1426,8 +1501,14 @@ class MirrorServer:
         host: str = "127.0.0.1",
         port: int = 0,
         verbose: bool = False,
+        state_file: Path | str | None = None,
     ) -> None:
         self.dataset = MirrorDataset(dataset, start, through, seed=seed, cash_until=cash_until, base_epoch=base_epoch)
+        #: True when the dataset's history was restored from `state_file`.
+        self.restored = False
+        if state_file is not None:
+            self.restored = _restore(self.dataset, Path(state_file))
+            self.dataset.on_change = lambda history: _write_history(Path(state_file), history)
         self.host = host
         self.port = port
         self._verbose = verbose
@@ -1471,6 +1552,29 @@ class MirrorServer:
         self.stop()
 
 
+def _restore(dataset: MirrorDataset, path: Path) -> bool:
+    """Replay `path` into `dataset` if it exists and was written for the same parameters; ValueError names the
+    file if it cannot be read or replayed (a history silently dropped would republish what was published)."""
+    try:
+        document = json.loads(path.read_text())
+    except FileNotFoundError:
+        return False
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the mirror history {path}: {exc}; delete it to start over") from exc
+    try:
+        return isinstance(document, dict) and dataset.replay(document)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"cannot replay the mirror history {path}: {exc}; delete it to start over") from exc
+
+
+def _write_history(path: Path, history: Mapping[str, Any]) -> None:
+    """Write atomically (a crash mid-write leaves the previous history, never half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(history, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 
 
@@ -1487,13 +1591,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--cash-until", type=as_date, default=None, help="rows before carry vehicles_cash")
     parser.add_argument("--base-epoch", type=int, default=DEFAULT_BASE_EPOCH, help="initial batch stamp")
     parser.add_argument("--verbose", action="store_true", help="log every request to stderr")
+    parser.add_argument(
+        "--state", type=Path, default=None, help="JSON file the publish/revision/deletion history is kept in"
+    )
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Serve until SIGTERM/SIGINT; the single stdout line tells a supervisor where to connect."""
-    args = _parse_args(argv)
-    server = MirrorServer(
+def _server_from(args: argparse.Namespace) -> MirrorServer:
+    return MirrorServer(
         args.dataset,
         args.start,
         args.through,
@@ -1503,7 +1608,20 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         verbose=args.verbose,
-    ).start()
+        state_file=args.state,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve until SIGTERM/SIGINT; the single stdout line tells a supervisor where to connect."""
+    args = _parse_args(argv)
+    try:
+        server = _server_from(args).start()
+    except ValueError as exc:
+        print(f"mirror: {exc}", file=sys.stderr, flush=True)
+        return 2
+    if server.restored:
+        print(f"mirror: restored its history from {args.state}", flush=True)
     stop = threading.Event()
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
