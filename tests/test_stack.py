@@ -1,8 +1,10 @@
-"""The local stack against real processes: Azurite, a Prefect server on SQLite and the Socrata mirror.
+"""The local stack against real processes: PostgreSQL, Azurite, a Prefect server on PostgreSQL (and on SQLite,
+the lighter option) and the Socrata mirror.
 
-Nothing is mocked: these tests are what proves that the pinned Azurite, this venv's Prefect and the mirror
-start, answer, and go away again on this machine. One stack is shared by the module (a cold Prefect start
-runs its migrations, ~8 s); tests that stop or break services use stacks of their own.
+Nothing is mocked: these tests are what proves that the pinned Azurite, this venv's Prefect and PostgreSQL and
+the mirror start, answer, keep their state across `down`/`up`, and go away again on this machine. One stack is
+shared by the module (a cold Prefect start runs its migrations, ~9 s); tests that stop or break services use
+stacks of their own.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +25,9 @@ import httpx
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from tollwatch.dev import postgres
 from tollwatch.dev import stack as stack_module
+from tollwatch.dev.mirror import MirrorServer
 from tollwatch.dev.procs import ProcessRef, group_alive
 from tollwatch.dev.stack import LocalStack, StackEndpoints, StackError
 
@@ -119,7 +124,7 @@ def test_env_points_at_the_stack(shared: tuple[LocalStack, StackEndpoints]) -> N
     assert endpoints.prefect_api_url.startswith("http://127.0.0.1:")
     assert endpoints.prefect_api_url.endswith("/api")
     assert (local.state_dir / "warehouse").is_dir()
-    for name in ("azurite", "prefect", "mirror"):
+    for name in ("postgres", "azurite", "prefect", "mirror"):
         assert (local.state_dir / "logs" / f"{name}.log").is_file()
 
 
@@ -142,10 +147,168 @@ def test_status_from_a_second_instance(shared: tuple[LocalStack, StackEndpoints]
 
     statuses = other.status()
 
-    assert set(statuses) == {"azurite", "prefect", "mirror", "inbox", "warm", "worker"}
+    assert set(statuses) == {"postgres", "azurite", "prefect", "mirror", "inbox", "warm", "worker"}
     assert all(s.alive and s.healthy for s in statuses.values()), statuses
     assert statuses["prefect"].url == endpoints.prefect_api_url
+    assert statuses["prefect"].database == endpoints.prefect_database_url
     assert other.endpoints() == endpoints
+
+
+# ------------------------------------------------------------------------------------------ PostgreSQL
+
+
+def test_prefect_runs_migrated_on_the_stacks_postgres(shared: tuple[LocalStack, StackEndpoints]) -> None:
+    """The server's database is the stack's PostgreSQL, through the socket in the state dir, migrated (with
+    pg_trgm) and written to: a flow created over the API is a row in PostgreSQL."""
+    local, endpoints = shared
+    socket_dir = local.state_dir / "postgres" / "run"
+    assert endpoints.prefect_database_url == f"postgresql+asyncpg://postgres@/prefect?host={socket_dir}"
+    assert endpoints.postgres_url == f"postgresql://postgres@/prefect?host={socket_dir}"
+    assert _environ_of(_pids(local.state_dir)["prefect"].pid)["PREFECT_SERVER_DATABASE_CONNECTION_URL"] == (
+        endpoints.prefect_database_url
+    )
+    assert (socket_dir / ".s.PGSQL.5432").is_socket()
+    assert not (local.state_dir / "prefect" / "prefect.db").exists()
+    name = f"pg-{uuid.uuid4().hex[:8]}"
+    with _client(base_url=endpoints.prefect_api_url) as client:
+        assert client.post("/flows/", json={"name": name}).status_code in (200, 201)
+
+    assert name in _sql(endpoints.postgres_url, "SELECT name FROM flow").splitlines()
+    assert _sql(endpoints.postgres_url, "SELECT extname FROM pg_extension WHERE extname = 'pg_trgm'") == "pg_trgm"
+    assert _sql(endpoints.postgres_url, "SELECT count(*) FROM alembic_version") == "1"
+
+
+def test_down_and_up_keep_the_state_of_every_service(tmp_path: Path) -> None:
+    """`down` stops PostgreSQL cleanly; `up` again finds the flow run and event made before (Prefect on
+    PostgreSQL), the blob (Azurite) and the weeks the mirror published (its history file), and publishes on."""
+    state = tmp_path / "stack"
+    local = LocalStack(state, services=("azurite", "prefect", "mirror"), **FAST)
+    first = local.up()
+    event_id = str(uuid.uuid4())
+    with _client(base_url=first.prefect_api_url) as client:
+        flow = client.post("/flows/", json={"name": "kept-across-restarts"}).json()
+        run = client.post("/flow_runs/", json={"flow_id": flow["id"], "name": "kept-run"}).json()
+        assert client.post("/events", json=[_event(event_id)]).status_code == 204
+        assert _wait_for_event(client, event_id), "event never showed up in events/filter"
+    container = BlobServiceClient.from_connection_string(first.blob_connection_string).create_container("kept")
+    container.upload_blob("hello.txt", b"kept")
+    with _client(base_url=first.mirror_url) as client:
+        published = client.post("/admin/publish", json={"days": 7}).json()
+        state_before = client.get("/admin/state").json()
+    postmaster = _pids(state)["postgres"]
+
+    local.down()
+
+    assert not postmaster.alive()
+    assert not group_alive(postmaster.pid)
+    assert "database system is shut down" in (state / "logs" / "postgres.log").read_text()
+    assert (state / "postgres" / "data" / "PG_VERSION").is_file()
+    assert (
+        json.loads((state / "mirror" / "history.json").read_text())["changes"][-1]["at"] == (published["rowsUpdatedAt"])
+    )
+
+    second = local.up()
+
+    assert _pids(state)["postgres"] != postmaster
+    assert "was shut down at" in (state / "logs" / "postgres.log").read_text().split("starting PostgreSQL")[-1]
+    with _client(base_url=second.prefect_api_url) as client:
+        kept = client.get(f"/flow_runs/{run['id']}")
+        assert kept.status_code == 200, kept.text
+        assert kept.json()["name"] == "kept-run"
+        assert _wait_for_event(client, event_id)
+    blobs = BlobServiceClient.from_connection_string(second.blob_connection_string)
+    assert blobs.get_container_client("kept").download_blob("hello.txt").readall() == b"kept"
+    with _client(base_url=second.mirror_url) as client:
+        assert client.get("/admin/state").json() == state_before
+        metadata = client.get("/api/views/qzve-kjga.json").json()
+        assert metadata["rowsUpdatedAt"] == published["rowsUpdatedAt"]
+        again = client.post("/admin/publish", json={"days": 7}).json()
+    assert again["start_seq"] == published["end_seq"]  # the next week, not the same one again
+    assert again["published_through"] > published["published_through"]
+    local.down()
+
+
+def test_sqlite_option_runs_prefect_without_postgres(tmp_path: Path) -> None:
+    """`db="sqlite"` (`stack up --db sqlite`): no PostgreSQL at all, the server on a SQLite file; a second
+    instance's status (default db) does not call the missing PostgreSQL a failure."""
+    state = tmp_path / "stack"
+    with LocalStack(state, services=("prefect",), db="sqlite", **FAST) as endpoints:
+        with _client(base_url=endpoints.prefect_api_url) as client:
+            assert client.post("/flows/", json={"name": "on-sqlite"}).status_code in (200, 201)
+        database = state / "prefect" / "prefect.db"
+        assert endpoints.prefect_database_url == f"sqlite+aiosqlite:///{database}"
+        assert endpoints.postgres_url == ""
+        assert database.is_file()
+        assert set(_pids(state)) == {"prefect"}
+        assert not (state / "postgres").exists()
+        statuses = LocalStack(state).status()
+        assert "postgres" not in statuses
+        assert statuses["prefect"].healthy
+        assert statuses["prefect"].database == endpoints.prefect_database_url
+
+
+def test_unknown_database_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(StackError, match="unknown database 'mysql'"):
+        LocalStack(tmp_path, db="mysql")
+
+
+@pytest.mark.parametrize("breakage", ["incompatible data dir", "data dir is a file"])
+def test_a_postgres_that_cannot_start_is_one_sentence(tmp_path: Path, breakage: str) -> None:
+    """Nothing else is started, nothing is left running, and the error is one line that says why."""
+    state = tmp_path / "stack"
+    data = state / "postgres" / "data"
+    if breakage == "incompatible data dir":  # a real cluster, then marked as made by another major version
+        with LocalStack(state, services=("postgres",)):
+            pass
+        (data / "PG_VERSION").write_text("9.6\n")
+        expected = "PostgreSQL did not start: database files are incompatible with server"
+    else:
+        data.parent.mkdir(parents=True)
+        data.write_text("not a directory\n")
+        expected = "PostgreSQL cannot start: cannot prepare PostgreSQL's directory"
+    local = LocalStack(state, services=("prefect",), **FAST)
+
+    with pytest.raises(StackError) as caught:
+        local.up()
+
+    message = str(caught.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+    assert str(state / "postgres") in message
+    assert json.loads((state / "stack.json").read_text())["services"] == {}
+    assert not (state / "logs" / "prefect.log").exists()  # the server was never launched
+    assert not _processes_using(state)
+
+
+def test_postgres_listens_on_loopback_when_the_socket_path_is_too_long(tmp_path: Path) -> None:
+    """A socket path is at most 107 bytes; under a deeper state dir PostgreSQL takes a free loopback port."""
+    state = tmp_path / ("d" * 60) / ("e" * 60) / "stack"
+    with LocalStack(state, services=("postgres",)) as endpoints:
+        assert endpoints.postgres_url.startswith("postgresql://postgres@127.0.0.1:")
+        assert endpoints.postgres_url.endswith("/prefect")
+        assert postgres.is_ready(endpoints.postgres_url) is None
+        assert _sql(endpoints.postgres_url, "SELECT current_database()") == "prefect"
+    assert not _processes_using(state)
+
+
+def test_mirror_history_file_replays_publishes_revisions_and_deletions(tmp_path: Path) -> None:
+    """The mirror's `--state` file: a new mirror on it serves what the old one served, stamps included; a
+    file written for another range is another upstream and is ignored."""
+    history = tmp_path / "history.json"
+    with MirrorServer("qzve-kjga", "2024-01-01", "2024-02-01", state_file=history) as first:
+        first.dataset.publish(7)
+        first.dataset.revise("2024-01-03", "2024-01-05")
+        first.dataset.delete_days("2024-01-10", "2024-01-11")
+        before = first.dataset.state()
+
+    with MirrorServer("qzve-kjga", "2024-01-01", "2024-02-01", state_file=history) as second:
+        assert second.restored
+        assert second.dataset.state() == before
+        assert second.dataset.query({"$select": "count(*) AS n"}) == first.dataset.query({"$select": "count(*) AS n"})
+
+    with MirrorServer("qzve-kjga", "2024-01-02", "2024-02-01", state_file=history) as other:
+        assert not other.restored
+        assert other.dataset.state()["published_through"] == "2024-02-01"
 
 
 # ------------------------------------------------------------------------------------------ lifecycle
@@ -155,7 +318,7 @@ def test_down_stops_every_process_and_up_replaces_dead_services(tmp_path: Path) 
     local = LocalStack(tmp_path / "stack", services=("azurite", "prefect"), **FAST)
     first = local.up()
     refs = _pids(local.state_dir)
-    assert set(refs) == {"azurite", "prefect"}
+    assert set(refs) == {"postgres", "azurite", "prefect"}
     assert first.mirror_url == ""
     assert "TOLLWATCH_UPSTREAM_BASE_URL" not in first.env()
 
@@ -176,7 +339,11 @@ def test_down_stops_every_process_and_up_replaces_dead_services(tmp_path: Path) 
         assert not ref.alive()
         assert not group_alive(ref.pid)
     assert not (local.state_dir / "stack.json").exists()
-    assert {name: s.alive for name, s in local.status().items()} == {"azurite": False, "prefect": False}
+    assert {name: s.alive for name, s in local.status().items()} == {
+        "postgres": False,
+        "azurite": False,
+        "prefect": False,
+    }
     local.down()  # idempotent
 
 
@@ -202,12 +369,15 @@ def test_context_manager_and_mirror_parameters(tmp_path: Path) -> None:
     with LocalStack(state, services=("mirror",), mirror_start=date(2024, 3, 1), seed=7) as endpoints:
         first = _pids(state)["mirror"]
         assert _mirror_state(endpoints.mirror_url)["history_start"] == "2024-03-01"
+        httpx.post(f"{endpoints.mirror_url}/admin/publish", json={"days": 7}, trust_env=False).raise_for_status()
 
         moved = LocalStack(state, services=("mirror",), mirror_start=date(2024, 3, 2), seed=7).up()
 
         assert _pids(state)["mirror"] != first
         assert not first.alive()
         assert _mirror_state(moved.mirror_url)["history_start"] == "2024-03-02"
+        # another range is another upstream: the week published on the old one is not replayed on it
+        assert _mirror_state(moved.mirror_url)["published_through"] == "2025-01-01"
     assert not (state / "stack.json").exists()
 
 
@@ -229,6 +399,56 @@ def _mirror_state(url: str) -> dict[str, object]:
     response = httpx.get(f"{url}/admin/state", trust_env=False)
     response.raise_for_status()
     return dict(response.json())
+
+
+def _sql(libpq_url: str, query: str) -> str:
+    """One value from the stack's PostgreSQL, through the wheel's own psql."""
+    result = subprocess.run(
+        [str(postgres.bin_dir() / "psql"), "-X", "-tA", "-d", libpq_url, "-c", query],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    return result.stdout.strip()
+
+
+def _event(event_id: str) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "occurred": datetime.now(UTC).isoformat(),
+        "event": "tollwatch.test",
+        "resource": {"prefect.resource.id": "test.kept"},
+        "payload": {},
+        "related": [],
+    }
+
+
+def _wait_for_event(client: httpx.Client, event_id: str, timeout: float = 30.0) -> bool:
+    query = {"filter": {"event": {"name": ["tollwatch.test"]}}, "limit": 50}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        page = client.post("/events/filter", json=query)
+        assert page.status_code == 200, page.text
+        if any(e["id"] == event_id for e in page.json()["events"]):
+            return True
+        time.sleep(0.25)
+    return False
+
+
+def _processes_using(state: Path) -> list[int]:
+    """Pids of live processes whose command line names the state dir (a leftover server would)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(state) in cmdline and ProcessRef.of(int(entry.name)).alive():
+            found.append(int(entry.name))
+    return found
 
 
 def _wait_dead(ref: ProcessRef, timeout: float = 10.0) -> None:

@@ -25,15 +25,22 @@ def stack_up(
     state_dir: StateDir = DEFAULT_STATE_DIR,
     mirror_start: Annotated[str, typer.Option(help="first day the mirror serves")] = "2024-01-01",
     mirror_through: Annotated[str, typer.Option(help="day after the last one the mirror serves")] = "2025-01-01",
+    db: Annotated[
+        str, typer.Option(help="the Prefect server's database: postgres (as in production) or sqlite (lightest)")
+    ] = "postgres",
 ) -> None:
-    """Start Azurite, a Prefect server (SQLite) and the Socrata mirror on free loopback ports."""
+    """Start PostgreSQL, Azurite, a Prefect server, the Socrata mirror, the inbox and a worker on loopback."""
     from tollwatch.dev.stack import LocalStack
 
     stack = LocalStack(
-        state_dir, mirror_start=date.fromisoformat(mirror_start), mirror_through=date.fromisoformat(mirror_through)
+        state_dir,
+        mirror_start=date.fromisoformat(mirror_start),
+        mirror_through=date.fromisoformat(mirror_through),
+        db=db,
     )
     endpoints = stack.up()
     typer.echo(f"Prefect UI/API : {endpoints.prefect_api_url.removesuffix('/api')}")
+    typer.echo(f"Prefect DB     : {endpoints.prefect_database_url}")
     typer.echo(f"Azurite blob   : {endpoints.blob_url}")
     typer.echo(f"Socrata mirror : {endpoints.mirror_url}")
     typer.echo('Environment for other shells (eval "$(tollwatch stack env)"):')
@@ -60,7 +67,9 @@ def stack_status(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
     statuses = LocalStack(state_dir).status()
     for status in statuses.values():
         state = "healthy" if status.healthy else ("alive" if status.alive else "down")
-        typer.echo(f"{status.name:8} {state:8} {status.url or ''} {status.detail}".rstrip())
+        database = f"database {status.database}" if status.database else ""
+        parts = [f"{status.name:8} {state:8}", status.url or "", database, status.detail]
+        typer.echo(" ".join(part for part in parts if part))
     if not all(s.healthy for s in statuses.values()):
         raise typer.Exit(1)
 

