@@ -1,5 +1,5 @@
-"""Fixtures that start real components: the local stack (Azurite + Prefect server on SQLite) once per session,
-and a fresh in-process Socrata mirror, blob container and Iceberg warehouse per test."""
+"""Fixtures that start real components: the local stack (Azurite + Prefect server on PostgreSQL, as production
+runs it) once per session, and a fresh in-process Socrata mirror, blob container and Iceberg warehouse per test."""
 
 from __future__ import annotations
 
@@ -17,8 +17,11 @@ from tollwatch.dev.stack import LocalStack, StackEndpoints
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
-    """Azurite and a Prefect server, started by the project itself on free loopback ports."""
-    local = LocalStack(tmp_path_factory.mktemp("stack"), services=("azurite", "prefect"), prefect_ui=False)
+    """Azurite and a Prefect server on the stack's PostgreSQL, started by the project itself (loopback ports, a
+    Unix socket for PostgreSQL)."""
+    local = LocalStack(
+        tmp_path_factory.mktemp("stack"), services=("azurite", "prefect"), prefect_ui=False, db="postgres"
+    )
     endpoints = local.up()
     try:
         yield endpoints

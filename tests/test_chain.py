@@ -1,6 +1,10 @@
 """The whole chain on a real local stack: Prefect server with its automation services, a process worker,
 Azurite, the Socrata mirror and the loopback inbox — deployed from prefect.yaml and automations/ as shipped.
 
+This module's stack runs the Prefect server on SQLite (`db="sqlite"`, `tollwatch stack up --db sqlite`): every
+other stack of the tests runs it on PostgreSQL, as production does, and this is the smoke test that keeps the
+lighter SQLite option working (the chain passes on PostgreSQL too: switch `CHAIN_DB`).
+
 publish → watcher → tollwatch.dataset.refreshed → ingest run → tollwatch.ingestion.completed → subscriptions
 (run-job → tollwatch.job.completed; a team webhook) and failures → notification. Backfills go through the
 `tollwatch backfill` CLI and Prefect's own `prefect event emit`.
@@ -43,6 +47,9 @@ subscriptions:
 """
 
 
+#: The Prefect server's database for this module: SQLite, the smoke test of that option (see the docstring).
+CHAIN_DB = "sqlite"
+
 FAIL_FAST = {
     "TOLLWATCH_UPSTREAM_MAX_ATTEMPTS": "2",
     "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2",
@@ -61,6 +68,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
         prefect_ui=False,
         mirror_start=date(2024, 1, 1),
         mirror_through=date(2024, 2, 1),
+        db=CHAIN_DB,
     )
     automations = state / "automations"
     shutil.copytree(ROOT / "automations", automations)
