@@ -228,23 +228,43 @@ def test_down_and_up_keep_the_state_of_every_service(tmp_path: Path) -> None:
     local.down()
 
 
-def test_sqlite_option_runs_prefect_without_postgres(tmp_path: Path) -> None:
-    """`db="sqlite"` (`stack up --db sqlite`): no PostgreSQL at all, the server on a SQLite file; a second
-    instance's status (default db) does not call the missing PostgreSQL a failure."""
+def test_stack_up_db_sqlite_runs_prefect_without_postgres(tmp_path: Path) -> None:
+    """`tollwatch stack up --db sqlite`: the whole stack but no PostgreSQL, the server on a SQLite file;
+    `stack status` shows that database and does not call the missing PostgreSQL a failure."""
+    from typer.testing import CliRunner
+
+    from tollwatch.cli import app
+
     state = tmp_path / "stack"
-    with LocalStack(state, services=("prefect",), db="sqlite", **FAST) as endpoints:
+    runner = CliRunner()
+    up = runner.invoke(app, ["stack", "up", "--state-dir", str(state), "--db", "sqlite"])
+    try:
+        assert up.exit_code == 0, up.output
+        database = state / "prefect" / "prefect.db"
+        assert f"Prefect DB     : sqlite+aiosqlite:///{database}" in up.output
+        endpoints = LocalStack(state).endpoints()
         with _client(base_url=endpoints.prefect_api_url) as client:
             assert client.post("/flows/", json={"name": "on-sqlite"}).status_code in (200, 201)
-        database = state / "prefect" / "prefect.db"
-        assert endpoints.prefect_database_url == f"sqlite+aiosqlite:///{database}"
         assert endpoints.postgres_url == ""
         assert database.is_file()
-        assert set(_pids(state)) == {"prefect"}
+        assert set(_pids(state)) == {"azurite", "prefect", "mirror", "inbox", "warm", "worker"}
         assert not (state / "postgres").exists()
-        statuses = LocalStack(state).status()
-        assert "postgres" not in statuses
-        assert statuses["prefect"].healthy
-        assert statuses["prefect"].database == endpoints.prefect_database_url
+
+        status = runner.invoke(app, ["stack", "status", "--state-dir", str(state)])
+
+        assert status.exit_code == 0, status.output
+        assert not [line for line in status.output.splitlines() if line.startswith("postgres")]
+        assert f"database sqlite+aiosqlite:///{database}" in status.output
+    finally:
+        assert runner.invoke(app, ["stack", "down", "--state-dir", str(state)]).exit_code == 0
+
+
+def test_the_database_choice_decides_whether_postgres_is_a_service(tmp_path: Path) -> None:
+    assert LocalStack(tmp_path).services == stack_module.SERVICES
+    assert "postgres" not in LocalStack(tmp_path, db="sqlite").services
+    assert LocalStack(tmp_path, services=("azurite", "prefect")).services == ("postgres", "azurite", "prefect")
+    assert LocalStack(tmp_path, services=("azurite", "prefect"), db="sqlite").services == ("azurite", "prefect")
+    assert LocalStack(tmp_path, services=("mirror",)).services == ("mirror",)
 
 
 def test_unknown_database_is_rejected(tmp_path: Path) -> None:

@@ -718,10 +718,10 @@ class _Worker(_Service):
 class LocalStack:
     """Start, check and stop the local services, with all state under `state_dir`.
 
-    `services` selects a subset (tests of the function app need only Azurite + Prefect); with `db="postgres"`
-    (the default) the `postgres` service comes with `prefect`, with `db="sqlite"` the Prefect server uses a
-    SQLite file instead. `down` and `status` act on every service recorded in the state dir, whichever
-    instance or process started it.
+    `services` selects a subset (tests of the function app need only Azurite + Prefect; default: all that `db`
+    needs); with `db="postgres"` (the default) the `postgres` service comes with `prefect`, with `db="sqlite"`
+    the Prefect server uses a SQLite file instead and there is no `postgres` service. `down` and `status` act on
+    every service recorded in the state dir, whichever instance or process started it.
     """
 
     def __init__(
@@ -731,17 +731,19 @@ class LocalStack:
         mirror_start: date = date(2024, 1, 1),
         mirror_through: date = date(2025, 1, 1),
         seed: int = 42,
-        services: tuple[str, ...] = SERVICES,
+        services: tuple[str, ...] | None = None,
         prefect_ui: bool = True,
         mirror_dataset: str = DEFAULT_DATASET,
         worker_tuning: bool = True,
         db: str = DEFAULT_DB,
     ) -> None:
+        if db not in DATABASES:
+            raise StackError(f"unknown database {db!r}; choose from {', '.join(DATABASES)}")
+        if services is None:  # every service the database choice needs
+            services = tuple(name for name in SERVICES if db == "postgres" or name != "postgres")
         unknown = sorted(set(services) - set(SERVICES))
         if unknown:
             raise StackError(f"unknown service(s) {', '.join(unknown)}; choose from {', '.join(SERVICES)}")
-        if db not in DATABASES:
-            raise StackError(f"unknown database {db!r}; choose from {', '.join(DATABASES)}")
         self.state_dir = Path(state_dir).resolve()
         self.db = db
         wanted = set(services) | ({"postgres"} if db == "postgres" and "prefect" in services else set())
@@ -943,7 +945,7 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m tollwatch.dev.stack", description="Manage the local stack.")
     parser.add_argument("command", choices=("up", "status", "down", "env"))
     parser.add_argument("--state-dir", type=Path, default=None)
-    parser.add_argument("--services", default=",".join(SERVICES), help="comma-separated subset")
+    parser.add_argument("--services", default=None, help=f"comma-separated subset of {','.join(SERVICES)}")
     parser.add_argument("--no-ui", action="store_true", help="start the Prefect server without its UI")
     parser.add_argument("--start", type=date.fromisoformat, default=date(2024, 1, 1))
     parser.add_argument("--through", type=date.fromisoformat, default=date(2025, 1, 1))
@@ -956,7 +958,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     stack = LocalStack(
         args.state_dir or default_state_dir(),
-        services=tuple(s.strip() for s in args.services.split(",") if s.strip()),
+        services=None if args.services is None else tuple(s.strip() for s in args.services.split(",") if s.strip()),
         prefect_ui=not args.no_ui,
         mirror_start=args.start,
         mirror_through=args.through,
