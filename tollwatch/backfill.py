@@ -7,14 +7,23 @@ have. Refusals are field-level (`BackfillRejected.problems`) so any front end ca
 Ids: the `request_id` is derived from the request itself, so a client that retries the same POST produces
 the same chunk events and Prefect drops the duplicates; `rerun: true` asks for a fresh `request_id`, hence
 new event ids and new runs, for when a window must be loaded again on purpose.
-Chunks are aligned to calendar boundaries (ISO weeks start on Monday), so the same day always falls into
-the same chunk: `2024-01-15..2024-04-01` by month is `[01-15, 02-01) [02-01, 03-01) [03-01, 04-01)`.
+Calendar chunks are aligned to calendar boundaries (ISO weeks start on Monday), so the same day always falls
+into the same chunk: `2024-01-15..2024-04-01` by month is `[01-15, 02-01) [02-01, 03-01) [03-01, 04-01)`.
+
+`auto` chunks are sized by the upstream's rows per day (`tollwatch.audit.upstream_counts_by_day`, one grouped
+`count(*)` per year): whole months, contiguous, packed in order while a chunk stays at or under the target rows
+per run (`TOLLWATCH_BACKFILL_TARGET_ROWS`); a month above the target is a chunk of its own. Only the window's own
+first and last month may be partial. Days the upstream does not have belong to a chunk like any other (loading an
+empty range removes rows deleted upstream), so the chunks cover the window with no gap or overlap. The same
+counts give the same chunks, hence the same event ids; counts that changed (a publish, a deletion) may move the
+boundaries after the change, and a moved chunk is a new event.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
 from typing import Any
@@ -27,12 +36,13 @@ from tollwatch.settings import Settings
 
 
 class Chunk(StrEnum):
-    """How a backfill window is split into runs."""
+    """How a backfill window is split into runs: a calendar size, or `auto` (by the upstream's row counts)."""
 
     DAY = "day"
     WEEK = "week"
     MONTH = "month"
     YEAR = "year"
+    AUTO = "auto"
 
 
 class BackfillLimits(BaseModel):
@@ -71,7 +81,7 @@ class BackfillRequest(BaseModel):
 
     start: date = Field(description="first day to load (YYYY-MM-DD)")
     stop: date = Field(description="day after the last one to load (exclusive)")
-    chunk: Chunk = Field(Chunk.MONTH, description="one run per day, week, month or year")
+    chunk: Chunk = Field(Chunk.MONTH, description="one run per day, week, month or year, or auto (by row counts)")
     reason: str = Field("", max_length=500, description="why; shown on every chunk event")
     rerun: bool = Field(False, description="new request id: load again even if this exact request was made")
 
@@ -114,7 +124,7 @@ class BackfillRequest(BaseModel):
     @classmethod
     def _not_too_many_chunks(cls, chunk: Chunk, info: ValidationInfo) -> Chunk:
         start, stop = info.data.get("start"), info.data.get("stop")
-        if start is None or stop is None:
+        if start is None or stop is None or chunk is Chunk.AUTO:  # auto: at most one chunk per month
             return chunk
         count = len(chunks(start, stop, chunk))
         limits = _limits(info)
@@ -194,6 +204,8 @@ def _field_problem(error: Any) -> FieldProblem:
 
 
 def _next_boundary(day: date, chunk: Chunk) -> date:
+    if chunk is Chunk.AUTO:
+        raise ValueError("auto chunks depend on the upstream's row counts: plan them with auto_chunks")
     if chunk is Chunk.DAY:
         return day + timedelta(days=1)
     if chunk is Chunk.WEEK:
@@ -214,6 +226,44 @@ def chunks(start: date, stop: date, chunk: Chunk) -> list[Window]:
     return windows
 
 
+class SizedChunk(BaseModel):
+    """One `auto` chunk and the upstream rows it is expected to load."""
+
+    model_config = ConfigDict(frozen=True)
+
+    window: Window
+    rows: int
+
+
+def auto_chunks(start: date, stop: date, counts_by_day: Mapping[date, int], target_rows: int) -> list[SizedChunk]:
+    """`[start, stop)` cut into contiguous runs of whole months, each at or under `target_rows` upstream rows.
+
+    Months are packed in order; the next month starts a new chunk when it would take the current one over the
+    target, so only a month that alone exceeds the target makes a chunk above it. Days absent from
+    `counts_by_day` count 0 and are covered all the same.
+    """
+    if target_rows < 1:
+        raise ValueError(f"target_rows must be at least 1, not {target_rows}")
+    by_month: dict[tuple[int, int], int] = {}
+    for day, n in counts_by_day.items():
+        if start <= day < stop:
+            by_month[day.year, day.month] = by_month.get((day.year, day.month), 0) + n
+    sized: list[SizedChunk] = []
+    first: date | None = None
+    rows = 0
+    for month in chunks(start, stop, Chunk.MONTH):
+        month_rows = by_month.get((month.start.year, month.start.month), 0)
+        if first is not None and rows + month_rows > target_rows:
+            sized.append(SizedChunk(window=Window(start=first, stop=month.start), rows=rows))
+            first, rows = None, 0
+        if first is None:
+            first = month.start
+        rows += month_rows
+    if first is not None:
+        sized.append(SizedChunk(window=Window(start=first, stop=stop), rows=rows))
+    return sized
+
+
 # ---------------------------------------------------------------------------------------------- plan
 
 
@@ -225,6 +275,12 @@ class BackfillPlan(BaseModel):
     request_id: str
     chunks: list[Window]
     events: list[TollwatchEvent]
+    rows: list[int] | None = None
+    """`auto` plans: the upstream rows each chunk is expected to load (None for calendar chunks)."""
+
+    @property
+    def total_rows(self) -> int | None:
+        return None if self.rows is None else sum(self.rows)
 
     def summary(self) -> dict[str, Any]:
         """`{request_id, event_ids, chunks}`: what the HTTP function answers with 202."""
@@ -252,10 +308,28 @@ def chunk_event(
     )
 
 
-def plan_backfill(request: BackfillRequest, *, domain: str, dataset_id: str, requested_by: str) -> BackfillPlan:
-    """One `tollwatch.backfill.requested` per chunk, with ids that depend only on chunk and request id."""
+def plan_backfill(
+    request: BackfillRequest,
+    *,
+    domain: str,
+    dataset_id: str,
+    requested_by: str,
+    counts_by_day: Mapping[date, int] | None = None,
+    target_rows: int | None = None,
+) -> BackfillPlan:
+    """One `tollwatch.backfill.requested` per chunk, with ids that depend only on chunk and request id.
+
+    An `auto` request needs the upstream's `counts_by_day` over the request's window and the `target_rows`.
+    """
     request_id = request.request_id(domain, dataset_id)
-    windows = chunks(request.start, request.stop, request.chunk)
+    rows: list[int] | None = None
+    if request.chunk is Chunk.AUTO:
+        if counts_by_day is None or target_rows is None:
+            raise ValueError("an auto backfill plan needs the upstream's counts per day and the target rows per run")
+        sized = auto_chunks(request.start, request.stop, counts_by_day, target_rows)
+        windows, rows = [c.window for c in sized], [c.rows for c in sized]
+    else:
+        windows = chunks(request.start, request.stop, request.chunk)
     events = [
         chunk_event(
             window,
@@ -267,4 +341,4 @@ def plan_backfill(request: BackfillRequest, *, domain: str, dataset_id: str, req
         )
         for window in windows
     ]
-    return BackfillPlan(request_id=request_id, chunks=windows, events=events)
+    return BackfillPlan(request_id=request_id, chunks=windows, events=events, rows=rows)

@@ -154,6 +154,12 @@ class Settings(BaseSettings):
     # backfill requests
     backfill_max_days: int = Field(3660, ge=1, description="longest range one backfill request may cover")
     backfill_max_chunks: int = Field(400, ge=1, description="most chunk events (= flow runs) one request may create")
+    backfill_target_rows: int = Field(
+        1_000_000,
+        ge=1,
+        description="`auto` chunking: whole months per run up to this many upstream rows (a run costs ~1.7 s of "
+        "orchestration; 1M rows are ~15 s of work at ~65k rows/s)",
+    )
 
     # local Functions dev host (in Azure the Functions host manages keys)
     function_key: SecretStr | None = Field(None, description="key `tollwatch functions serve` requires")
