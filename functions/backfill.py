@@ -3,6 +3,10 @@
 The rules live in `tollwatch.backfill` (shared with the CLI). Statuses: 202 with `{request_id, event_ids,
 chunks}`; 400 with field-level `problems`; 503 when Prefect did not confirm the events (retrying the same
 request is safe: the ids are deterministic unless `rerun` is set).
+
+Chunks here are calendar sizes only (default `month`). `auto` is refused with a 400 that points at the CLI: its
+plan needs the upstream's counts per day from `tollwatch.audit.upstream_counts_by_day`, and that module imports
+pyarrow, which this app does not ship (requirements.txt; tests/functions/test_fn_app.py).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import azure.functions as func
 
 from functions._http import respond
 from tollwatch import clients
-from tollwatch.backfill import BackfillLimits, BackfillRejected, parse_backfill, plan_backfill
+from tollwatch.backfill import BackfillLimits, BackfillRejected, Chunk, FieldProblem, parse_backfill, plan_backfill
 from tollwatch.emit import EmitError
 from tollwatch.settings import Settings
 from tollwatch.webio import InboundRequest, Reply
@@ -21,6 +25,11 @@ from tollwatch.webio import InboundRequest, Reply
 log = logging.getLogger(__name__)
 
 bp = func.Blueprint()
+
+AUTO_REFUSED = (
+    "auto chunking needs the upstream's row counts, which this app does not read: use day, week, month or year, "
+    "or plan auto chunks with `tollwatch backfill --chunk auto`"
+)
 
 
 @bp.function_name("request_backfill")
@@ -33,6 +42,8 @@ def request_backfill(req: func.HttpRequest) -> func.HttpResponse:
 def _backfill(request: InboundRequest, settings: Settings) -> Reply:
     try:
         backfill = parse_backfill(request.body, BackfillLimits.from_settings(settings))
+        if backfill.chunk is Chunk.AUTO:
+            raise BackfillRejected([FieldProblem(field="chunk", reason=AUTO_REFUSED)])
     except BackfillRejected as rejected:
         log.warning("backfill request refused: %s", rejected)
         return Reply.with_json(

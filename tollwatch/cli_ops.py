@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from tollwatch.audit import Reconciliation
-    from tollwatch.events import TollwatchEvent
+    from tollwatch.events import TollwatchEvent, Window
     from tollwatch.follow import ChunkOutcome
     from tollwatch.settings import Settings
     from tollwatch.socrata import SocrataClient
@@ -59,7 +59,13 @@ def deploy(
 def backfill(
     start: Annotated[str, typer.Option(help="first day to load (YYYY-MM-DD)")],
     stop: Annotated[str, typer.Option(help="day after the last one (exclusive)")],
-    chunk: Annotated[str, typer.Option(help="one run per day, week, month or year")] = "month",
+    chunk: Annotated[
+        str,
+        typer.Option(
+            help="auto: whole months per run up to TOLLWATCH_BACKFILL_TARGET_ROWS upstream rows (asks the upstream "
+            "for its counts); or one run per day, week, month or year"
+        ),
+    ] = "auto",
     reason: Annotated[str, typer.Option(help="why; shown on every chunk event")] = "",
     rerun: Annotated[bool, typer.Option(help="new request id: load again even if this exact request was made")] = False,
     wait: Annotated[bool, typer.Option(help="follow the runs until they end; exit 1 if any chunk failed")] = False,
@@ -67,9 +73,13 @@ def backfill(
     local_stack: LocalStackOption = True,
     state_dir: StateDir = DEFAULT_STATE_DIR,
 ) -> None:
-    """Request a backfill: one tollwatch.backfill.requested event per chunk (validated like POST /api/backfill)."""
+    """Request a backfill: one tollwatch.backfill.requested event per chunk (validated like POST /api/backfill).
+
+    With `--chunk auto` (the default) the chunks are sized by the upstream's rows per day, and the plan is printed
+    before anything is emitted.
+    """
     from tollwatch import clients
-    from tollwatch.backfill import BackfillLimits, plan_backfill, validate_backfill
+    from tollwatch.backfill import BackfillLimits, Chunk, plan_backfill, validate_backfill
 
     _maybe_stack(local_stack, state_dir)
     settings = load_settings()
@@ -77,12 +87,22 @@ def backfill(
         {"start": start, "stop": stop, "chunk": chunk, "reason": reason, "rerun": rerun},
         BackfillLimits.from_settings(settings),
     )
+    counts = _upstream_counts_by_day(settings, request.window) if request.chunk is Chunk.AUTO else None
     plan = plan_backfill(
         request,
         domain=settings.upstream_domain,
         dataset_id=settings.upstream_dataset_id,
         requested_by=f"cli:{getpass.getuser()}",
+        counts_by_day=counts,
+        target_rows=settings.backfill_target_rows,
     )
+    if plan.rows is not None:
+        typer.echo(
+            f"plan {request.window}: {len(plan.chunks)} auto chunk(s), {plan.total_rows:,} upstream rows "
+            f"(target {settings.backfill_target_rows:,} rows per run, TOLLWATCH_BACKFILL_TARGET_ROWS)"
+        )
+        for window, rows in zip(plan.chunks, plan.rows, strict=True):
+            typer.echo(f"  {window}  {rows:,} rows")
     emitter = clients.event_emitter(settings)
     started = _chunks_with_runs(plan.events)
     emitter.emit([event for event in plan.events if event.id not in started])
@@ -103,6 +123,25 @@ def backfill(
         if any(o.restartable for o in failed):
             hint = "; runs that could not start were requested again twice already: try again later with --rerun"
         fail(f"{len(failed)} of {len(outcomes)} chunk(s) did not complete{hint}")
+
+
+def _upstream_counts_by_day(settings: Settings, window: Window) -> dict[date, int]:
+    """The upstream's rows per day of `window`, for an auto plan; unreachable: one sentence, exit 1."""
+    from tollwatch import clients
+    from tollwatch.audit import upstream_counts_by_day
+    from tollwatch.socrata import build_http_client
+
+    # an interactive command: do not wait out the ingest's full retry budget for an unreachable upstream
+    quick = settings.model_copy(update={"upstream_max_attempts": min(settings.upstream_max_attempts, 2)})
+    try:
+        with build_http_client(quick.upstream_url, quick.upstream_timeout_s) as http:
+            return upstream_counts_by_day(clients.socrata_client(quick, http), quick.upstream_dataset_id, window)
+    except Exception as exc:  # any failure to read the counts ends the command with a sentence, not a traceback
+        fail(
+            f"could not plan auto chunks: the upstream's row counts could not be read ({exc}); nothing was emitted "
+            "— try again later, or choose a calendar size with --chunk month"
+        )
+        raise AssertionError("unreachable") from exc
 
 
 def _chunks_with_runs(events: list[TollwatchEvent]) -> set[UUID]:
