@@ -272,32 +272,51 @@ def test_unknown_database_is_rejected(tmp_path: Path) -> None:
         LocalStack(tmp_path, db="mysql")
 
 
-@pytest.mark.parametrize("breakage", ["incompatible data dir", "data dir is a file"])
+@pytest.mark.parametrize("breakage", ["incompatible data dir", "data dir is a file", "data dir held by a stray server"])
 def test_a_postgres_that_cannot_start_is_one_sentence(tmp_path: Path, breakage: str) -> None:
-    """Nothing else is started, nothing is left running, and the error is one line that says why."""
+    """`tollwatch stack up` exits 1 with one line that says why; nothing else is started, nothing of this stack is
+    left running. A stray server: a postmaster of this data dir that the state file no longer records (it also
+    answers on the stack's socket, so only its pid tells it apart from the one `up` launched)."""
+    from typer.testing import CliRunner
+
+    from tollwatch.cli import app
+
     state = tmp_path / "stack"
     data = state / "postgres" / "data"
-    if breakage == "incompatible data dir":  # a real cluster, then marked as made by another major version
-        with LocalStack(state, services=("postgres",)):
-            pass
-        (data / "PG_VERSION").write_text("9.6\n")
-        expected = "PostgreSQL did not start: database files are incompatible with server"
-    else:
+    stray: ProcessRef | None = None
+    if breakage == "data dir is a file":
         data.parent.mkdir(parents=True)
         data.write_text("not a directory\n")
         expected = "PostgreSQL cannot start: cannot prepare PostgreSQL's directory"
-    local = LocalStack(state, services=("prefect",), **FAST)
+    else:  # a real cluster first
+        LocalStack(state, services=("postgres",)).up()
+        stray = _pids(state)["postgres"]
+        (state / "stack.json").unlink()
+        if breakage == "incompatible data dir":  # then marked as made by another major version
+            stack_module._stop("postgres", stray)
+            stray = None
+            (data / "PG_VERSION").write_text("9.6\n")
+            expected = "PostgreSQL did not start: database files are incompatible with server"
+        else:
+            expected = (
+                'PostgreSQL did not start: lock file "postmaster.pid" already exists: '
+                f"is another postmaster (PID {stray.pid}) running"
+            )
 
-    with pytest.raises(StackError) as caught:
-        local.up()
+    try:
+        up = CliRunner().invoke(app, ["stack", "up", "--state-dir", str(state)])
 
-    message = str(caught.value)
-    assert message.startswith(expected), message
-    assert "\n" not in message
-    assert str(state / "postgres") in message
-    assert json.loads((state / "stack.json").read_text())["services"] == {}
-    assert not (state / "logs" / "prefect.log").exists()  # the server was never launched
-    assert not _processes_using(state)
+        assert up.exit_code == 1, up.output
+        assert up.output.startswith(f"error: {expected}"), up.output
+        assert up.output.count("\n") == 1, up.output  # one line
+        assert str(state / "postgres") in up.output
+        assert json.loads((state / "stack.json").read_text())["services"] == {}
+        assert not (state / "logs" / "prefect.log").exists()  # the server was never launched
+        assert _processes_using(state) == ([stray.pid] if stray else [])
+    finally:
+        LocalStack(state).down()  # whatever this `up` left recorded
+        if stray is not None:
+            stack_module._stop("postgres", stray)
 
 
 def test_postgres_listens_on_loopback_when_the_socket_path_is_too_long(tmp_path: Path) -> None:

@@ -188,6 +188,17 @@ def is_ready(libpq_url: str) -> str | None:
     return None if result.returncode == 0 else f"pg_isready: {_one_line(result.stdout) or 'not ready'}"
 
 
+def postmaster_ready(data: Path, pid: int) -> bool:
+    """Whether the postmaster `pid` owns `data` and accepts connections, from `<data>/postmaster.pid` (line 1
+    its pid, line 8 its status: `starting`, `ready`, `stopping`). `pg_isready` alone cannot tell: a stray
+    server of the same data dir or socket answers too, while the one just launched exits on their lock."""
+    try:
+        lines = (data / "postmaster.pid").read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return False
+    return len(lines) >= 8 and lines[0].strip() == str(pid) and lines[7].strip() == "ready"
+
+
 def ensure_database(host: str, port: int, database: str = PREFECT_DATABASE) -> None:
     """Create `database` unless it exists (asked first, so the server log gets no "already exists" ERROR)."""
     maintenance = url(host, port, "postgres")
@@ -204,7 +215,8 @@ def ensure_database(host: str, port: int, database: str = PREFECT_DATABASE) -> N
 
 def startup_failure(log_text: str) -> str | None:
     """Why a server start failed, from its log, as one line: the first `FATAL:`/`PANIC:` message with its
-    DETAIL, else the last line the `postgres` binary printed itself before logging started (`postgres: ...`)."""
+    DETAIL (or HINT), else the last line the `postgres` binary printed itself before logging started
+    (`postgres: ...`)."""
     lines = log_text.splitlines()
     for index, line in enumerate(lines):
         match = re.search(r"\b(?:FATAL|PANIC):\s+(.*)", line)
@@ -212,7 +224,7 @@ def startup_failure(log_text: str) -> str | None:
             continue
         message = match.group(1).strip().rstrip(".")
         detail = lines[index + 1] if index + 1 < len(lines) else ""
-        found = re.search(r"\bDETAIL:\s+(.*)", detail)
+        found = re.search(r"\b(?:DETAIL|HINT):\s+(.*)", detail)
         if found is None:
             return message
         why = found.group(1).strip().rstrip(".")

@@ -404,6 +404,9 @@ class _Postgres(_Service):
         return str(self.layout.socket_dir) if self.layout.uses_socket else HOST
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
+        """Known once the launched postmaster itself is ready (not a stray one answering on the same socket)."""
+        if not postgres.postmaster_ready(self.layout.data, pending.process.pid):
+            return None
         return pending.port, postgres.url(self.host, pending.port)
 
     def wait_ready(self, pending: _Pending) -> ServiceRecord:
