@@ -58,6 +58,8 @@ PHASES: tuple[frozenset[str], ...] = (
     frozenset(SERVICES) - {"postgres"} - DEPENDENT_SERVICES,
     DEPENDENT_SERVICES,
 )
+#: `restart(name)` also restarts these (stopped before it, started after it): what cannot outlive its database.
+RESTARTED_WITH: dict[str, tuple[str, ...]] = {"postgres": ("prefect",)}
 #: The Prefect server's database: PostgreSQL (as production runs it) or a SQLite file (the lightest stack).
 DATABASES: tuple[str, ...] = ("postgres", "sqlite")
 DEFAULT_DB = "postgres"
@@ -805,16 +807,25 @@ class LocalStack:
 
     def restart(self, name: str) -> StackEndpoints:
         """Stop one running service and start it again on the same port with the same state, the way an
-        operator restarts a server: its clients keep their URLs (used to test what a restart does mid-work)."""
+        operator restarts a server: its clients keep their URLs (used to test what a restart does mid-work).
+
+        Restarting PostgreSQL restarts the Prefect server on it too (stopped first, started last): a Prefect
+        server whose database goes away answers 500 while it is gone, which Prefect's clients do not retry (a
+        worker then leaves a run Pending for good), and drops the events it cannot persist; a stopped server is
+        a connection error its clients retry, and a restarted one is fault 15, which the backfill command mends."""
         with self._locked():
             records = self._load()
             record = records.get(name)
             if record is None:
                 raise StackError(f"{name} is not running in {self.state_dir}")
-            spec = self._specs[name]
-            spec.bind(self._endpoints(records))
+            dependents = [other for other in RESTARTED_WITH.get(name, ()) if _uses_postgres(records.get(other))]
+            for other in dependents:
+                _stop(other, records[other].process)
             _stop(name, record.process)
-            records[name] = spec.wait_ready(spec.launch(record.port or None))
+            for current in (name, *dependents):
+                spec = self._specs[current]
+                spec.bind(self._endpoints(records))
+                records[current] = spec.wait_ready(spec.launch(records[current].port or None))
             self._save(records)
             return self._endpoints(records)
 
@@ -918,6 +929,11 @@ class LocalStack:
         tmp = self._state_path().with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, self._state_path())
+
+
+def _uses_postgres(record: ServiceRecord | None) -> bool:
+    """Whether a recorded Prefect server runs on the stack's PostgreSQL (not on a SQLite file)."""
+    return record is not None and str(record.config.get("database", "")).startswith("postgresql")
 
 
 def _status_of(name: str, record: ServiceRecord | None) -> ServiceStatus:
