@@ -197,16 +197,16 @@ def fetch_and_land(
             after=plan.after,
             through=plan.through,
         )
-        before = socrata.count(request.dataset_id, where=plan.where)
+        counted_before = socrata.count(request.dataset_id, where=plan.where)
         columns: set[str] = set()
         for page in socrata.pages(request.dataset_id, where=plan.where, page_size=page_size):
             manifest.pages.append(landing.put_page(prefix, page))
             columns |= page.columns
             log.info("landed page %d: %d rows (%d rows so far)", page.number, page.row_count, manifest.rows)
-        after = socrata.count(request.dataset_id, where=plan.where)
-        if before == after == manifest.rows:
+        counted_after = socrata.count(request.dataset_id, where=plan.where)
+        if counted_before == counted_after == manifest.rows:
             manifest.columns = sorted(columns)
-            manifest.upstream_rows = after
+            manifest.upstream_rows = counted_after
             landing.put_manifest(manifest)
             log.info(
                 "sealed landing %s: %d pages, %d rows = the upstream's count(*)",
@@ -215,23 +215,24 @@ def fetch_and_land(
                 manifest.rows,
             )
             return manifest
-        if before == after:
+        if counted_before == counted_after:
             raise UnaccountedRowsError(
-                f"fetched {manifest.rows} rows but the upstream counts {after} for the same query ({plan.where}); "
-                "nothing was committed"
+                f"fetched {manifest.rows} rows but the upstream counts {counted_after} for the same query "
+                f"({plan.where}); nothing was committed"
             )
         log.warning(
             "the upstream changed rows of this query while it was paged (count %d before, %d after, %d fetched); "
             "paging again (attempt %d of %d)",
-            before,
-            after,
+            counted_before,
+            counted_after,
             manifest.rows,
             attempt,
             FETCH_ATTEMPTS,
         )
     raise UnaccountedRowsError(
         f"the upstream kept changing rows of this query while it was paged ({FETCH_ATTEMPTS} pagings; last: count "
-        f"{before} before, {after} after, {manifest.rows} fetched); nothing was committed, a later run tries again"
+        f"{counted_before} before, {counted_after} after, {manifest.rows} fetched); nothing was committed, a later "
+        "run tries again"
     )
 
 
