@@ -567,7 +567,7 @@ BAD_BACKFILLS = [
     pytest.param(
         {"start": "2024-01-01", "stop": "2024-02-01", "chunk": "fortnight"},
         "chunk",
-        "'day', 'week', 'month' or 'year'",
+        "'day', 'week', 'month', 'year' or 'auto'",
         id="unknown-chunk",
     ),
     pytest.param(
