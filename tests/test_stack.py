@@ -79,14 +79,7 @@ def test_prefect_event_roundtrip(shared: tuple[LocalStack, StackEndpoints]) -> N
     """An event posted over HTTP comes back from `events/filter` (persisted asynchronously, so poll)."""
     _, endpoints = shared
     event_id = str(uuid.uuid4())
-    event = {
-        "id": event_id,
-        "occurred": datetime.now(UTC).isoformat(),
-        "event": "tollwatch.test",
-        "resource": {"prefect.resource.id": "test.1"},
-        "payload": {},
-        "related": [],
-    }
+    event = _event(event_id, resource="test.1")
     query = {"filter": {"event": {"name": ["tollwatch.test"]}}, "limit": 10}
     with _client(base_url=endpoints.prefect_api_url) as client:
         assert client.post("/events", json=[event]).status_code == 204
@@ -452,12 +445,13 @@ def _sql(libpq_url: str, query: str) -> str:
     return result.stdout.strip()
 
 
-def _event(event_id: str) -> dict[str, Any]:
+def _event(event_id: str, resource: str = "test.kept") -> dict[str, Any]:
+    """A minimal event for the Prefect events API."""
     return {
         "id": event_id,
         "occurred": datetime.now(UTC).isoformat(),
         "event": "tollwatch.test",
-        "resource": {"prefect.resource.id": "test.kept"},
+        "resource": {"prefect.resource.id": resource},
         "payload": {},
         "related": [],
     }
