@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict
 
 from tollwatch.events import EventName, TollwatchEvent, deterministic_id
 from tollwatch.observe import PrefectObserver
+from tollwatch.prefect_internals import SLOT_LOST_MESSAGE
 
 TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
 #: States of a chunk that never got (or lost) its run.
@@ -31,11 +32,10 @@ START_FAILED = "START FAILED"
 NOT_STARTED = "WAITING"
 #: States after which a chunk is requested again: its run never started or never got to run its code.
 RESTARTABLE = frozenset({START_FAILED, "CRASHED"})
-#: How Prefect cancels a run whose deployment concurrency slot lease vanished before it could start: leases
-#: live in the server's memory, so a server restart loses them (prefect.server.orchestration.core_policy). No
-#: user chose that and the run's code never ran, so the chunk is requested again like a CRASHED one; a run a
-#: user cancelled carries another message and is left alone.
-SLOT_LOST = "Deployment concurrency slot lost during provisioning"
+#: How Prefect cancels a run whose deployment concurrency slot lease vanished before it could start (a server
+#: restart loses them). No user chose that and the run's code never ran, so the chunk is requested again like a
+#: CRASHED one; a run a user cancelled carries another message and is left alone.
+SLOT_LOST = SLOT_LOST_MESSAGE
 
 
 class ChunkOutcome(BaseModel):

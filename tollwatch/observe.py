@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 from uuid import UUID
 
@@ -91,10 +91,10 @@ class PrefectObserver:
             EventOrder,
             EventRelatedFilter,
         )
-        from prefect.types._datetime import now
 
+        now = datetime.now(UTC)
         criteria: dict[str, object] = {
-            "occurred": EventOccurredFilter(since=since or now("UTC") - self.lookback, until=now("UTC") + timedelta(1)),
+            "occurred": EventOccurredFilter(since=since or now - self.lookback, until=now + timedelta(1)),
             "order": EventOrder.DESC if newest_first else EventOrder.ASC,
         }
         if names:

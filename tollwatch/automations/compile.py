@@ -310,16 +310,13 @@ def _client_models() -> tuple[TypeAdapter[Any], dict[str, type[BaseModel]]]:
     return TypeAdapter(TriggerTypes), actions
 
 
-@cache
 def _server_models() -> tuple[type[BaseModel], dict[str, type[BaseModel]]]:
     """The server's schemas validate what the client's do not (Jinja templates, deployment parameters,
     run-deployment loops); checking them here means the server cannot refuse an automation half-way through
     an apply."""
-    from prefect.server.events.actions import ServerActionTypes
-    from prefect.server.events.schemas.automations import AutomationCore as ServerAutomationCore
+    from tollwatch.prefect_internals import server_automation_models
 
-    actions = {cls.model_fields["type"].default: cls for cls in get_args(ServerActionTypes)}
-    return ServerAutomationCore, actions
+    return server_automation_models()
 
 
 def _errors(exc: ValidationError, prefix: Loc) -> list[tuple[Loc, str]]:

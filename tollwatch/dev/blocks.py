@@ -62,12 +62,12 @@ def _save(client: SyncPrefectClient, name: str, block: Block) -> UUID:
     from prefect.client.schemas.actions import BlockDocumentCreate, BlockDocumentUpdate
     from prefect.exceptions import ObjectNotFound
 
+    from tollwatch.prefect_internals import block_document, block_schema_checksum
+
     slug = block.get_block_type_slug()
     block_type = client.read_block_type_by_slug(slug)
-    schema = client.read_block_schema_by_checksum(block._calculate_schema_checksum())
-    document = block._to_block_document(
-        name=name, block_schema_id=schema.id, block_type_id=block_type.id, include_secrets=True
-    )
+    schema = client.read_block_schema_by_checksum(block_schema_checksum(block))
+    document = block_document(block, name=name, block_schema_id=schema.id, block_type_id=block_type.id)
     try:
         existing = client.read_block_document_by_name(name, slug, include_secrets=False)
     except ObjectNotFound:

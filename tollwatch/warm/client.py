@@ -14,11 +14,12 @@ import signal
 import socket
 import sys
 
+from tollwatch.prefect_internals import ENGINE_MODULE
 from tollwatch.warm.protocol import receive_message, send_message, socket_path
 
 
 def _run_cold() -> None:
-    os.execv(sys.executable, [sys.executable, "-m", "prefect.engine", *sys.argv[1:]])  # noqa: S606 - no shell wanted
+    os.execv(sys.executable, [sys.executable, "-m", ENGINE_MODULE, *sys.argv[1:]])  # noqa: S606 - no shell wanted
 
 
 def main() -> int:

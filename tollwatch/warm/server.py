@@ -16,7 +16,6 @@ the fork; the settings refresh is skipped when the environment did not change th
 from __future__ import annotations
 
 import argparse
-import atexit
 import contextlib
 import importlib
 import os
@@ -32,12 +31,13 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from tollwatch.prefect_internals import ENGINE_MODULE
 from tollwatch.warm.protocol import receive_message, send_message
 
 #: What the first line of a flow run would otherwise wait for (measured: ~2.5 s on this machine).
 PRELOAD = (
     "prefect",
-    "prefect.engine",
+    ENGINE_MODULE,
     "prefect.flow_engine",
     "prefect.task_engine",
     "prefect.client.orchestration",
@@ -128,9 +128,9 @@ def _run_child(message: dict[str, object], fds: list[int], module: str, known: S
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in dict(message["env"]).items()})  # type: ignore[call-overload]
         if _settings_environment(os.environ) not in known:
-            from prefect.context import refresh_global_settings_context
+            from tollwatch.prefect_internals import refresh_settings
 
-            refresh_global_settings_context()  # settings were read from the server's environment at import
+            refresh_settings()  # settings were read from the server's environment at import
         sys.argv = [module, *[str(a) for a in list(message.get("args") or [])]]  # type: ignore[call-overload]
         runpy.run_module(module, run_name="__main__", alter_sys=True)
         code = 0
@@ -141,14 +141,16 @@ def _run_child(message: dict[str, object], fds: list[int], module: str, known: S
         code = 1
     finally:
         try:
-            atexit._run_exitfuncs()  # Prefect flushes its log and event workers at exit
+            from tollwatch.prefect_internals import flush_at_exit
+
+            flush_at_exit()
         finally:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
 
 
-def serve(path: Path, *, module: str = "prefect.engine", modules: tuple[str, ...] = PRELOAD) -> None:
+def serve(path: Path, *, module: str = ENGINE_MODULE, modules: tuple[str, ...] = PRELOAD) -> None:
     """Preload, listen on `path`, and run `module` as `__main__` in one forked child per request."""
     share_ca_bundle_contexts()
     took = preload(modules)
@@ -219,7 +221,7 @@ def _reap(selector: selectors.BaseSelector, key: selectors.SelectorKey) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tollwatch.warm.server")
     parser.add_argument("--socket", type=Path, required=True)
-    parser.add_argument("--module", default="prefect.engine", help="what each child runs as __main__")
+    parser.add_argument("--module", default=ENGINE_MODULE, help="what each child runs as __main__")
     parser.add_argument("--no-preload", action="store_true", help="skip the imports (for testing the plumbing)")
     args = parser.parse_args(argv)
     serve(args.socket, module=args.module, modules=() if args.no_preload else PRELOAD)
