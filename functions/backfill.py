@@ -4,9 +4,8 @@ The rules live in `tollwatch.backfill` (shared with the CLI). Statuses: 202 with
 chunks}`; 400 with field-level `problems`; 503 when Prefect did not confirm the events (retrying the same
 request is safe: the ids are deterministic unless `rerun` is set).
 
-Chunks here are calendar sizes only (default `month`). `auto` is refused with a 400 that points at the CLI: its
-plan needs the upstream's counts per day from `tollwatch.audit.upstream_counts_by_day`, and that module imports
-pyarrow, which this app does not ship (requirements.txt; tests/functions/test_fn_app.py).
+`chunk` defaults to `auto`, as on the CLI: the plan reads the upstream's rows per day first (one grouped count
+per year, at most two attempts each) and answers 503 with Retry-After when it cannot, having emitted nothing.
 """
 
 from __future__ import annotations
@@ -17,7 +16,15 @@ import azure.functions as func
 
 from functions._http import respond
 from tollwatch import clients
-from tollwatch.backfill import BackfillLimits, BackfillRejected, Chunk, FieldProblem, parse_backfill, plan_backfill
+from tollwatch.backfill import (
+    BackfillLimits,
+    BackfillRejected,
+    Chunk,
+    UpstreamCountsUnavailable,
+    parse_backfill,
+    plan_backfill,
+    read_upstream_counts,
+)
 from tollwatch.emit import EmitError
 from tollwatch.settings import Settings
 from tollwatch.webio import InboundRequest, Reply
@@ -26,10 +33,8 @@ log = logging.getLogger(__name__)
 
 bp = func.Blueprint()
 
-AUTO_REFUSED = (
-    "auto chunking needs the upstream's row counts, which this app does not read: use day, week, month or year, "
-    "or plan auto chunks with `tollwatch backfill --chunk auto`"
-)
+#: Seconds a caller waits before asking again when the upstream could not be counted or Prefect not reached.
+RETRY_AFTER_S = 30
 
 
 @bp.function_name("request_backfill")
@@ -42,16 +47,31 @@ def request_backfill(req: func.HttpRequest) -> func.HttpResponse:
 def _backfill(request: InboundRequest, settings: Settings) -> Reply:
     try:
         backfill = parse_backfill(request.body, BackfillLimits.from_settings(settings))
-        if backfill.chunk is Chunk.AUTO:
-            raise BackfillRejected([FieldProblem(field="chunk", reason=AUTO_REFUSED)])
     except BackfillRejected as rejected:
         log.warning("backfill request refused: %s", rejected)
         return Reply.with_json(
             400,
             {"error": "invalid backfill request", "problems": [p.model_dump() for p in rejected.problems]},
         )
+    counts = None
+    if backfill.chunk is Chunk.AUTO:
+        try:
+            counts = read_upstream_counts(settings, backfill.window)
+        except UpstreamCountsUnavailable as exc:
+            log.error("backfill %s: %s", backfill.window, exc)
+            return Reply.error(
+                503,
+                f"could not plan auto chunks: {exc}; nothing was emitted. Retry later, or choose a calendar chunk "
+                "(day, week, month, year)",
+                headers={"Retry-After": str(RETRY_AFTER_S)},
+            )
     plan = plan_backfill(
-        backfill, domain=settings.upstream_domain, dataset_id=settings.upstream_dataset_id, requested_by="http"
+        backfill,
+        domain=settings.upstream_domain,
+        dataset_id=settings.upstream_dataset_id,
+        requested_by="http",
+        counts_by_day=counts,
+        target_rows=settings.backfill_target_rows,
     )
     try:
         with clients.emitter_for_invocation(settings) as emitter:
@@ -61,7 +81,7 @@ def _backfill(request: InboundRequest, settings: Settings) -> Reply:
         return Reply.error(
             503,
             "could not deliver the backfill events to Prefect; retrying the same request is safe",
-            headers={"Retry-After": "30"},
+            headers={"Retry-After": str(RETRY_AFTER_S)},
         )
     log.info("backfill %s: %d chunk event(s) emitted", plan.request_id, len(plan.events))
     return Reply.with_json(202, plan.summary())

@@ -12,7 +12,6 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.funcapp import closed_port, function, http_request, json_of, settle
-from tollwatch.audit import upstream_counts_by_day
 from tollwatch.backfill import (
     BackfillLimits,
     Chunk,
@@ -20,6 +19,7 @@ from tollwatch.backfill import (
     auto_chunks,
     chunks,
     plan_backfill,
+    upstream_counts_by_day,
     validate_backfill,
 )
 from tollwatch.cli import app as cli_app
@@ -241,21 +241,46 @@ def test_cli_auto_with_the_upstream_unreachable_is_one_sentence_and_emits_nothin
 
 
 @pytest.mark.stack
-def test_route_keeps_month_as_its_default_and_refuses_auto_with_a_reason(env, dataset):
+def test_route_defaults_to_auto_and_answers_the_plan_with_rows_per_chunk(env, dataset, mirror, monkeypatch):
     from tollwatch.dev.funchost import load_function_app
 
+    monkeypatch.setenv("TOLLWATCH_BACKFILL_TARGET_ROWS", "33000")  # January + February 2024 fit, March does not
+    route = function(load_function_app(), "request_backfill")
+    counts = counts_of(mirror, Window(start=date(2024, 1, 1), stop=date(2024, 4, 1)))
+
+    default = route(http_request("POST", "backfill", b'{"start": "2024-01-01", "stop": "2024-04-01"}'))
+    month = route(http_request("POST", "backfill", b'{"start": "2024-01-01", "stop": "2024-03-01", "chunk": "month"}'))
+
+    assert default.status_code == 202
+    answer = json_of(default)
+    assert answer["chunks"] == [
+        {"start": "2024-01-01", "stop": "2024-03-01"},
+        {"start": "2024-03-01", "stop": "2024-04-01"},
+    ]
+    assert answer["rows"] == [
+        sum(n for d, n in counts.items() if d < date(2024, 3, 1)),
+        sum(n for d, n in counts.items() if d >= date(2024, 3, 1)),
+    ]
+    assert month.status_code == 202
+    assert "rows" not in json_of(month)  # calendar chunks are not counted
+    assert len(json_of(month)["chunks"]) == 2
+    events = settle(env["PREFECT_API_URL"], dataset, REQUESTED)
+    assert sorted(e["id"] for e in events) == sorted(answer["event_ids"] + json_of(month)["event_ids"])
+
+
+@pytest.mark.stack
+def test_route_with_the_upstream_unreachable_is_503_with_retry_after_and_emits_nothing(env, dataset, monkeypatch):
+    from tollwatch.dev.funchost import load_function_app
+
+    monkeypatch.setenv("TOLLWATCH_UPSTREAM_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     route = function(load_function_app(), "request_backfill")
 
-    refused = route(http_request("POST", "backfill", b'{"start": "2024-01-01", "stop": "2024-04-01", "chunk": "auto"}'))
-    default = route(http_request("POST", "backfill", b'{"start": "2024-01-01", "stop": "2024-03-01"}'))
+    refused = route(http_request("POST", "backfill", b'{"start": "2024-01-01", "stop": "2024-04-01"}'))
 
-    assert refused.status_code == 400
-    assert [p["field"] for p in json_of(refused)["problems"]] == ["chunk"]
-    assert "tollwatch backfill --chunk auto" in json_of(refused)["problems"][0]["reason"]
-    assert default.status_code == 202
-    assert json_of(default)["chunks"] == [
-        {"start": "2024-01-01", "stop": "2024-02-01"},
-        {"start": "2024-02-01", "stop": "2024-03-01"},
-    ]
-    events = settle(env["PREFECT_API_URL"], dataset, REQUESTED)
-    assert sorted(e["id"] for e in events) == sorted(json_of(default)["event_ids"])  # nothing from the refusal
+    assert refused.status_code == 503
+    assert refused.headers["Retry-After"] == "30"
+    error = json_of(refused)["error"]
+    assert error.startswith("could not plan auto chunks: the upstream's row counts could not be read")
+    assert "nothing was emitted" in error
+    assert "calendar chunk" in error
+    assert settle(env["PREFECT_API_URL"], dataset, REQUESTED) == []

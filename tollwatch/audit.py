@@ -27,16 +27,13 @@ from typing import TYPE_CHECKING
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict
 
-from tollwatch.backfill import Chunk, chunk_event, chunks
+from tollwatch.backfill import Chunk, chunk_event, chunks, upstream_counts_by_day
 from tollwatch.events import TollwatchEvent, Window, deterministic_id
-from tollwatch.socrata import window_where
 
 if TYPE_CHECKING:
     from tollwatch.socrata import SocrataClient
     from tollwatch.table import IcebergTableStore
 
-#: The upstream is asked for its per-day counts one calendar year at a time (~365 groups per answer).
-UPSTREAM_CHUNK = Chunk.YEAR
 #: Differing days are repaired at most one month per ingest run.
 REPAIR_CHUNK = Chunk.MONTH
 
@@ -78,16 +75,6 @@ class Reconciliation(BaseModel):
 
 
 # ---------------------------------------------------------------------------------------------- counts
-
-
-def upstream_counts_by_day(socrata: SocrataClient, dataset_id: str, window: Window) -> dict[date, int]:
-    """The upstream's rows per day of `window`: one grouped count query per calendar year; empty days absent."""
-    counts: dict[date, int] = {}
-    for part in chunks(window.start, window.stop, UPSTREAM_CHUNK):
-        for day, n in socrata.counts_by_day(dataset_id, where=window_where(part.start, part.stop)).items():
-            if part.start <= day < part.stop and n:
-                counts[day] = counts.get(day, 0) + n
-    return counts
 
 
 def table_counts_by_day(store: IcebergTableStore, window: Window | None = None) -> tuple[dict[date, int], int | None]:

@@ -10,8 +10,8 @@ new event ids and new runs, for when a window must be loaded again on purpose.
 Calendar chunks are aligned to calendar boundaries (ISO weeks start on Monday), so the same day always falls
 into the same chunk: `2024-01-15..2024-04-01` by month is `[01-15, 02-01) [02-01, 03-01) [03-01, 04-01)`.
 
-`auto` chunks are sized by the upstream's rows per day (`tollwatch.audit.upstream_counts_by_day`, one grouped
-`count(*)` per year): whole months, contiguous, packed in order while a chunk stays at or under the target rows
+`auto` chunks are sized by the upstream's rows per day (`upstream_counts_by_day`, one grouped `count(*)` per
+year): whole months, contiguous, packed in order while a chunk stays at or under the target rows
 per run (`TOLLWATCH_BACKFILL_TARGET_ROWS`); a month above the target is a chunk of its own. Only the window's own
 first and last month may be partial. Days the upstream does not have belong to a chunk like any other (loading an
 empty range removes rows deleted upstream), so the chunks cover the window with no gap or overlap. The same
@@ -33,6 +33,7 @@ from pydantic_core import PydanticCustomError
 
 from tollwatch.events import DATASET_EPOCH, BackfillRequested, TollwatchEvent, Window, deterministic_id
 from tollwatch.settings import Settings
+from tollwatch.socrata import SocrataClient, build_http_client, window_where
 
 
 class Chunk(StrEnum):
@@ -81,7 +82,9 @@ class BackfillRequest(BaseModel):
 
     start: date = Field(description="first day to load (YYYY-MM-DD)")
     stop: date = Field(description="day after the last one to load (exclusive)")
-    chunk: Chunk = Field(Chunk.MONTH, description="one run per day, week, month or year, or auto (by row counts)")
+    chunk: Chunk = Field(
+        Chunk.AUTO, description="auto (runs sized by the upstream's row counts) or one run per day, week, month or year"
+    )
     reason: str = Field("", max_length=500, description="why; shown on every chunk event")
     rerun: bool = Field(False, description="new request id: load again even if this exact request was made")
 
@@ -264,6 +267,45 @@ def auto_chunks(start: date, stop: date, counts_by_day: Mapping[date, int], targ
     return sized
 
 
+#: The upstream is counted one calendar year per grouped query (at most 366 groups: one page).
+COUNT_CHUNK = Chunk.YEAR
+#: Attempts per count query when a person (CLI) or a caller (HTTP) waits for the plan: an unreachable upstream is
+#: reported in seconds, not after the ingest's full retry budget.
+PLANNING_ATTEMPTS = 2
+
+
+class UpstreamCountsUnavailable(Exception):
+    """The upstream's row counts could not be read, so no `auto` plan could be made (nothing was emitted)."""
+
+
+def upstream_counts_by_day(socrata: SocrataClient, dataset_id: str, window: Window) -> dict[date, int]:
+    """The upstream's rows per day of `window`: one grouped count query per calendar year; empty days absent."""
+    counts: dict[date, int] = {}
+    for part in chunks(window.start, window.stop, COUNT_CHUNK):
+        for day, n in socrata.counts_by_day(dataset_id, where=window_where(part.start, part.stop)).items():
+            if part.start <= day < part.stop and n:
+                counts[day] = counts.get(day, 0) + n
+    return counts
+
+
+def read_upstream_counts(settings: Settings, window: Window) -> dict[date, int]:
+    """`upstream_counts_by_day` for a planner someone waits on (at most PLANNING_ATTEMPTS per query).
+
+    Raises UpstreamCountsUnavailable with the cause in one sentence for any failure: the callers answer with it
+    (CLI: exit 1; HTTP: 503 with Retry-After) and emit nothing.
+    """
+    from tollwatch import clients  # clients builds every adapter; imported late to keep this module's imports core
+
+    quick = settings.model_copy(
+        update={"upstream_max_attempts": min(settings.upstream_max_attempts, PLANNING_ATTEMPTS)}
+    )
+    try:
+        with build_http_client(quick.upstream_url, quick.upstream_timeout_s) as http:
+            return upstream_counts_by_day(clients.socrata_client(quick, http), quick.upstream_dataset_id, window)
+    except Exception as exc:  # every way of failing to count means the same to the caller: no plan yet
+        raise UpstreamCountsUnavailable(f"the upstream's row counts could not be read ({exc})") from exc
+
+
 # ---------------------------------------------------------------------------------------------- plan
 
 
@@ -283,12 +325,16 @@ class BackfillPlan(BaseModel):
         return None if self.rows is None else sum(self.rows)
 
     def summary(self) -> dict[str, Any]:
-        """`{request_id, event_ids, chunks}`: what the HTTP function answers with 202."""
-        return {
+        """`{request_id, event_ids, chunks}` (+ `rows` per chunk for auto plans): what the HTTP function answers
+        with 202."""
+        answer: dict[str, Any] = {
             "request_id": self.request_id,
             "event_ids": [str(e.id) for e in self.events],
             "chunks": [w.model_dump(mode="json") for w in self.chunks],
         }
+        if self.rows is not None:
+            answer["rows"] = list(self.rows)
+        return answer
 
 
 def chunk_event(

@@ -127,19 +127,14 @@ def backfill(
 
 def _upstream_counts_by_day(settings: Settings, window: Window) -> dict[date, int]:
     """The upstream's rows per day of `window`, for an auto plan; unreachable: one sentence, exit 1."""
-    from tollwatch import clients
-    from tollwatch.audit import upstream_counts_by_day
-    from tollwatch.socrata import build_http_client
+    from tollwatch.backfill import UpstreamCountsUnavailable, read_upstream_counts
 
-    # an interactive command: do not wait out the ingest's full retry budget for an unreachable upstream
-    quick = settings.model_copy(update={"upstream_max_attempts": min(settings.upstream_max_attempts, 2)})
     try:
-        with build_http_client(quick.upstream_url, quick.upstream_timeout_s) as http:
-            return upstream_counts_by_day(clients.socrata_client(quick, http), quick.upstream_dataset_id, window)
-    except Exception as exc:  # any failure to read the counts ends the command with a sentence, not a traceback
+        return read_upstream_counts(settings, window)
+    except UpstreamCountsUnavailable as exc:
         fail(
-            f"could not plan auto chunks: the upstream's row counts could not be read ({exc}); nothing was emitted "
-            "— try again later, or choose a calendar size with --chunk month"
+            f"could not plan auto chunks: {exc}; nothing was emitted — try again later, or choose a calendar size "
+            "with --chunk month"
         )
         raise AssertionError("unreachable") from exc
 
