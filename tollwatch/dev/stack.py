@@ -489,6 +489,10 @@ class _Prefect(_Service):
     ui: bool = True
     db: str = DEFAULT_DB
     startup_timeout_s: float = 90.0
+    #: `prefect server start` itself instead of tollwatch.dev.prefect_server (bench/workarounds.py compares).
+    plain: bool = False
+    #: Settings that replace the stack's own (bench/workarounds.py measures each of them this way).
+    overrides: dict[str, str] = field(default_factory=dict)
     postgres_url: str = field(default="", init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -507,7 +511,7 @@ class _Prefect(_Service):
         return postgres.sqlalchemy_url(self.postgres_url) if self.postgres_url else ""
 
     def config(self) -> dict[str, Any]:
-        return {"ui": self.ui, "database": self.database_url}
+        return {"ui": self.ui, "database": self.database_url, "plain": self.plain, "overrides": self.overrides}
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.postgres_url = endpoints.postgres_url
@@ -522,6 +526,8 @@ class _Prefect(_Service):
         return free_port(HOST)
 
     def argv(self, port: int) -> list[str]:
+        if self.plain:
+            return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
         return [sys.executable, "-m", "tollwatch.dev.prefect_server", "--host", HOST, "--port", str(port)]
 
     def env(self, port: int) -> dict[str, str]:
@@ -547,7 +553,10 @@ class _Prefect(_Service):
             # limit became a state change and an event, ~35% of the server's CPU (py-spy) during a 200-run
             # fan-out. Ten minutes still flags runs nobody picks up (e.g. no worker).
             "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": "600",
+            # Every 503 (a retryable error) is logged with its cause, so bursts can be audited (bench counts them).
+            "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
             **SERVER_503_RETRIES,
+            **self.overrides,
         }
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
@@ -646,6 +655,7 @@ class _Warm(_Service):
     once, then forks a ready child for each run the worker starts (see tollwatch/warm)."""
 
     endpoint_env: dict[str, str] = field(default_factory=dict)
+    overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def socket(self) -> Path:
@@ -661,13 +671,15 @@ class _Warm(_Service):
         return [sys.executable, "-m", "tollwatch.warm.server", "--socket", str(self.socket)]
 
     def env(self, port: int) -> dict[str, str]:
-        return _worker_environment(self.state_dir, self.endpoint_env)
+        return _worker_environment(self.state_dir, self.endpoint_env, overrides=self.overrides)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
 
 
-def _worker_environment(state_dir: Path, endpoint_env: dict[str, str], tuned: bool = True) -> dict[str, str]:
+def _worker_environment(
+    state_dir: Path, endpoint_env: dict[str, str], tuned: bool = True, overrides: dict[str, str] | None = None
+) -> dict[str, str]:
     """What the worker, the warm server and so every flow run see: the stack's endpoints, fast polling, the
     warm socket, and none of the developer's own PREFECT_* settings."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
@@ -680,6 +692,7 @@ def _worker_environment(state_dir: Path, endpoint_env: dict[str, str], tuned: bo
         **(WORKER_TUNING if tuned else {}),
         **SQLITE_503_RETRIES,
         **endpoint_env,
+        **(overrides or {}),
     }
 
 
@@ -691,6 +704,7 @@ class _Worker(_Service):
     pool: str = LOCAL_WORK_POOL
     endpoint_env: dict[str, str] = field(default_factory=dict)
     tuned: bool = True
+    overrides: dict[str, str] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
         return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items())), "tuned": self.tuned}
@@ -711,7 +725,7 @@ class _Worker(_Service):
         ]  # fmt: skip
 
     def env(self, port: int) -> dict[str, str]:
-        return _worker_environment(self.state_dir, self.endpoint_env, self.tuned)
+        return _worker_environment(self.state_dir, self.endpoint_env, self.tuned, self.overrides)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"pool:{self.pool}") if "started!" in self._log_since(pending) else None
@@ -741,6 +755,8 @@ class LocalStack:
         mirror_dataset: str = DEFAULT_DATASET,
         worker_tuning: bool = True,
         db: str = DEFAULT_DB,
+        plain_server: bool = False,
+        overrides: dict[str, dict[str, str]] | None = None,
     ) -> None:
         if db not in DATABASES:
             raise StackError(f"unknown database {db!r}; choose from {', '.join(DATABASES)}")
@@ -756,7 +772,7 @@ class LocalStack:
         self._specs: dict[str, _Service] = {
             "postgres": _Postgres("postgres", self.state_dir),
             "azurite": _Azurite("azurite", self.state_dir, startup_timeout_s=30.0),
-            "prefect": _Prefect("prefect", self.state_dir, ui=prefect_ui, db=db),
+            "prefect": _Prefect("prefect", self.state_dir, ui=prefect_ui, db=db, plain=plain_server),
             "mirror": _Mirror(
                 "mirror",
                 self.state_dir,
@@ -769,6 +785,11 @@ class LocalStack:
             "warm": _Warm("warm", self.state_dir, startup_timeout_s=60.0),
             "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0, tuned=worker_tuning),
         }
+        for name, settings in (overrides or {}).items():  # bench/workarounds.py: one setting at a time
+            spec = self._specs[name]
+            if not isinstance(spec, _Prefect | _Worker | _Warm):
+                raise StackError(f"service {name!r} takes no setting overrides")
+            spec.overrides = dict(settings)
 
     # -- public API
 

@@ -1,0 +1,139 @@
+"""`python -m bench.workarounds`: what each of the local server's departures from `prefect server start` buys.
+
+Each variant is the same event-driven backfill (one event per month, every chunk through the automation, the
+worker and the warm runs) on a fresh stack, with one setting or patch taken away. It reports wall time, rows/s,
+and what the server answered with 503/500 (from its own log), so a workaround is kept only with a number.
+Runs in about 2 min per variant; `--only` picks variants, `--years` sizes the backfill.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from datetime import date
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from bench.common import RESULTS, machine
+from tollwatch.backfill import Chunk
+
+
+class Variant(BaseModel):
+    """One stack configuration: which server command, which database, which settings replaced."""
+
+    name: str
+    description: str
+    db: str = "postgres"
+    plain_server: bool = False
+    overrides: dict[str, dict[str, str]] = Field(default_factory=dict)
+
+
+#: Prefect's own defaults for the settings the stack changes (prefect 3.9.1).
+PREFECT_DEFAULTS = {
+    "slot_wait": {"PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "30"},
+    "late_runs": {"PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": "15"},
+    "client_retries": {"PREFECT_CLIENT_MAX_RETRIES": "5"},
+}
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant(name="pg-stack", description="PostgreSQL, the stack as shipped"),
+    Variant(
+        name="pg-plain",
+        description="PostgreSQL, `prefect server start` (no Retry-After middleware, no create_app shortcut)",
+        plain_server=True,
+    ),
+    Variant(
+        name="pg-plain-slot-wait-30",
+        description="as pg-plain, concurrency slot re-offer at Prefect's 30 s (stack: 1 s)",
+        plain_server=True,
+        overrides={"prefect": PREFECT_DEFAULTS["slot_wait"]},
+    ),
+    Variant(
+        name="pg-plain-late-15",
+        description="as pg-plain, runs marked Late after Prefect's 15 s (stack: 600 s)",
+        plain_server=True,
+        overrides={"prefect": PREFECT_DEFAULTS["late_runs"]},
+    ),
+    Variant(
+        name="pg-plain-retries-5",
+        description="as pg-plain, Prefect's 5 client retries everywhere (stack: 8 worker/runs, 20 server)",
+        plain_server=True,
+        overrides={
+            "prefect": PREFECT_DEFAULTS["client_retries"],
+            "worker": PREFECT_DEFAULTS["client_retries"],
+            "warm": PREFECT_DEFAULTS["client_retries"],
+        },
+    ),
+    Variant(name="sqlite-stack", description="SQLite, the stack as shipped", db="sqlite"),
+    Variant(name="sqlite-plain", description="SQLite, `prefect server start`", db="sqlite", plain_server=True),
+)
+
+
+def measure(variant: Variant, start: date, stop: date) -> dict[str, Any]:
+    from bench.latency import backfill_through_events
+
+    began = time.time()
+    result = backfill_through_events(
+        start,
+        stop,
+        Chunk.MONTH,
+        mirror_through=stop,
+        db=variant.db,
+        plain_server=variant.plain_server,
+        overrides=variant.overrides,
+    )
+    return {
+        "variant": variant.name,
+        "description": variant.description,
+        **result,
+        "rows_per_s": result["rows"] / result["wall_s"],
+        "total_s": time.time() - began,
+    }
+
+
+def _table(results: list[dict[str, Any]]) -> str:
+    head = ("variant", "wall s", "rows/s", "runs/chunks", "dup", "restarted", "503s", "500s")
+    rows = [head] + [
+        (
+            r["variant"],
+            f"{r['wall_s']:.1f}",
+            f"{r['rows_per_s']:,.0f}",
+            f"{int(r['runs'])}/{int(r['chunks'])}",
+            str(int(r["duplicates"])),
+            str(int(r["restarted"])),
+            str(int(r["server_503"])),
+            str(int(r["server_500"])),
+        )
+        for r in results
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.workarounds", description=__doc__)
+    parser.add_argument("--only", default=",".join(v.name for v in VARIANTS), help="comma-separated variant names")
+    parser.add_argument("--years", type=int, default=4, help="monthly chunks over this many years (from 2021)")
+    args = parser.parse_args(argv)
+    wanted = [v for v in VARIANTS if v.name in set(args.only.split(","))]
+    if not wanted:
+        parser.error(f"no such variant; choose from {', '.join(v.name for v in VARIANTS)}")
+    start, stop = date(2021, 1, 1), date(2021 + args.years, 1, 1)
+    results = []
+    for variant in wanted:
+        print(f"... {variant.name}: {variant.description}", flush=True)
+        results.append(measure(variant, start, stop))
+        print(_table(results[-1:]), flush=True)
+    print("\n" + _table(results))
+    out = RESULTS / "workarounds.json"
+    report = {"machine": machine(), "start": str(start), "stop": str(stop), "results": results}
+    out.write_text(json.dumps(report, indent=2))
+    print(f"\nwritten: {out.relative_to(RESULTS.parent.parent)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
