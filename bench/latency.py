@@ -38,6 +38,16 @@ class BenchStack:
     endpoints: StackEndpoints
     emitter: PrefectEventsEmitter
     state_dir: Path
+    server_pid: int | None = None
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds (user + system) the Prefect server process has used so far."""
+        import psutil
+
+        if self.server_pid is None:
+            return 0.0
+        times = psutil.Process(self.server_pid).cpu_times()
+        return times.user + times.system
 
     def server_errors(self) -> dict[str, int]:
         """What the Prefect server answered with an error so far, from its log (the stack sets
@@ -102,7 +112,12 @@ def bench_stack(
                     ensure_local_blocks(endpoints.inbox_url)
                     run_apply(DEFAULT_AUTOMATIONS_DIR, dry_run=False, prune=False, api_url=endpoints.prefect_api_url)
                 http = httpx.Client(timeout=30)
-                yield BenchStack(endpoints, PrefectEventsEmitter(http, endpoints.prefect_api_url), Path(tmp))
+                yield BenchStack(
+                    endpoints,
+                    PrefectEventsEmitter(http, endpoints.prefect_api_url),
+                    Path(tmp),
+                    stack.status()["prefect"].pid,
+                )
         finally:
             stack.down()
             os.environ.clear()
@@ -313,6 +328,7 @@ def backfill_through_events(
             )
             for w in _plan(bench, start, stop, chunk)
         ]
+        cpu_before = bench.server_cpu_s()
         began = time.time()
         bench.emit(*events)
         accepted = time.time()
@@ -321,6 +337,7 @@ def backfill_through_events(
         runs = {o.flow_run_id for o in outcomes if o.flow_run_id}
         errors = bench.server_errors()
         return {
+            "server_cpu_s": bench.server_cpu_s() - cpu_before,
             "server_503": errors["503"],
             "server_500": errors["500"],
             "chunks": len(events),

@@ -95,12 +95,13 @@ def measure(variant: Variant, start: date, stop: date) -> dict[str, Any]:
 
 
 def _table(results: list[dict[str, Any]]) -> str:
-    head = ("variant", "wall s", "rows/s", "runs/chunks", "dup", "restarted", "503s", "500s")
+    head = ("variant", "wall s", "rows/s", "server CPU s", "runs/chunks", "dup", "restarted", "503s", "500s")
     rows = [head] + [
         (
             r["variant"],
             f"{r['wall_s']:.1f}",
             f"{r['rows_per_s']:,.0f}",
+            f"{r['server_cpu_s']:.1f}",
             f"{int(r['runs'])}/{int(r['chunks'])}",
             str(int(r["duplicates"])),
             str(int(r["restarted"])),
@@ -117,16 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.workarounds", description=__doc__)
     parser.add_argument("--only", default=",".join(v.name for v in VARIANTS), help="comma-separated variant names")
     parser.add_argument("--years", type=int, default=4, help="monthly chunks over this many years (from 2021)")
+    parser.add_argument("--repeat", type=int, default=1, help="measure each variant this many times, interleaved")
     args = parser.parse_args(argv)
     wanted = [v for v in VARIANTS if v.name in set(args.only.split(","))]
     if not wanted:
         parser.error(f"no such variant; choose from {', '.join(v.name for v in VARIANTS)}")
     start, stop = date(2021, 1, 1), date(2021 + args.years, 1, 1)
     results = []
-    for variant in wanted:
-        print(f"... {variant.name}: {variant.description}", flush=True)
-        results.append(measure(variant, start, stop))
-        print(_table(results[-1:]), flush=True)
+    for _ in range(args.repeat):
+        for variant in wanted:
+            print(f"... {variant.name}: {variant.description}", flush=True)
+            results.append(measure(variant, start, stop))
+            print(_table(results[-1:]), flush=True)
     print("\n" + _table(results))
     out = RESULTS / "workarounds.json"
     report = {"machine": machine(), "start": str(start), "stop": str(stop), "results": results}

@@ -9,30 +9,53 @@ ingest run for a published week, the run completes and the week is in the table.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterator
 from datetime import date
+from pathlib import Path
 
 import pytest
 
 from tests.support.stacks import deployed_stack
-from tollwatch.dev.stack import LocalStack, StackEndpoints
+from tollwatch.dev.stack import SQLITE_CLIENT_POLICY, SQLITE_SERVER_POLICY, LocalStack, StackEndpoints
 from tollwatch.events import EventName
 
 pytestmark = pytest.mark.stack
 
 
 @pytest.fixture(scope="module")
-def sqlite_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
-    local = LocalStack(
+def sqlite_local(tmp_path_factory: pytest.TempPathFactory) -> LocalStack:
+    return LocalStack(
         tmp_path_factory.mktemp("chain-sqlite"),
         prefect_ui=False,
         mirror_start=date(2024, 1, 1),
         mirror_through=date(2024, 2, 1),
         db="sqlite",
     )
-    with deployed_stack(local, {"TOLLWATCH_TASK_RETRIES": "0"}) as endpoints:
+
+
+@pytest.fixture(scope="module")
+def sqlite_stack(sqlite_local: LocalStack) -> Iterator[StackEndpoints]:
+    with deployed_stack(sqlite_local, {"TOLLWATCH_TASK_RETRIES": "0"}) as endpoints:
         yield endpoints
+
+
+def _process(state_dir: Path, service: str) -> tuple[list[str], dict[str, str]]:
+    """The command line and environment of a recorded service's process."""
+    pid = json.loads((state_dir / "stack.json").read_text())["services"][service]["pid"]
+    environ = Path(f"/proc/{pid}/environ").read_text().split("\0")
+    return Path(f"/proc/{pid}/cmdline").read_text().split("\0"), dict(i.split("=", 1) for i in environ if "=" in i)
+
+
+def test_the_sqlite_server_carries_the_sqlite_policy(sqlite_local: LocalStack, sqlite_stack: StackEndpoints) -> None:
+    """Retry-After on 503s, more client retries, late runs after 600 s: what SQLite's write collisions need."""
+    cmdline, server = _process(sqlite_local.state_dir, "prefect")
+    _, worker = _process(sqlite_local.state_dir, "worker")
+    assert cmdline[1:3] == ["-m", "tollwatch.dev.prefect_server"]
+    assert server["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("sqlite+aiosqlite:///")
+    assert {k: server[k] for k in SQLITE_SERVER_POLICY} == SQLITE_SERVER_POLICY
+    assert {k: worker[k] for k in SQLITE_CLIENT_POLICY} == SQLITE_CLIENT_POLICY
 
 
 def test_a_publish_is_ingested_through_the_worker_on_a_sqlite_server(sqlite_stack: StackEndpoints) -> None:

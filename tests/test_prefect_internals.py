@@ -43,6 +43,7 @@ def test_every_access_asks_the_version_gate_first(monkeypatch):
     internals.server_automation_models.cache_clear()
     ids = {"block_schema_id": uuid.uuid4(), "block_type_id": uuid.uuid4()}
     for call in (
+        internals.server_app,
         internals.server_automation_models,
         internals.refresh_settings,
         internals.flush_at_exit,
@@ -52,6 +53,16 @@ def test_every_access_asks_the_version_gate_first(monkeypatch):
         with pytest.raises(internals.PrefectInternalsError, match=r"Prefect 3\.99\.0 is installed"):
             call()
     internals.server_automation_models.cache_clear()
+
+
+def test_the_server_app_is_the_one_prefect_caches_for_its_own_in_process_clients():
+    from prefect.server.api.server import create_app
+
+    app = internals.server_app()
+    assert create_app() is app
+    assert "/api" in [
+        getattr(route, "path", None) for route in app.routes
+    ]  # the API, mounted as `prefect server start` does
 
 
 def test_the_server_automation_models_validate_what_the_client_models_let_through():

@@ -1,4 +1,4 @@
-"""The local stack's Prefect server policy: 503s carry Retry-After, for the network and in-process clients alike."""
+"""The SQLite stack's Prefect server policy: 503s carry Retry-After, for the network and in-process clients alike."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def test_a_retry_after_the_app_chose_is_kept():
 
 
 def test_prefects_own_clients_get_the_same_app_with_the_policy():
-    """The automations create runs through `create_app()` in-process: it must return the decorated app."""
+    """The automations create runs through `create_app()` in-process: Prefect's cache hands them the decorated app."""
     from prefect.server.api.server import create_app
 
     app = build_app(0.25)
@@ -46,25 +46,3 @@ def test_prefects_own_clients_get_the_same_app_with_the_policy():
     assert [m.cls for m in app.user_middleware].count(RetryAfterOn503) == 1
     assert build_app(0.25) is app  # building twice does not stack the middleware
     assert [m.cls for m in app.user_middleware].count(RetryAfterOn503) == 1
-
-
-def test_in_process_clients_get_the_app_without_rehashing_settings_or_reconfiguring_logging(monkeypatch):
-    """Every automation action builds a client that calls `create_app()`: it must not redo Prefect's work."""
-    import prefect.logging.configuration
-    import prefect.server.api.server as server_module
-    from prefect.server.api.clients import OrchestrationClient
-    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, temporary_settings
-
-    app = build_app(0.25)
-
-    def refuse(*_args: object, **_kwargs: object) -> None:
-        raise AssertionError("Prefect's slow path was taken")
-
-    monkeypatch.setattr(prefect.logging.configuration, "setup_logging", refuse)
-    monkeypatch.setattr(type(server_module.get_current_settings()), "hash_key", refuse)
-    client = OrchestrationClient()
-    assert client._http_client._transport.app is app  # type: ignore[attr-defined]
-    monkeypatch.undo()
-
-    with temporary_settings(updates={PREFECT_API_DATABASE_CONNECTION_URL: "sqlite+aiosqlite:///:memory:"}):
-        assert server_module.create_app() is not app  # other settings: Prefect's own answer

@@ -29,7 +29,13 @@ from tollwatch.dev import postgres
 from tollwatch.dev import stack as stack_module
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.dev.procs import ProcessRef, group_alive
-from tollwatch.dev.stack import LocalStack, StackEndpoints, StackError
+from tollwatch.dev.stack import (
+    SQLITE_CLIENT_POLICY,
+    SQLITE_SERVER_POLICY,
+    LocalStack,
+    StackEndpoints,
+    StackError,
+)
 
 pytestmark = pytest.mark.stack
 
@@ -506,14 +512,20 @@ def _environ_of(pid: int) -> dict[str, str]:
     return dict(item.split("=", 1) for item in raw if "=" in item)
 
 
-def test_server_and_worker_retry_sqlite_busy_503s_longer_than_prefects_default(
+def test_the_postgres_stacks_server_is_prefect_server_start_with_prefects_own_policies(
     shared: tuple[LocalStack, StackEndpoints],
 ) -> None:
-    """The automations (inside the server) and the worker both create/submit runs through Prefect's client."""
+    """No SQLite workaround on PostgreSQL: Prefect's own command, retries and Late-run marking (README numbers)."""
     local, _ = shared
     pids = _pids(local.state_dir)
-    assert _environ_of(pids["prefect"].pid)["PREFECT_CLIENT_MAX_RETRIES"] == "20"
-    assert _environ_of(pids["worker"].pid)["PREFECT_CLIENT_MAX_RETRIES"] == "8"
+    cmdline = Path(f"/proc/{pids['prefect'].pid}/cmdline").read_text().split("\0")
+    assert cmdline[1:5] == ["-m", "prefect", "server", "start"]
+    server, worker = _environ_of(pids["prefect"].pid), _environ_of(pids["worker"].pid)
+    for setting in SQLITE_SERVER_POLICY:
+        assert setting not in server
+    for setting in SQLITE_CLIENT_POLICY:
+        assert setting not in worker
+    assert server["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("postgresql+asyncpg://")
 
 
 def test_inbox_records_what_it_is_sent(shared: tuple[LocalStack, StackEndpoints]) -> None:
@@ -535,11 +547,3 @@ def test_warm_server_is_ready_and_its_socket_is_in_the_worker_environment(
     )
     assert Path(environ["TOLLWATCH_WARM_SOCKET"]).is_socket()
     assert local.status()["warm"].healthy
-
-
-def test_queued_runs_are_not_marked_late_within_ten_minutes(shared: tuple[LocalStack, StackEndpoints]) -> None:
-    """Runs waiting behind a backfill's concurrency limit are not late; marking each one was a write storm."""
-    local, _ = shared
-    assert (
-        _environ_of(_pids(local.state_dir)["prefect"].pid)["PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS"] == "600"
-    )

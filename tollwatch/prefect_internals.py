@@ -11,6 +11,7 @@ Checked on Prefect 3.9.1 (see CHECKED_ON). To admit a new release: install it, r
 Public APIs are used directly elsewhere (clients, schemas, settings, `prefect deploy`); only what has no
 public equivalent lives here:
 
+- `server_app`: the SQLite stack's server wraps Prefect's app (`prefect.server.api.server.create_app(final=True)`);
 - `server_automation_models`: validate automations as the server will (`prefect.server.events` schemas);
 - `refresh_settings`: a forked warm child re-reads its settings (`prefect.context.refresh_global_settings_context`);
 - `ENGINE_MODULE`: what a process worker runs per flow run (`python -m prefect.engine`, run as `__main__`);
@@ -24,7 +25,7 @@ from __future__ import annotations
 
 import atexit
 from functools import cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
 if TYPE_CHECKING:
@@ -68,6 +69,15 @@ def require_checked(access: str, version: str | None = None) -> None:
             "`pytest tests/test_prefect_internals.py` against this one and add it to CHECKED_ON in "
             "tollwatch/prefect_internals.py"
         )
+
+
+def server_app() -> Any:
+    """The server's FastAPI app exactly as `prefect server start` serves it (cached by Prefect, so the server's
+    own in-process clients — the automations creating runs — go through the same app and its middleware)."""
+    require_checked("serving Prefect's server app with a middleware (the SQLite stack)")
+    from prefect.server.api.server import create_app
+
+    return create_app(final=True)
 
 
 @cache

@@ -1,15 +1,17 @@
-"""`python -m tollwatch.dev.prefect_server --host H --port P`: the local stack's Prefect server.
+"""`python -m tollwatch.dev.prefect_server --host H --port P`: the local stack's Prefect server on SQLite.
 
 It is `prefect server start` (the same `create_app(final=True)` served by uvicorn, with every service) plus
-one policy: a 503 carries `Retry-After`.
+one policy: a 503 carries `Retry-After`. The PostgreSQL stack (the default) runs `prefect server start` itself:
+there no 503 was seen in any measured burst (bench/workarounds.py).
 
 Why: on SQLite, a write that starts from a read snapshot another connection has since written past fails at
 once with SQLITE_BUSY_SNAPSHOT ("database is locked"); Prefect's API answers 503, and Prefect's clients —
 the worker, flow runs, and the automations' own in-process client that creates runs — retry after 2, 4, 8 …
 s when no `Retry-After` says otherwise. The collision is over in milliseconds, so that backoff was the
 largest single cost of a backfill's run creation (~1 in 20 creates collided even on an idle server; 192
-monthly runs took 6.4 min, most of it in those waits). The in-process client goes through the same cached
-app, so the header reaches it too. Any other status is untouched.
+monthly runs took 6.4 min, most of it in those waits; bench/workarounds.py on prefect 3.9.1, 48 monthly runs:
+98.3 s without the header, 64.2 s with it). The in-process client goes through the same cached app, so the header
+reaches it too. Any other status is untouched.
 """
 
 from __future__ import annotations
@@ -52,48 +54,14 @@ class RetryAfterOn503:
 
 
 def build_app(retry_after_s: float = RETRY_AFTER_S) -> Any:
-    """Prefect's server app with the policy added; `create_app()` (the server's own clients) returns it too."""
-    from prefect.server.api.server import create_app
+    """Prefect's server app (the one `create_app()` caches, so the server's in-process clients use it too) with
+    the policy added once."""
+    from tollwatch.prefect_internals import server_app
 
-    app = create_app(final=True)
+    app = server_app()
     if not any(m.cls is RetryAfterOn503 for m in app.user_middleware):
         app.add_middleware(RetryAfterOn503, seconds=retry_after_s)
-    _hand_in_process_clients(app)
     return app
-
-
-def _hand_in_process_clients(app: Any) -> None:
-    """Make an argument-less `create_app()` return `app` at once while the settings are the ones it was built with.
-
-    Why: every automation action builds an in-process client, whose constructor calls `create_app()`; Prefect
-    then hashes every setting (serialising them all) and re-runs its logging `dictConfig` before finding the
-    cached app. py-spy on the server during a 96-run backfill: 6.6 % of its CPU went there. The shortcut only
-    applies while the current settings object is the one the app was built with (any other settings, or any
-    argument, go to Prefect's own `create_app`), so the answer is the cached app Prefect would have returned.
-    """
-    import prefect.server.api.server as server_module
-    from prefect.settings import get_current_settings
-
-    original = getattr(server_module.create_app, "tollwatch_original", server_module.create_app)
-    built_with = get_current_settings()
-
-    def create_app(
-        settings: Any = None,
-        ephemeral: bool = False,
-        webserver_only: bool = False,
-        final: bool = False,
-        ignore_cache: bool = False,
-    ) -> Any:
-        if (
-            settings is None
-            and not (ephemeral or webserver_only or ignore_cache)
-            and get_current_settings() is built_with
-        ):
-            return app
-        return original(settings, ephemeral, webserver_only, final, ignore_cache)
-
-    create_app.tollwatch_original = original  # type: ignore[attr-defined]
-    server_module.create_app = create_app  # type: ignore[assignment]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -478,9 +478,10 @@ class _Azurite(_Service):
 
 @dataclass
 class _Prefect(_Service):
-    """Prefect's server from this venv (`tollwatch.dev.prefect_server`: `prefect server start` plus a
-    Retry-After on 503s), on the stack's PostgreSQL (`db="postgres"`, database `prefect`, through its socket)
-    or on SQLite under the state dir (`db="sqlite"`), isolated from ~/.prefect.
+    """Prefect's server from this venv, isolated from ~/.prefect: on the stack's PostgreSQL (`db="postgres"`,
+    database `prefect`, through its socket) it is `prefect server start` with Prefect's own settings; on SQLite
+    under the state dir (`db="sqlite"`) it is `tollwatch.dev.prefect_server` (Prefect's app plus Retry-After on
+    503s) with SQLITE_SERVER_POLICY — what SQLite's write collisions need (README: "The local Prefect server").
 
     Prefect needs its port up front (the UI is told the API URL at startup), so a free port is picked here;
     if another process grabs it first, the server exits with "already in use" and is relaunched elsewhere.
@@ -489,7 +490,7 @@ class _Prefect(_Service):
     ui: bool = True
     db: str = DEFAULT_DB
     startup_timeout_s: float = 90.0
-    #: `prefect server start` itself instead of tollwatch.dev.prefect_server (bench/workarounds.py compares).
+    #: SQLite: `prefect server start` and Prefect's settings, without the SQLite policy (bench/workarounds.py).
     plain: bool = False
     #: Settings that replace the stack's own (bench/workarounds.py measures each of them this way).
     overrides: dict[str, str] = field(default_factory=dict)
@@ -513,6 +514,10 @@ class _Prefect(_Service):
     def config(self) -> dict[str, Any]:
         return {"ui": self.ui, "database": self.database_url, "plain": self.plain, "overrides": self.overrides}
 
+    @property
+    def sqlite_policy(self) -> bool:
+        return self.db == "sqlite" and not self.plain
+
     def bind(self, endpoints: StackEndpoints) -> None:
         self.postgres_url = endpoints.postgres_url
 
@@ -526,9 +531,9 @@ class _Prefect(_Service):
         return free_port(HOST)
 
     def argv(self, port: int) -> list[str]:
-        if self.plain:
-            return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
-        return [sys.executable, "-m", "tollwatch.dev.prefect_server", "--host", HOST, "--port", str(port)]
+        if self.sqlite_policy:
+            return [sys.executable, "-m", "tollwatch.dev.prefect_server", "--host", HOST, "--port", str(port)]
+        return [sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)]
 
     def env(self, port: int) -> dict[str, str]:
         """The server's environment: no inherited PREFECT_* (a developer's PREFECT_API_URL or profile would
@@ -547,15 +552,9 @@ class _Prefect(_Service):
             "PREFECT_SERVER_UI_ENABLED": str(self.ui).lower(),
             # Events reach the DB (and `events/filter`) within ~1 s instead of 5 s: snappier demos and tests.
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
-            # A run queued behind the deployment's concurrency limit is re-offered after 1 s instead of 30 s.
-            "PREFECT_SERVER_DEPLOYMENTS_CONCURRENCY_SLOT_WAIT_SECONDS": "1",
-            # A run is marked Late 15 s after its scheduled start by default: every run queued behind a backfill's
-            # limit became a state change and an event, ~35% of the server's CPU (py-spy) during a 200-run
-            # fan-out. Ten minutes still flags runs nobody picks up (e.g. no worker).
-            "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": "600",
             # Every 503 (a retryable error) is logged with its cause, so bursts can be audited (bench counts them).
             "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
-            **SERVER_503_RETRIES,
+            **(SQLITE_SERVER_POLICY if self.sqlite_policy else {}),
             **self.overrides,
         }
 
@@ -639,14 +638,20 @@ WORKER_TUNING: dict[str, str] = {
 }
 
 
-#: A Prefect server on SQLite answers a write that collides with another ("database is locked") with 503;
-#: tollwatch.dev.prefect_server adds `Retry-After: 0.5` so Prefect's clients retry after 0.5 s instead of 2, 4,
-#: 8, … s. By default they try 5 times: under a burst of backfill runs that lost runs (the automation's create
-#: call gave up: START FAILED; the worker's submission gave up: CRASHED). The worker (and the runs it starts)
-#: get 8 tries, which still bounds how long they hang when the server is really down (connection errors back
-#: off 2, 4, … s); the server's own in-process client cannot hit a connection error and gets 20.
-SQLITE_503_RETRIES: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "8"}
-SERVER_503_RETRIES: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "20"}
+#: SQLite only (`--db sqlite`). A Prefect server on SQLite answers a write that collides with another ("database
+#: is locked") with 503; tollwatch.dev.prefect_server adds `Retry-After: 0.5` so Prefect's clients retry after
+#: 0.5 s instead of 2, 4, 8, … s, and they get more tries than Prefect's 5 (under a burst of backfill runs 5 lost
+#: runs: the automation's create call gave up → START FAILED; the worker's submission gave up → CRASHED). The
+#: worker and its runs get 8, which still bounds how long they hang when the server is really down; the
+#: server's in-process client cannot hit a connection error and gets 20. A run is marked Late after 600 s
+#: instead of 15 s: every run queued behind a backfill's limit became a state change and an event, ~35 % of the
+#: SQLite server's CPU (py-spy) during a 200-run fan-out. On PostgreSQL none of this pays (bench/workarounds.py:
+#: 0 503s, the same wall time and server CPU with Prefect's defaults), so the PostgreSQL stack runs without it.
+SQLITE_SERVER_POLICY: dict[str, str] = {
+    "PREFECT_CLIENT_MAX_RETRIES": "20",
+    "PREFECT_SERVER_SERVICES_LATE_RUNS_AFTER_SECONDS": "600",
+}
+SQLITE_CLIENT_POLICY: dict[str, str] = {"PREFECT_CLIENT_MAX_RETRIES": "8"}
 
 
 @dataclass
@@ -655,6 +660,7 @@ class _Warm(_Service):
     once, then forks a ready child for each run the worker starts (see tollwatch/warm)."""
 
     endpoint_env: dict[str, str] = field(default_factory=dict)
+    db: str = DEFAULT_DB
     overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -662,7 +668,7 @@ class _Warm(_Service):
         return self.state_dir / "warm.sock"
 
     def config(self) -> dict[str, Any]:
-        return {"env": dict(sorted(self.endpoint_env.items()))}
+        return {"env": dict(sorted(self.endpoint_env.items())), "db": self.db}
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
@@ -671,17 +677,21 @@ class _Warm(_Service):
         return [sys.executable, "-m", "tollwatch.warm.server", "--socket", str(self.socket)]
 
     def env(self, port: int) -> dict[str, str]:
-        return _worker_environment(self.state_dir, self.endpoint_env, overrides=self.overrides)
+        return _worker_environment(self.state_dir, self.endpoint_env, db=self.db, overrides=self.overrides)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
 
 
 def _worker_environment(
-    state_dir: Path, endpoint_env: dict[str, str], tuned: bool = True, overrides: dict[str, str] | None = None
+    state_dir: Path,
+    endpoint_env: dict[str, str],
+    tuned: bool = True,
+    db: str = DEFAULT_DB,
+    overrides: dict[str, str] | None = None,
 ) -> dict[str, str]:
     """What the worker, the warm server and so every flow run see: the stack's endpoints, fast polling, the
-    warm socket, and none of the developer's own PREFECT_* settings."""
+    warm socket, SQLite's client policy on a SQLite server, and none of the developer's own PREFECT_* settings."""
     inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
     return {
         **inherited,
@@ -690,7 +700,7 @@ def _worker_environment(
         "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
         "TOLLWATCH_WARM_SOCKET": str(state_dir / "warm.sock"),
         **(WORKER_TUNING if tuned else {}),
-        **SQLITE_503_RETRIES,
+        **(SQLITE_CLIENT_POLICY if db == "sqlite" else {}),
         **endpoint_env,
         **(overrides or {}),
     }
@@ -704,10 +714,11 @@ class _Worker(_Service):
     pool: str = LOCAL_WORK_POOL
     endpoint_env: dict[str, str] = field(default_factory=dict)
     tuned: bool = True
+    db: str = DEFAULT_DB
     overrides: dict[str, str] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
-        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items())), "tuned": self.tuned}
+        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items())), "tuned": self.tuned, "db": self.db}
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
@@ -725,7 +736,7 @@ class _Worker(_Service):
         ]  # fmt: skip
 
     def env(self, port: int) -> dict[str, str]:
-        return _worker_environment(self.state_dir, self.endpoint_env, self.tuned, self.overrides)
+        return _worker_environment(self.state_dir, self.endpoint_env, self.tuned, self.db, self.overrides)
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"pool:{self.pool}") if "started!" in self._log_since(pending) else None
@@ -782,8 +793,8 @@ class LocalStack:
                 seed=seed,
             ),
             "inbox": _Inbox("inbox", self.state_dir, startup_timeout_s=30.0),
-            "warm": _Warm("warm", self.state_dir, startup_timeout_s=60.0),
-            "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0, tuned=worker_tuning),
+            "warm": _Warm("warm", self.state_dir, startup_timeout_s=60.0, db=db),
+            "worker": _Worker("worker", self.state_dir, startup_timeout_s=60.0, tuned=worker_tuning, db=db),
         }
         for name, settings in (overrides or {}).items():  # bench/workarounds.py: one setting at a time
             spec = self._specs[name]
