@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, ParamSpec, TypeVar
 
+import httpx
 import typer
 from pydantic import ValidationError
 
@@ -48,9 +50,30 @@ def friendly(fn: Callable[P, R]) -> Callable[P, R]:
             ValueError,
         ) as exc:
             fail(str(exc))
+        except httpx.TransportError as exc:  # a server that is down or unreachable: Prefect's, most often
+            fail(unreachable(exc))
         raise AssertionError("unreachable")
 
     return wrapper
+
+
+def unreachable(exc: httpx.TransportError) -> str:
+    """One sentence for a connection that could not be made, naming the Prefect API when that was the target."""
+    try:
+        url = exc.request.url
+    except RuntimeError:  # an error raised without its request
+        return f"could not connect ({exc})"
+    origin = f"{url.scheme}://{url.netloc.decode()}"
+    api = os.environ.get("PREFECT_API_URL", "")
+    if "prefect" in sys.modules:
+        from prefect.settings import get_current_settings
+
+        api = str(get_current_settings().api.url or api)
+    if api and httpx.URL(api).netloc.decode() == url.netloc.decode():
+        return (
+            f"could not reach the Prefect API at {api} ({exc}) — is the server up? (`make up`, or set PREFECT_API_URL)"
+        )
+    return f"could not reach {origin} ({exc})"
 
 
 def use_stack(state_dir: Path) -> None:
