@@ -8,12 +8,13 @@ confirmed POST on one side, the flow run's state history on the other.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -38,16 +39,31 @@ class BenchStack:
     endpoints: StackEndpoints
     emitter: PrefectEventsEmitter
     state_dir: Path
-    server_pid: int | None = None
+    pids: dict[str, int] = field(default_factory=dict)
 
-    def server_cpu_s(self) -> float:
-        """CPU seconds (user + system) the Prefect server process has used so far."""
+    def cpu_by_service(self) -> dict[str, float]:
+        """CPU seconds (user + system) each service has used so far, with its children: the ones still running
+        and the ones it has reaped (PostgreSQL's backends, the warm server's forked runs)."""
         import psutil
 
-        if self.server_pid is None:
-            return 0.0
-        times = psutil.Process(self.server_pid).cpu_times()
-        return times.user + times.system
+        used: dict[str, float] = {}
+        for name, pid in self.pids.items():
+            try:
+                process = psutil.Process(pid)
+                t = process.cpu_times()
+                total = t.user + t.system + t.children_user + t.children_system
+                for child in process.children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        c = child.cpu_times()
+                        total += c.user + c.system
+            except psutil.Error:
+                continue
+            used[name] = total
+        return used
+
+    def server_cpu_s(self) -> float:
+        """CPU seconds the Prefect server process has used so far."""
+        return self.cpu_by_service().get("prefect", 0.0)
 
     def server_errors(self) -> dict[str, int]:
         """What the Prefect server answered with an error so far, from its log (the stack sets
@@ -112,12 +128,8 @@ def bench_stack(
                     ensure_local_blocks(endpoints.inbox_url)
                     run_apply(DEFAULT_AUTOMATIONS_DIR, dry_run=False, prune=False, api_url=endpoints.prefect_api_url)
                 http = httpx.Client(timeout=30)
-                yield BenchStack(
-                    endpoints,
-                    PrefectEventsEmitter(http, endpoints.prefect_api_url),
-                    Path(tmp),
-                    stack.status()["prefect"].pid,
-                )
+                pids = {name: st.pid for name, st in stack.status().items() if st.pid is not None}
+                yield BenchStack(endpoints, PrefectEventsEmitter(http, endpoints.prefect_api_url), Path(tmp), pids)
         finally:
             stack.down()
             os.environ.clear()
@@ -304,6 +316,18 @@ def _plan(bench: BenchStack, start: date, stop: date, chunk: Chunk) -> list[Wind
     return [c.window for c in auto_chunks(start, stop, counts, target)]
 
 
+def _with_rows(observer: PrefectObserver, events: list[TollwatchEvent], outcomes: list[Any]) -> list[Any]:
+    """The outcomes once every completed run's completion event is readable (the server stores events within
+    ~1 s of receiving them; `follow` may end on the runs' states before the last one is in)."""
+    from tollwatch.follow import chunk_outcomes
+
+    deadline = time.monotonic() + 15
+    while any(o.state == "COMPLETED" and o.rows_written is None for o in outcomes) and time.monotonic() < deadline:
+        time.sleep(1)
+        outcomes = chunk_outcomes(observer, events)
+    return outcomes
+
+
 def backfill_through_events(
     start: date,
     stop: date,
@@ -328,16 +352,19 @@ def backfill_through_events(
             )
             for w in _plan(bench, start, stop, chunk)
         ]
-        cpu_before = bench.server_cpu_s()
+        cpu_before = bench.cpu_by_service()
         began = time.time()
         bench.emit(*events)
         accepted = time.time()
         outcomes = follow(observer, events, timeout_s=timeout_s, poll_s=2.0, resend=bench.emitter.emit)
         finished = time.time()
+        cpu = {name: used - cpu_before.get(name, 0.0) for name, used in bench.cpu_by_service().items()}
+        outcomes = _with_rows(observer, events, outcomes)
         runs = {o.flow_run_id for o in outcomes if o.flow_run_id}
         errors = bench.server_errors()
         return {
-            "server_cpu_s": bench.server_cpu_s() - cpu_before,
+            "server_cpu_s": cpu.get("prefect", 0.0),
+            **{f"cpu_s.{name}": used for name, used in cpu.items()},
             "server_503": errors["503"],
             "server_500": errors["500"],
             "chunks": len(events),
@@ -359,10 +386,14 @@ PG_VS_SQLITE_GOAL = 2.0
 
 
 def _result_note(result: dict[str, float]) -> str:
+    cpu = {k.split(".", 1)[1]: v for k, v in result.items() if k.startswith("cpu_s.")}
+    busy = sum(cpu.values()) / (result["wall_s"] * (os.cpu_count() or 1))
     return (
         f"{int(result['rows']):,} rows; runs {int(result['runs'])}/{int(result['chunks'])} chunks, "
         f"completed {int(result['completed'])}, duplicates {int(result['duplicates'])}, restarted "
-        f"{int(result['restarted'])}; server 503s {int(result['server_503'])}, 500s {int(result['server_500'])}"
+        f"{int(result['restarted'])}; server 503s {int(result['server_503'])}, 500s {int(result['server_500'])}; "
+        f"CPU s {', '.join(f'{n} {v:.0f}' for n, v in sorted(cpu.items(), key=lambda kv: -kv[1]))} "
+        f"= {busy:.0%} of {os.cpu_count()} cores"
     )
 
 
