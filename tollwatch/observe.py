@@ -30,6 +30,9 @@ ACTION_TRIGGERED = "prefect.automation.action.triggered"
 ACTION_EXECUTED = "prefect.automation.action.executed"
 ACTION_FAILED = "prefect.automation.action.failed"
 _PAGE = 50  # the events API refuses larger pages
+#: Ids per events query: the server encodes the whole filter into each next-page URL, and 1,000 related ids made
+#: it longer than httpx accepts (InvalidURL, seen by a 1,000-chunk backfill); larger sets go in batches.
+_IDS_PER_QUERY = 100
 
 
 class ActionTaken(BaseModel):
@@ -82,7 +85,41 @@ class PrefectObserver:
         newest_first: bool = False,
         limit: int = 1000,
     ) -> list[ReceivedEvent]:
-        """Events matching all given criteria, oldest first unless asked (follows pagination up to `limit`)."""
+        """Events matching all given criteria, oldest first unless asked (follows pagination up to `limit`).
+
+        More than _IDS_PER_QUERY `ids` or `related_ids` are asked for in batches, merged and ordered again.
+        """
+        id_list = None if ids is None else list(ids)
+        related_list = None if related_ids is None else list(related_ids)
+        batched = id_list if id_list is not None and len(id_list) > _IDS_PER_QUERY else None
+        if batched is None and related_list is not None and len(related_list) > _IDS_PER_QUERY:
+            batched = related_list
+        if batched is None:
+            return self._events_page_by_page(names, id_list, related_list, since, newest_first, limit)
+        found: dict[UUID, ReceivedEvent] = {}
+        for start in range(0, len(batched), _IDS_PER_QUERY):
+            part = batched[start : start + _IDS_PER_QUERY]
+            for event in self._events_page_by_page(
+                names,
+                part if batched is id_list else id_list,
+                part if batched is related_list else related_list,
+                since,
+                newest_first,
+                limit,
+            ):
+                found[event.id] = event
+        ordered = sorted(found.values(), key=lambda e: (e.occurred, str(e.id)), reverse=newest_first)
+        return ordered[:limit]
+
+    def _events_page_by_page(
+        self,
+        names: Sequence[str] | None,
+        ids: list[UUID] | None,
+        related_ids: list[str] | None,
+        since: datetime | None,
+        newest_first: bool,
+        limit: int,
+    ) -> list[ReceivedEvent]:
         from prefect.events.filters import (
             EventFilter,
             EventIDFilter,
@@ -100,9 +137,9 @@ class PrefectObserver:
         if names:
             criteria["event"] = EventNameFilter(name=list(names))
         if ids is not None:
-            criteria["id"] = EventIDFilter(id=list(ids))
+            criteria["id"] = EventIDFilter(id=ids)
         if related_ids is not None:
-            criteria["related"] = EventRelatedFilter(id=list(related_ids))
+            criteria["related"] = EventRelatedFilter(id=related_ids)
         page = self.client.read_events(EventFilter(**criteria), limit=min(limit, _PAGE))
         found = list(page.events)
         while page.next_page and len(found) < limit:
@@ -120,7 +157,10 @@ class PrefectObserver:
         if not wanted:
             return []
         actions = []
-        found = self.events(names=[ACTION_TRIGGERED, ACTION_EXECUTED, ACTION_FAILED], related_ids=wanted)
+        # a chunk's actions: triggered + executed/failed, and again for each restart: leave room for them all
+        found = self.events(
+            names=[ACTION_TRIGGERED, ACTION_EXECUTED, ACTION_FAILED], related_ids=wanted, limit=10 * len(wanted) + 1000
+        )
         # `triggered` carries when the trigger fired; `executed`/`failed` (same invocation) what came of it
         fired = {_invocation(e): e.occurred for e in found if e.event == ACTION_TRIGGERED}
         for event in (e for e in found if e.event != ACTION_TRIGGERED):
@@ -161,7 +201,7 @@ class PrefectObserver:
         if not runs:
             return {}
         found: dict[UUID, ReceivedEvent] = {}
-        for event in self.events(names=names, related_ids=list(runs)):
+        for event in self.events(names=names, related_ids=list(runs), limit=5 * len(runs) + 1000):
             for resource_id in _related_ids(event, "flow-run"):
                 run_id = runs.get(resource_id)
                 if run_id is not None:
@@ -174,10 +214,12 @@ class PrefectObserver:
         from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
         wanted = list(ids)
-        if not wanted:
-            return {}
-        runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=wanted)))
-        return {run.id: run for run in runs}
+        found: dict[UUID, FlowRun] = {}
+        for start in range(0, len(wanted), _IDS_PER_QUERY):  # the server answers at most 200 runs per read
+            part = wanted[start : start + _IDS_PER_QUERY]
+            runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=part)))
+            found.update({run.id: run for run in runs})
+        return found
 
     def state_times(self, flow_run_id: UUID) -> dict[str, datetime]:
         """When the run first entered each state type (SCHEDULED, PENDING, RUNNING, COMPLETED, …)."""
