@@ -10,8 +10,10 @@ import argparse
 import json
 import sys
 import time
+import traceback
 from collections.abc import Callable
 from datetime import date
+from pathlib import Path
 
 from bench.common import RESULTS, Figure, machine
 
@@ -81,6 +83,12 @@ def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: floa
     return figures
 
 
+def _write(path: Path, figures: list[Figure], extra: dict[str, object], about: dict[str, str]) -> None:
+    """The results so far: written after every figure, so a failure late in a long run keeps what was measured."""
+    payload = {"machine": machine() | about, "figures": [f.model_dump() | {"ratio": f.ratio} for f in figures]}
+    path.write_text(json.dumps(payload | {"extra": extra}, indent=2, default=str) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
@@ -111,26 +119,29 @@ def main(argv: list[str] | None = None) -> int:
         ("6", lambda: latency.figure_burst(events=50 if quick else 1000)),
     ]
     began = time.monotonic()
+    failed: list[str] = []
+    out = RESULTS / ("quick.json" if quick else "latest.json")
+    RESULTS.mkdir(parents=True, exist_ok=True)
     for number, step in steps:
         if number in wanted:
             started = time.monotonic()
             print(f"figure {number} …", file=sys.stderr, flush=True)
-            figures += step()
+            try:
+                figures += step()
+            except Exception:  # one figure's failure must not lose the others: report it and go on
+                traceback.print_exc()
+                failed.append(number)
             print(f"figure {number} took {time.monotonic() - started:.0f}s", file=sys.stderr, flush=True)
+            _write(out, figures, extra, {"partial": "yes", "failed": ",".join(failed)})
     took = time.monotonic() - began
-    about = machine() | {"bench_s": f"{took:.0f}", "quick": str(quick)}
+    about = machine() | {"bench_s": f"{took:.0f}", "quick": str(quick), "failed": ",".join(failed)}
     print(f"tollwatch bench — {about['date']}, commit {about['commit']}, {about['cpus']} cores, "
           f"Python {about['python']}, {took / 60:.1f} min{' (quick)' if quick else ''}")  # fmt: skip
     print(_table(figures))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / ("quick.json" if quick else "latest.json")).write_text(
-        json.dumps(
-            {"machine": about, "figures": [f.model_dump() | {"ratio": f.ratio} for f in figures], "extra": extra},
-            indent=2,
-            default=str,
-        )
-        + "\n"
-    )
+    _write(out, figures, extra, about)
+    if failed:
+        print(f"figure(s) {', '.join(failed)} failed (traceback above)", file=sys.stderr)
+        return 1
     return 0
 
 
