@@ -668,7 +668,7 @@ class _Warm(_Service):
         return self.state_dir / "warm.sock"
 
     def config(self) -> dict[str, Any]:
-        return {"env": dict(sorted(self.endpoint_env.items())), "db": self.db}
+        return {"env": dict(sorted(self.endpoint_env.items())), "db": self.db, "overrides": self.overrides}
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
@@ -718,7 +718,13 @@ class _Worker(_Service):
     overrides: dict[str, str] = field(default_factory=dict)
 
     def config(self) -> dict[str, Any]:
-        return {"pool": self.pool, "env": dict(sorted(self.endpoint_env.items())), "tuned": self.tuned, "db": self.db}
+        return {
+            "pool": self.pool,
+            "env": dict(sorted(self.endpoint_env.items())),
+            "tuned": self.tuned,
+            "db": self.db,
+            "overrides": self.overrides,
+        }
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
