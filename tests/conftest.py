@@ -14,14 +14,17 @@ import pytest
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.dev.stack import LocalStack, StackEndpoints
 
+_STACK_LOGS: list[Path] = []
+_LOG_TAIL_LINES = 80
+
 
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     """Azurite and a Prefect server on the stack's PostgreSQL, started by the project itself (loopback ports, a
     Unix socket for PostgreSQL)."""
-    local = LocalStack(
-        tmp_path_factory.mktemp("stack"), services=("azurite", "prefect"), prefect_ui=False, db="postgres"
-    )
+    state_dir = tmp_path_factory.mktemp("stack")
+    local = LocalStack(state_dir, services=("azurite", "prefect"), prefect_ui=False, db="postgres")
+    _STACK_LOGS.append(state_dir / "logs")
     endpoints = local.up()
     try:
         yield endpoints
@@ -67,3 +70,19 @@ def pytest_configure(config: pytest.Config) -> None:
     # Tests never talk to Prefect Cloud or phone home.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failing stack test shows the tail of the stack's server logs in its report: a 500 seen on CI is otherwise
+    only "Internal Server Error", and the traceback that explains it stays in a temp dir nobody can open."""
+    outcome = yield
+    report = outcome.get_result()
+    if not report.failed or "stack" not in getattr(item, "fixturenames", ()):
+        return
+    for logs in _STACK_LOGS:
+        for name in ("prefect.log", "postgres.log"):
+            path = logs / name
+            if path.exists():
+                lines = path.read_text(errors="replace").splitlines()[-_LOG_TAIL_LINES:]
+                report.sections.append((f"stack {name} (last {len(lines)} lines)", "\n".join(lines)))
