@@ -55,3 +55,55 @@ def test_flow_runs_reads_every_asked_run_beyond_the_servers_page_limit(env):
         ids = [client.create_flow_run(idle).id for _ in range(230)]
     with connect() as observer:
         assert set(observer.flow_runs(ids)) == set(ids)
+
+
+class _FlakyEvents:
+    """A client whose events reads fail with the given errors first, then answer one empty page."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    def read_events(self, *args: object, **kwargs: object) -> object:
+        from types import SimpleNamespace
+
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return SimpleNamespace(events=[], next_page=None)
+
+
+def _server_error(status: int) -> BaseException:
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    request = httpx.Request("POST", "http://127.0.0.1:4200/api/events/filter")
+    response = httpx.Response(status, request=request, json={"exception_message": "Internal Server Error"})
+    return PrefectHTTPStatusError.from_httpx_error(httpx.HTTPStatusError("boom", request=request, response=response))
+
+
+def test_a_read_the_server_fails_with_a_5xx_is_retried(monkeypatch):
+    """A loaded server times out a query (asyncpg TimeoutError -> 500, seen on CI under `backfill --wait`): a read
+    changes nothing, so the observer asks again instead of failing the wait."""
+    from tollwatch import observe
+
+    monkeypatch.setattr(observe, "_READ_BACKOFF_S", 0.0)
+    client = _FlakyEvents(_server_error(500), httpx.ConnectError("refused"))
+
+    assert observe.PrefectObserver(client).events(names=["x"]) == []  # type: ignore[arg-type]
+    assert client.calls == 3
+
+
+def test_a_read_that_keeps_failing_or_is_refused_is_not_retried_forever(monkeypatch):
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    from tollwatch import observe
+
+    monkeypatch.setattr(observe, "_READ_BACKOFF_S", 0.0)
+    refused = _FlakyEvents(_server_error(422))
+    with pytest.raises(PrefectHTTPStatusError):
+        observe.PrefectObserver(refused).events(names=["x"])  # type: ignore[arg-type]
+    assert refused.calls == 1
+    down = _FlakyEvents(*[_server_error(500) for _ in range(10)])
+    with pytest.raises(PrefectHTTPStatusError):
+        observe.PrefectObserver(down).events(names=["x"])  # type: ignore[arg-type]
+    assert down.calls == observe._READ_ATTEMPTS

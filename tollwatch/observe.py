@@ -13,13 +13,16 @@ Prefect records the causal links we need, so tollwatch keeps no bookkeeping of i
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, ParamSpec, TypeVar
 from uuid import UUID
 
+import httpx
 from pydantic import BaseModel, ConfigDict
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -33,6 +36,42 @@ _PAGE = 50  # the events API refuses larger pages
 #: Ids per events query: the server encodes the whole filter into each next-page URL, and 1,000 related ids made
 #: it longer than httpx accepts (InvalidURL, seen by a 1,000-chunk backfill); larger sets go in batches.
 _IDS_PER_QUERY = 100
+#: Tries per read. A loaded server can time out a query (Prefect answers 500 when its database call exceeds
+#: PREFECT_SERVER_DATABASE_TIMEOUT, seen on CI while 1,200 events were being processed); a read changes nothing, so
+#: it is asked again, with a pause that doubles, before the caller sees the error.
+_READ_ATTEMPTS = 4
+_READ_BACKOFF_S = 1.0
+
+
+log = logging.getLogger(__name__)
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def _transient(error: BaseException) -> bool:
+    """A server error or a broken connection: worth asking again. A 4xx is the server meaning it."""
+    from prefect.exceptions import PrefectHTTPStatusError
+
+    if isinstance(error, PrefectHTTPStatusError | httpx.HTTPStatusError):
+        return error.response.status_code >= 500
+    return isinstance(error, httpx.TransportError)
+
+
+def _read(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
+    """One read from the Prefect API, retried on a transient failure (see _READ_ATTEMPTS)."""
+    retrying = Retrying(
+        retry=retry_if_exception(_transient),
+        stop=stop_after_attempt(_READ_ATTEMPTS),
+        wait=wait_exponential(multiplier=_READ_BACKOFF_S, max=8 * _READ_BACKOFF_S),
+        before_sleep=lambda state: log.warning(
+            "Prefect API read failed (%s); attempt %d of %d",
+            state.outcome.exception() if state.outcome else "?",
+            state.attempt_number,
+            _READ_ATTEMPTS,
+        ),
+        reraise=True,
+    )
+    return retrying(call, *args, **kwargs)
 
 
 class ActionTaken(BaseModel):
@@ -140,10 +179,10 @@ class PrefectObserver:
             criteria["id"] = EventIDFilter(id=ids)
         if related_ids is not None:
             criteria["related"] = EventRelatedFilter(id=related_ids)
-        page = self.client.read_events(EventFilter(**criteria), limit=min(limit, _PAGE))
+        page = _read(self.client.read_events, EventFilter(**criteria), limit=min(limit, _PAGE))
         found = list(page.events)
         while page.next_page and len(found) < limit:
-            page = self.client.read_events_page(str(page.next_page))
+            page = _read(self.client.read_events_page, str(page.next_page))
             found.extend(page.events)
         return found[:limit]
 
@@ -217,14 +256,14 @@ class PrefectObserver:
         found: dict[UUID, FlowRun] = {}
         for start in range(0, len(wanted), _IDS_PER_QUERY):  # the server answers at most 200 runs per read
             part = wanted[start : start + _IDS_PER_QUERY]
-            runs = self.client.read_flow_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=part)))
+            runs = _read(self.client.read_flow_runs, flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=part)))
             found.update({run.id: run for run in runs})
         return found
 
     def state_times(self, flow_run_id: UUID) -> dict[str, datetime]:
         """When the run first entered each state type (SCHEDULED, PENDING, RUNNING, COMPLETED, …)."""
         times: dict[str, datetime] = {}
-        for state in sorted(self.client.read_flow_run_states(flow_run_id), key=lambda s: s.timestamp):
+        for state in sorted(_read(self.client.read_flow_run_states, flow_run_id), key=lambda s: s.timestamp):
             times.setdefault(state.type.value, state.timestamp)
         return times
 
@@ -233,7 +272,8 @@ class PrefectObserver:
         from prefect.client.schemas.filters import FlowFilter, FlowFilterName
         from prefect.client.schemas.sorting import FlowRunSort
 
-        return self.client.read_flow_runs(
+        return _read(
+            self.client.read_flow_runs,
             flow_filter=FlowFilter(name=FlowFilterName(any_=[flow_name])),
             sort=FlowRunSort.EXPECTED_START_TIME_DESC,
             limit=limit,
