@@ -1,0 +1,140 @@
+"""The chain once with `TOLLWATCH_ENGINE=databricks`, through the real worker, Spark run by the Jobs API double.
+
+publish → watcher → tollwatch.dataset.refreshed → ingest run (worker) → runs/submit of the wheel's `tollwatch-merge`
+→ Spark merges the landing from Azurite into the Iceberg table → tollwatch.ingestion.completed with the run page →
+the team's `run-databricks-job` subscription → run-job run → run-now of the bundle's `tollwatch_daily_totals` job →
+Spark writes the daily totals → tollwatch.job.completed on `databricks.job.<id>`.
+
+The double (tests/support/databricks_double.py) is started before the stack, so the worker, the warm server and
+every flow run inherit `SSL_CERT_FILE` (its CA) and the engine setting; its clusters share the stack's catalog
+database (Iceberg's JDBC catalog on pyiceberg's catalog.db under the stack's warehouse) and mount its Azurite.
+Two Spark runs (a JVM start each): the merge and the daily totals.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from datetime import date
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from tests.support.databricks_double import DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
+from tests.support.stacks import deployed_stack
+from tollwatch import clients
+from tollwatch.dev.stack import LocalStack, StackEndpoints
+from tollwatch.events import EventName
+from tollwatch.settings import load_settings
+from tollwatch.sparksubmit import catalog_conf, find_jars
+
+pytestmark = [pytest.mark.stack, pytest.mark.spark]
+
+ROOT = Path(__file__).resolve().parents[1]
+ROWS_PER_DAY = 11 * 2 * 24
+DAILY_ROWS_PER_DAY = 11 * 2  # plazas x directions
+
+SUBSCRIPTION = """\
+team: finance
+subscriptions:
+  - name: daily-totals-on-databricks
+    description: Daily totals by the Spark job of the bundle, run on Databricks after each new load
+    when: {{already_committed: false}}
+    action:
+      type: run-databricks-job
+      job_id: {job_id}
+"""
+
+ENGINE = {
+    "TOLLWATCH_ENGINE": "databricks",
+    "TOLLWATCH_DATABRICKS_POLL_S": "1",
+    "TOLLWATCH_UPSTREAM_MAX_ATTEMPTS": "2",
+    "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2",
+    "TOLLWATCH_TASK_RETRIES": "0",
+}
+
+
+@pytest.fixture(scope="module")
+def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, float]]:
+    """The double, then a stack of the module's own deployed with the databricks engine, then the subscription."""
+    from tollwatch.cli import app
+
+    began = time.monotonic()
+    state = tmp_path_factory.mktemp("chain-databricks")
+    local = LocalStack(state, prefect_ui=False, mirror_start=date(2024, 1, 1), mirror_through=date(2024, 2, 1))
+    # the stack's warehouse (StackEndpoints.env: <state>/warehouse): its catalog database exists, in WAL mode,
+    # before a driver opens it; the double's clusters share it through Iceberg's JDBC catalog
+    warehouse = load_settings(warehouse_dir=state / "warehouse")
+    clients.table_store(warehouse)
+    conf = catalog_conf(warehouse.catalog_name, warehouse.resolved_catalog_properties())
+    jobs = bundle_jobs(tmp_path_factory.mktemp("bundle"))
+    double = DatabricksJobsDouble(jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0)
+    with double, deployed_stack(local, {**ENGINE, **double.client_env()}) as endpoints:
+        double.mount_storage(endpoints.blob_connection_string)
+        save_workspace_blocks(double, load_settings().storage_container)
+        automations = state / "automations"
+        (automations / "subscriptions").mkdir(parents=True)
+        job_id = double.job_id("tollwatch_daily_totals")
+        (automations / "subscriptions" / "finance.yaml").write_text(SUBSCRIPTION.format(job_id=job_id))
+        applied = CliRunner().invoke(app, ["automations", "apply", "--dir", str(automations)])
+        assert applied.exit_code == 0, applied.output
+        yield endpoints, double, time.monotonic() - began
+
+
+@pytest.mark.timeout(1200)
+def test_publish_merges_with_spark_on_the_double_then_the_databricks_daily_totals_job_runs(chain):
+    from tollwatch.demo import publish_week, wait_for_chain, watch_once
+    from tollwatch.observe import connect
+
+    endpoints, double, setup_s = chain
+    started = time.monotonic()
+    publish_week(endpoints.mirror_url)
+    event_id = watch_once()
+    trace = wait_for_chain(event_id, 900, lambda _: None)
+    chain_s = time.monotonic() - started
+    text = trace.render()
+
+    assert "tollwatch.ingestion.completed" in text, text
+    assert "tollwatch.job.completed" in text, text
+    job_id = double.job_id("tollwatch_daily_totals")
+    merge_run, totals_run = sorted(double.runs.values(), key=lambda r: r.run_id)
+    assert (merge_run.run_type, totals_run.run_type) == ("SUBMIT_RUN", "JOB_RUN")
+    assert (totals_run.job_id, totals_run.result_state) == (job_id, "SUCCESS")
+    assert len(double.spark_submits) == 2
+    with connect() as obs:
+        ingest_runs = [run for action in obs.actions_on([event_id]) for run in action.flow_run_ids]
+        assert len(ingest_runs) == 1
+        completion = obs.emitted_by(ingest_runs, [EventName.INGESTION_COMPLETED])[ingest_runs[0]]
+        assert completion.payload["engine"] == "databricks"
+        assert completion.payload["run_page_url"] == double.run_page_url(merge_run)
+        job_runs = [run for action in obs.actions_on([completion.id]) for run in action.flow_run_ids]
+        assert len(job_runs) == 1
+        states = {run.id: run.state.type.value for run in obs.flow_runs([*ingest_runs, *job_runs]).values()}
+        assert set(states.values()) == {"COMPLETED"}, states
+        job_event = obs.emitted_by(job_runs, [EventName.JOB_COMPLETED])[job_runs[0]]
+        assert job_event.resource.id == f"databricks.job.{job_id}"
+        assert job_event.payload["run_page_url"] == double.run_page_url(totals_run)
+        assert job_event.payload["upstream_snapshot_id"] == completion.payload["snapshot_id"]
+
+    # run-now carried the completion: the snapshot and the window the merge touched
+    window = completion.payload["window"]
+    values = {p["name"]: p["value"] for p in totals_run.job_parameters or []}
+    assert values["upstream_snapshot_id"] == str(completion.payload["snapshot_id"])
+    assert (values["window_start"], values["window_stop"]) == (window["start"], window["stop"])
+    # both Spark jobs wrote to the catalog the flow's side reads with pyiceberg
+    settings = load_settings()
+    bronze = clients.table_store(settings).table()
+    assert bronze is not None
+    assert bronze.current_snapshot().snapshot_id == completion.payload["snapshot_id"]
+    assert bronze.scan().to_arrow().num_rows == completion.payload["rows_written"]
+    silver = clients.table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
+    days = (date.fromisoformat(window["stop"]) - date.fromisoformat(window["start"])).days
+    assert silver.num_rows == days * DAILY_ROWS_PER_DAY
+    assert len({d for d in silver.column("date").to_pylist() if d >= date(2024, 2, 1)}) == 7  # the published week
+    assert sum(silver.column("hours").to_pylist()) == completion.payload["rows_written"]
+    print(
+        f"chain on the Databricks double: stack up + deploy + apply {setup_s:.0f}s, publish → job.completed "
+        f"{chain_s:.0f}s (merge run {(merge_run.end_time - merge_run.start_time) / 1000:.0f}s, "
+        f"daily totals run {(totals_run.end_time - totals_run.start_time) / 1000:.0f}s)"
+    )
