@@ -27,11 +27,12 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from tollwatch.contract import table as contract
 from tollwatch.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.landing import LandingManifest, LandingZone
 from tollwatch.schema import convert, dedupe_on_key, target_schema
 from tollwatch.socrata import SocrataClient, updated_between_where, window_where
-from tollwatch.table import FLOW_RUN_ID, MODE, REFRESH_ID, TOUCHED, WINDOW, IcebergTableStore
+from tollwatch.table import TOUCHED, IcebergTableStore
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,8 @@ class IngestRequest(BaseModel):
 
     def snapshot_properties(self, flow_run_id: str | None) -> dict[str, str]:
         """What every snapshot of this load records (the ledger)."""
-        props = {REFRESH_ID: self.refresh_id, MODE: self.mode}
-        if self.window:
-            props[WINDOW] = f"{self.window.start}/{self.window.stop}"
-        if flow_run_id:
-            props[FLOW_RUN_ID] = flow_run_id
-        return props
+        window = (self.window.start, self.window.stop) if self.window else None
+        return contract.load_properties(self.refresh_id, self.mode, window, flow_run_id)
 
 
 # ----------------------------------------------------------------------------------------------- plan
@@ -359,7 +356,7 @@ def load_landing(
         props = request.snapshot_properties(flow_run_id)
         result.touched = request.window or spool.touched  # a window load replaces all its days, even emptied ones
         if result.touched:
-            props[TOUCHED] = f"{result.touched.start}/{result.touched.stop}"
+            props[TOUCHED] = contract.encode_days(result.touched.start, result.touched.stop)
         result.snapshot_id = _commit(store, request, spool, schema, props, result, _fetched_through(request, manifest))
     if result.rows_rejected:
         log.warning("quarantined %d rows: %s", result.rows_rejected, dict(result.reject_reasons))

@@ -14,53 +14,43 @@ from dataclasses import dataclass
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from tollwatch.contract import table as contract
 from tollwatch.events import Window
 
-#: The natural key of a row: one count per plaza, day, hour and direction.
-KEY = ("plaza_id", "date", "hour", "direction")
-
-#: Columns every row must have, with their table types.
-REQUIRED: dict[str, pa.DataType] = {
-    "plaza_id": pa.int32(),
+#: Arrow type of each contract column type.
+ARROW_TYPES: dict[str, pa.DataType] = {
+    "int": pa.int32(),
+    "long": pa.int64(),
     "date": pa.date32(),
-    "hour": pa.int32(),
-    "direction": pa.string(),
-    "vehicles_e_zpass": pa.int64(),
+    "string": pa.string(),
+    "timestamp": pa.timestamp("us", "UTC"),
 }
 
+#: The natural key of a row: one count per plaza, day, hour and direction.
+KEY = contract.KEY
+#: Columns every row must have, with their table types.
+REQUIRED: dict[str, pa.DataType] = {c.name: ARROW_TYPES[c.type] for c in contract.COLUMNS if c.required}
 #: Known optional count columns (they come and go across the dataset's history).
 OPTIONAL_COUNTS: dict[str, pa.DataType] = {
-    "vehicles_vtoll": pa.int64(),
-    "vehicles_cash": pa.int64(),
+    c.name: ARROW_TYPES[c.type] for c in contract.INTEGER_COLUMNS if not c.required
 }
+#: Socrata system fields we keep for lineage, upstream name -> column.
+SYSTEM_FIELDS = {c.source: c.name for c in contract.COLUMNS if c.source}
+DIRECTIONS = contract.DIRECTIONS
 
-#: Socrata system fields we keep for lineage (renamed: Iceberg column names cannot start with ':').
-SYSTEM_FIELDS = {":id": "source_row_id", ":updated_at": "source_updated_at"}
-IGNORED_SYSTEM_FIELDS = frozenset({":created_at", ":version"})
 
-DIRECTIONS = ("I", "O")
-_INT_RE = r"^\s*\d+\s*$"
-_DATE_RE = r"^\d{4}-\d{2}-\d{2}(T00:00:00(\.0+)?)?$"
-_TS_RE = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}"
+def _arrow_schema(columns: Iterable[contract.Column]) -> pa.Schema:
+    return pa.schema([pa.field(c.name, ARROW_TYPES[c.type], nullable=not c.required) for c in columns])
 
 
 def base_schema() -> pa.Schema:
     """The table schema before any drift: required columns, known optional counts, lineage."""
-    fields = [pa.field(n, t, nullable=False) for n, t in REQUIRED.items()]
-    fields += [pa.field(n, t) for n, t in OPTIONAL_COUNTS.items()]
-    fields += [pa.field("source_row_id", pa.string()), pa.field("source_updated_at", pa.timestamp("us", "UTC"))]
-    return pa.schema(fields)
+    return _arrow_schema(contract.COLUMNS)
 
 
 def target_schema(columns_seen: Iterable[str]) -> pa.Schema:
     """The base schema plus one string column per unknown upstream column (nothing silently dropped)."""
-    schema = base_schema()
-    known = set(REQUIRED) | set(OPTIONAL_COUNTS) | set(SYSTEM_FIELDS) | IGNORED_SYSTEM_FIELDS
-    for name in sorted(set(columns_seen) - known):
-        if name.startswith(":"):
-            continue
-        schema = schema.append(pa.field(name, pa.string()))
-    return schema
+    return _arrow_schema(contract.target_columns(frozenset(columns_seen)))
 
 
 @dataclass(frozen=True)
@@ -86,71 +76,87 @@ def _reason(bad: pa.Array, text: str) -> pa.Array:
     return pc.if_else(pc.fill_null(bad, False), pa.scalar(text), pa.scalar(None, pa.string()))
 
 
+def _typed_integer(raw: pa.Array, dtype: pa.DataType) -> pa.Array:
+    """The value of an integer column: null unless it matches the pattern and fits its type."""
+    ok = pc.fill_null(pc.match_substring_regex(raw, contract.INTEGER_PATTERN), False)
+    clean = pc.if_else(ok, pc.utf8_trim_whitespace(raw), None)
+    return pc.cast(pc.if_else(_fits(clean, dtype), clean, None), dtype)
+
+
+def _typed_date(raw: pa.Array) -> pa.Array:
+    """The calendar day of a `date` value: null unless it matches the pattern and the day exists.
+
+    Arrow's strptime rolls an impossible day over (2024-02-30 parses as 2024-03-01): a date is valid only if it formats
+    back to the text it came from, else a bad date would be loaded as another day's count.
+    """
+    ok = pc.fill_null(pc.match_substring_regex(raw, contract.DATE_PATTERN), False)
+    text = pc.if_else(ok, pc.utf8_slice_codeunits(raw, 0, 10), None)
+    parsed = pc.strptime(text, format="%Y-%m-%d", unit="s", error_is_null=True)
+    exact = pc.equal(pc.strftime(parsed, format="%Y-%m-%d"), text)
+    return pc.cast(pc.if_else(pc.fill_null(exact, False), parsed, None), pa.date32())
+
+
+def _typed_timestamp(raw: pa.Array) -> pa.Array:
+    """A system time's first 19 characters as UTC; null when it does not match (no version, not a rejection)."""
+    ok = pc.fill_null(pc.match_substring_regex(raw, contract.TIMESTAMP_PATTERN), False)
+    text = pc.if_else(ok, pc.utf8_slice_codeunits(raw, 0, 19), None)
+    parsed = pc.strptime(text, format="%Y-%m-%dT%H:%M:%S", unit="us", error_is_null=True)
+    return pc.cast(parsed, pa.timestamp("us", "UTC"))
+
+
+def _failing(
+    check: contract.Check, raw: dict[str, pa.Array], typed: dict[str, pa.Array], window: Window | None
+) -> pa.Array | None:
+    """Where `check` fails (true), for the rows of one page; None when it does not apply (no window)."""
+    value, text = typed[check.column], raw[contract.BY_NAME[check.column].upstream]
+    if check.kind == "required":
+        return pc.is_null(text)
+    if check.kind == "integer":
+        return pc.and_kleene(pc.is_valid(text), pc.invert(pc.match_substring_regex(text, contract.INTEGER_PATTERN)))
+    if check.kind == "fits":
+        ok = pc.fill_null(pc.match_substring_regex(text, contract.INTEGER_PATTERN), False)
+        return pc.and_(ok, pc.is_null(value))
+    if check.kind == "between":
+        return pc.or_(pc.less(value, check.low), pc.greater(value, check.high))
+    if check.kind == "at_least":
+        return pc.less(value, check.low)
+    if check.kind == "date":
+        return pc.and_kleene(pc.is_valid(text), pc.is_null(value))
+    if check.kind == "in_window":
+        if window is None:
+            return None
+        start, stop = pa.scalar(window.start, pa.date32()), pa.scalar(window.stop, pa.date32())
+        return pc.or_(pc.less(value, start), pc.greater_equal(value, stop))
+    if check.kind == "one_of":
+        return pc.invert(pc.is_in(text, pa.array(check.values)))
+    raise ValueError(f"unknown check kind {check.kind!r}")
+
+
 def convert(rows: list[Mapping[str, object]], schema: pa.Schema, window: Window | None = None) -> Converted:
-    """Type one page of raw Socrata rows into `schema`, quarantining rows that fail a check.
+    """Type one page of raw Socrata rows into `schema`, quarantining rows that fail a check of the contract.
 
     With `window`, a row dated outside it is quarantined too: a window load replaces exactly its window, so
     such a row would be deleted by nobody (and a mis-dated upstream row is evidence worth keeping raw).
     """
     n = len(rows)
-    raw = {name: _strings(rows, name) for name in _raw_names(schema)}
-    reasons: list[pa.Array] = []
+    upstream = {c.name: c.upstream for c in contract.COLUMNS}
+    raw = {upstream.get(f.name, f.name): _strings(rows, upstream.get(f.name, f.name)) for f in schema}
     typed: dict[str, pa.Array] = {}
-
-    for name in ("plaza_id", "hour", "vehicles_e_zpass", *OPTIONAL_COUNTS):
-        col = raw[name]
-        ok_format = pc.match_substring_regex(col, _INT_RE)
-        required = name in REQUIRED
-        if required:
-            reasons.append(_reason(pc.is_null(col), f"{name}: missing"))
-        reasons.append(
-            _reason(pc.and_kleene(pc.is_valid(col), pc.invert(ok_format)), f"{name}: not a non-negative integer")
-        )
-        clean = pc.if_else(pc.fill_null(ok_format, False), pc.utf8_trim_whitespace(col), None)
-        fits = _fits(clean, schema.field(name).type)
-        reasons.append(_reason(pc.invert(fits), f"{name}: out of range"))
-        typed[name] = pc.cast(pc.if_else(fits, clean, None), schema.field(name).type)
-
-    reasons.append(_reason(pc.or_(pc.less(typed["hour"], 0), pc.greater(typed["hour"], 23)), "hour: not 0-23"))
-    reasons.append(_reason(pc.less(typed["plaza_id"], 1), "plaza_id: must be >= 1"))
-
-    date_raw = raw["date"]
-    date_ok = pc.match_substring_regex(date_raw, _DATE_RE)
-    reasons.append(_reason(pc.is_null(date_raw), "date: missing"))
-    date_txt = pc.if_else(pc.fill_null(date_ok, False), pc.utf8_slice_codeunits(date_raw, 0, 10), None)
-    parsed_date = pc.strptime(date_txt, format="%Y-%m-%d", unit="s", error_is_null=True)
-    # Arrow's strptime rolls an impossible day over (2024-02-30 parses as 2024-03-01): a date is valid only
-    # if it formats back to the text it came from, else a bad date would be loaded as another day's count.
-    exact = pc.equal(pc.strftime(parsed_date, format="%Y-%m-%d"), date_txt)
-    parsed_date = pc.if_else(pc.fill_null(exact, False), parsed_date, None)
-    reasons.append(
-        _reason(pc.and_kleene(pc.is_valid(date_raw), pc.is_null(parsed_date)), "date: not a YYYY-MM-DD date")
-    )
-    typed["date"] = pc.cast(parsed_date, pa.date32())
-    if window is not None:
-        outside = pc.or_(
-            pc.less(typed["date"], pa.scalar(window.start, pa.date32())),
-            pc.greater_equal(typed["date"], pa.scalar(window.stop, pa.date32())),
-        )
-        reasons.append(_reason(outside, f"date: outside the requested window {window}"))
-
-    direction = raw["direction"]
-    reasons.append(_reason(pc.invert(pc.is_in(direction, pa.array(DIRECTIONS))), "direction: not I or O"))
-    typed["direction"] = direction
-
-    updated = raw[":updated_at"]
-    ts_txt = pc.if_else(
-        pc.fill_null(pc.match_substring_regex(updated, _TS_RE), False), pc.utf8_slice_codeunits(updated, 0, 19), None
-    )
-    typed["source_updated_at"] = pc.cast(
-        pc.strptime(ts_txt, format="%Y-%m-%dT%H:%M:%S", unit="us", error_is_null=True), pa.timestamp("us", "UTC")
-    )
-    typed["source_row_id"] = raw[":id"]
-
     for field in schema:
-        if field.name not in typed:
-            typed[field.name] = raw[field.name]  # unknown upstream columns: kept verbatim as strings
-
+        text = raw[upstream.get(field.name, field.name)]
+        if field.type in (pa.int32(), pa.int64()):
+            typed[field.name] = _typed_integer(text, field.type)
+        elif field.type == pa.date32():
+            typed[field.name] = _typed_date(text)
+        elif field.type == pa.timestamp("us", "UTC"):
+            typed[field.name] = _typed_timestamp(text)
+        else:
+            typed[field.name] = text  # strings, and unknown upstream columns kept verbatim
+    reasons = []
+    for check in contract.CHECKS:
+        failing = _failing(check, raw, typed, window)
+        if failing is not None:
+            reasons.append(_reason(failing, check.reason_for(window and window.start, window and window.stop)))
     reason = _first_reason(reasons, n)
     good_mask = pc.is_null(reason)
     table = pa.table({f.name: typed[f.name] for f in schema}, schema=_nullable(schema))
@@ -167,11 +173,6 @@ def _fits(digits: pa.Array, dtype: pa.DataType) -> pa.Array:
     length = pc.utf8_length(significant)
     same_length = pc.and_(pc.equal(length, len(limit)), pc.less_equal(significant, limit))
     return pc.fill_null(pc.or_(pc.less(length, len(limit)), same_length), True)
-
-
-def _raw_names(schema: pa.Schema) -> list[str]:
-    lineage = {v: k for k, v in SYSTEM_FIELDS.items()}
-    return [lineage.get(f.name, f.name) for f in schema]
 
 
 def _nullable(schema: pa.Schema) -> pa.Schema:

@@ -26,22 +26,22 @@ from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, In
 from pyiceberg.table import Table
 from pyiceberg.transforms import MonthTransform
 
+from tollwatch.contract import table as contract
 from tollwatch.events import Window
 from tollwatch.schema import KEY
 
 log = logging.getLogger(__name__)
 
-REFRESH_ID = "tollwatch.refresh-id"
-WINDOW = "tollwatch.window"
-MODE = "tollwatch.mode"
-FLOW_RUN_ID = "tollwatch.flow-run-id"
-#: The days a load replaced or merged, `start/stop` (stop exclusive): what a re-run needs to announce a load it
-#: found committed but never announced (see `tollwatch.ingest.previous_load`).
-TOUCHED = "tollwatch.touched"
-#: The ledger's high-water mark: the upstream `rowsUpdatedAt` (epoch seconds) through which every published row
-#: version is committed. Every snapshot tollwatch writes carries it (a window load carries it forward unchanged); a
-#: refresh fetches from it, not from the `previous_rows_updated_at` of its event, so no missed run leaves a hole.
-COMMITTED_THROUGH = "tollwatch.committed-through"
+# The ledger's snapshot-property keys (see tollwatch.contract.table): TOUCHED is what a re-run needs to announce a
+# load it found committed but never announced (`tollwatch.ingest.previous_load`); COMMITTED_THROUGH is the ledger's
+# high-water mark, carried by every snapshot tollwatch writes (a window load carries it forward unchanged), so a
+# refresh fetches from it, not from the `previous_rows_updated_at` of its event, and no missed run leaves a hole.
+REFRESH_ID = contract.REFRESH_ID
+WINDOW = contract.WINDOW
+MODE = contract.MODE
+FLOW_RUN_ID = contract.FLOW_RUN_ID
+TOUCHED = contract.TOUCHED
+COMMITTED_THROUGH = contract.COMMITTED_THROUGH
 
 
 @dataclass(frozen=True)
@@ -137,12 +137,11 @@ class IcebergTableStore:
                 found = snapshot
         if found is None or found.summary is None:
             return None
-        touched = found.summary[TOUCHED]
-        start, _, stop = (touched or "").partition("/")
+        touched = contract.decode_days(found.summary[TOUCHED])
         return CommittedLoad(
             snapshot_id=found.snapshot_id,
             flow_run_id=found.summary[FLOW_RUN_ID],
-            touched=Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop)) if touched else None,
+            touched=Window(start=touched[0], stop=touched[1]) if touched else None,
         )
 
     def committed_through(self, table: Table | None = None) -> int | None:

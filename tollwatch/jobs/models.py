@@ -11,14 +11,21 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# Snapshot summary keys a job writes on its output, so the output table's history says what it was built from.
+from tollwatch.contract.table import JOB, UPSTREAM_REFRESH_ID, UPSTREAM_SNAPSHOT_ID, UPSTREAM_TABLE
 from tollwatch.events import Window
 from tollwatch.settings import Settings
 
-#: Snapshot summary keys a job writes on its output, so the output table's history says what it was built from.
-UPSTREAM_TABLE = "tollwatch.upstream-table"
-UPSTREAM_SNAPSHOT_ID = "tollwatch.upstream-snapshot-id"
-UPSTREAM_REFRESH_ID = "tollwatch.upstream-refresh-id"
-JOB = "tollwatch.job"
+__all__ = [
+    "JOB",
+    "UPSTREAM_REFRESH_ID",
+    "UPSTREAM_SNAPSHOT_ID",
+    "UPSTREAM_TABLE",
+    "JobResult",
+    "LocalJob",
+    "UpstreamNotFoundError",
+    "UpstreamRef",
+]
 
 
 class UpstreamNotFoundError(LookupError):

@@ -1,0 +1,58 @@
+"""The table contract as data: what both writers are built on (fast, no services)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from tollwatch import schema
+from tollwatch.contract import compute
+from tollwatch.contract import table as contract
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_every_check_names_a_column_of_the_table_and_every_required_column_is_checked():
+    names = {c.name for c in contract.COLUMNS}
+    assert {check.column for check in contract.CHECKS} <= names
+    required = [c.name for c in contract.COLUMNS if c.required]
+    checked = [check.column for check in contract.CHECKS if check.kind in ("required", "one_of")]
+    assert set(required) <= set(checked)
+    assert len({check.reason for check in contract.CHECKS}) == len(contract.CHECKS)  # a reason names one rule
+
+
+def test_the_patterns_mean_the_same_in_re2_and_java_syntax():
+    """RE2 (pyarrow) and java.util.regex differ on `\\s`, `\\d` and `$`: the contract uses neither."""
+    for pattern in (contract.INTEGER_PATTERN, contract.DATE_PATTERN, contract.TIMESTAMP_PATTERN):
+        assert not re.search(r"\\[sdw]|\$", pattern)
+    values = pa.array([" 12 ", "12\n", "\u000b12", "\u0663", "1 2", "0012"])
+    matched = pc.match_substring_regex(values, contract.INTEGER_PATTERN).to_pylist()
+    assert matched == [True, True, False, False, False, True]
+
+
+def test_the_arrow_schema_is_the_contracts():
+    fields = [(f.name, f.nullable) for f in schema.base_schema()]
+    assert fields == [(c.name, not c.required) for c in contract.COLUMNS]
+    assert schema.KEY == contract.KEY
+    target = schema.target_schema(["plaza_id", ":id", ":version", ":other", "vehicles_bus", "Remarks"])
+    assert target.names[-2:] == ["Remarks", "vehicles_bus"]
+
+
+def test_the_ledger_encodes_days_both_ways():
+    from datetime import date
+
+    text = contract.encode_days(date(2024, 1, 1), date(2024, 2, 1))
+    assert text == "2024-01-01/2024-02-01"
+    assert contract.decode_days(text) == (date(2024, 1, 1), date(2024, 2, 1))
+    assert contract.decode_days(None) is None
+
+
+def test_the_iceberg_runtime_the_build_fetches_is_the_one_clusters_get():
+    pom = (ROOT / "jvm" / "pom.xml").read_text()
+    version = re.search(r"<iceberg.version>([^<]+)</iceberg.version>", pom)
+    assert version is not None
+    assert compute.ICEBERG_SPARK_RUNTIME.endswith(f":{version.group(1)}")
+    assert "iceberg-spark-runtime-3.5_2.12" in compute.ICEBERG_SPARK_RUNTIME  # pyspark 3.5, Scala 2.12
