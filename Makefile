@@ -5,12 +5,16 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 STATE_DIR ?= .tollwatch
+ENGINE ?= $(or $(TOLLWATCH_ENGINE),local)
+JARS := .jars
+JARS_STAMP := $(JARS)/.fetched
 
-.PHONY: demo test faults lint bootstrap up down status bench clean
+.PHONY: demo test faults lint bootstrap jars up down status bench clean
 
 ## demo: set everything up, start the local stack and ingest the sample through a Prefect flow run
+## (ENGINE=spark: the merge runs in Spark, spark-submit of the wheel's tollwatch-merge on local[*])
 demo: bootstrap
-	$(BIN)/tollwatch demo --state-dir $(STATE_DIR)
+	TOLLWATCH_ENGINE=$(ENGINE) TOLLWATCH_SPARK_JARS_DIR=$(CURDIR)/$(JARS) $(BIN)/tollwatch demo --state-dir $(STATE_DIR)
 
 ## test: set everything up and run the whole test suite against real local services
 test: bootstrap
@@ -29,8 +33,9 @@ lint: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
-## bootstrap: virtualenv with pinned dependencies + Azurite from npm (idempotent, fast when up to date)
-bootstrap: $(STAMP) node_modules/.package-lock.json
+## bootstrap: virtualenv with pinned dependencies + Azurite from npm + the Spark engine's jars from Maven Central
+## (idempotent, fast when up to date)
+bootstrap: $(STAMP) node_modules/.package-lock.json $(JARS_STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -40,6 +45,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 node_modules/.package-lock.json: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
+
+## jars: Iceberg's Spark runtime and the SQLite JDBC driver (jvm/pom.xml pins them) into .jars/, for the spark engine
+jars: $(JARS_STAMP)
+
+$(JARS_STAMP): jvm/pom.xml
+	rm -rf $(JARS)
+	mvn -B -q --no-transfer-progress -f jvm/pom.xml dependency:copy-dependencies -DoutputDirectory="$(CURDIR)/$(JARS)"
+	touch $@
 
 up: bootstrap
 	$(BIN)/tollwatch stack up --state-dir $(STATE_DIR)
@@ -51,4 +64,4 @@ status: bootstrap
 	$(BIN)/tollwatch stack status --state-dir $(STATE_DIR)
 
 clean: down
-	rm -rf $(VENV) node_modules $(STATE_DIR)
+	rm -rf $(VENV) node_modules $(STATE_DIR) $(JARS)

@@ -88,10 +88,10 @@ def plan(request: IngestRequest) -> FetchPlan:
     """What to ask the upstream for: a refresh starts where the table's ledger says it is committed through."""
     settings = load_settings()
     # On Databricks the ledger lives in Spark's catalog, out of this process's reach: the event's previous publish
-    # is the best floor there is (a known limit, see README).
+    # is the best floor there is (a known limit, see README). Locally both engines commit to one catalog.
     mark = (
         clients.table_store(settings).committed_through()
-        if settings.engine == "local"
+        if settings.ledger_in_reach
         else request.previous_rows_updated_at
     )
     return plan_fetch(request, clients.socrata_client(settings), mark)
@@ -227,7 +227,7 @@ def ingest(
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
     run_page_url = None
     # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
-    previous = committed_load(request) if settings.engine == "local" else None
+    previous = committed_load(request) if settings.ledger_in_reach else None
     fetch = plan(request) if previous is None else None
     if fetch is not None and fetch.covered:
         logger.info("refresh %s: a later load already committed its publish; nothing to fetch", request.refresh_id)
@@ -241,6 +241,10 @@ def ingest(
             from flows.databricks import merge_on_databricks
 
             result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
+        elif settings.engine == "spark":
+            from flows.spark import merge_with_spark
+
+            result = merge_with_spark.with_options(**retry)(request, manifest, str(flow_run.id or "local"))
         else:
             result = load.with_options(**retry)(request, manifest)
         rows_fetched, landing_uri = manifest.rows, clients.landing_zone(settings).uri(manifest.prefix)
@@ -250,7 +254,7 @@ def ingest(
         rows_fetched, landing_uri = 0, ""
     loaded = time.perf_counter()
     touched = request.window or result.touched or _touched(result)
-    counts = reconcile_touched(touched) if touched is not None and settings.engine == "local" else None
+    counts = reconcile_touched(touched) if touched is not None and settings.ledger_in_reach else None
 
     completed = IngestionCompleted(
         table=settings.table,
@@ -267,6 +271,7 @@ def ingest(
         flow_run_id=str(flow_run.id) if flow_run.id else None,
         durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
         run_page_url=run_page_url,
+        engine=settings.engine,
         committed_through=result.committed_through,
         upstream_rows=counts.upstream_rows if counts else None,
         table_rows=counts.table_rows if counts else None,

@@ -6,9 +6,12 @@ never by patching, and production auth (DefaultAzureCredential, app tokens, API 
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import httpx
@@ -69,9 +72,22 @@ def table_store(settings: Settings, identifier: str | None = None):  # -> Iceber
 
     if not settings.catalog_properties:
         settings.warehouse_dir.mkdir(parents=True, exist_ok=True)
+        share_sqlite_catalog(settings.warehouse_dir / "catalog.db")
     return IcebergTableStore.from_properties(
         settings.catalog_name, settings.resolved_catalog_properties(), identifier or settings.table
     )
+
+
+def share_sqlite_catalog(database: Path) -> None:
+    """Put the local catalog database in WAL mode (persistent, idempotent) so the two engines can share it.
+
+    Iceberg's JDBC catalog in a Spark driver keeps a read open on the database between statements; in SQLite's
+    default rollback-journal mode that shared lock makes every pyiceberg commit fail with "database is locked"
+    while the driver lives. In WAL mode readers never block a writer.
+    """
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            connection.execute("PRAGMA journal_mode=WAL")
 
 
 def prefect_api_url(settings: Settings) -> str:

@@ -262,6 +262,9 @@ class IngestionCompleted(_Payload):
     flow_run_id: str | None = None
     durations: Durations = Durations()
     run_page_url: str | None = Field(default=None, description="the Databricks run that merged, when one did")
+    engine: Literal["local", "spark", "databricks"] = Field(
+        default="local", description="what merged the load: pyiceberg in the flow, spark-submit, or Databricks"
+    )
     committed_through: int | None = Field(
         default=None, description="the ledger's mark after this load: every version published through it is in"
     )

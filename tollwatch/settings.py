@@ -77,17 +77,30 @@ class Settings(BaseSettings):
         description="output of the local `daily_totals` job, in the same catalog as `table`",
     )
 
-    # where the merge runs: in the flow's process (pyiceberg) or on Databricks (jobs/merge_bnt.py via Spark)
-    engine: Literal["local", "databricks"] = Field("local", description="local pyiceberg writer or Databricks")
+    # where the merge runs: in the flow's process (pyiceberg), with spark-submit on any Spark master, or on Databricks
+    # (both Spark engines run the wheel's `tollwatch-merge` entry point: tollwatch.spark.merge)
+    engine: Literal["local", "spark", "databricks"] = Field(
+        "local", description="local pyiceberg writer, spark-submit to spark_master, or Databricks"
+    )
+    spark_master: str = Field("local[*]", description="engine=spark: any Spark master URL (local[*], spark://, yarn)")
+    spark_submit: str = Field("spark-submit", description="engine=spark: the spark-submit command (pyspark ships one)")
+    spark_jars_dir: Path = Field(
+        Path(".jars"), description="engine=spark: the Iceberg Spark runtime + SQLite JDBC jars (`make jars`)"
+    )
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="engine=spark: extra Spark conf (JSON); for a catalog other than the local SQL catalog, its conf",
+    )
     databricks_credentials_block: str = Field(
         "tollwatch-databricks", description="prefect-databricks DatabricksCredentials block name"
     )
     databricks_compute_block: str = Field("tollwatch", description="tollwatch-databricks-compute block name")
     databricks_storage_block: str = Field("tollwatch", description="tollwatch-azure-storage-location block name")
     databricks_catalog_block: str = Field("tollwatch", description="tollwatch-spark-iceberg-catalog block name")
-    databricks_merge_script: str = Field(
-        "/Workspace/Shared/tollwatch/jobs/merge_bnt.py",
-        description="where jobs/merge_bnt.py was uploaded (workspace path, dbfs:/ or abfss://)",
+    databricks_wheel: str = Field(
+        "/Workspace/Shared/tollwatch/artifacts/.internal/tollwatch-0.1.0-py3-none-any.whl",
+        description="the tollwatch wheel on the workspace, installed on the merge's cluster (where `databricks "
+        "bundle deploy` put it: <bundle root>/artifacts/.internal/<wheel>; a /Volumes/ or dbfs:/ path works too)",
     )
     databricks_max_wait_s: float = Field(3600.0, gt=0, description="longer than this: cancel the run and fail")
     databricks_poll_s: float = Field(10.0, ge=0, description="seconds between jobs/runs/get polls")
@@ -199,6 +212,12 @@ class Settings(BaseSettings):
     @property
     def table_name(self) -> str:
         return self.table.split(".", 1)[1]
+
+    @property
+    def ledger_in_reach(self) -> bool:
+        """Whether this process can read the table (its ledger, its rows) through pyiceberg: with the local and the
+        spark engines both commit to the catalog `catalog_properties` names; Databricks' catalog is its own."""
+        return self.engine != "databricks"
 
     def resolved_catalog_properties(self) -> dict[str, str]:
         """Catalog properties; the default is a SQL catalog on SQLite next to a file warehouse."""

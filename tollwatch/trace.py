@@ -73,7 +73,8 @@ class _Builder:
         event = self.observer.event(event_id)
         if event is None:
             return
-        at = self.add(event.occurred, depth, f"event {event.event} ({event.resource.id}) id={event.id}", previous)
+        what = f"event {event.event} ({event.resource.id}) id={event.id}{_merged_by(event.payload)}"
+        at = self.add(event.occurred, depth, what, previous)
         for action in sorted(self.observer.actions_on([event.id]), key=lambda a: a.at):
             outcome = f"failed: {action.reason}" if action.failed else action.action_type
             acted = self.add(action.at, depth + 1, f'automation "{action.automation}": {outcome}', at)
@@ -93,6 +94,15 @@ class _Builder:
             # the run announces before it reports its final state: measure from the state it was in
             during = max((at for _, at in states if at <= announced.occurred), default=previous)
             self.event(announced.id, depth + 1, during)
+
+
+def _merged_by(payload: dict[str, object]) -> str:
+    """` merged by spark` for a load a Spark engine merged (with its Databricks run page when there is one)."""
+    engine = payload.get("engine")
+    if engine in (None, "local"):
+        return ""
+    page = payload.get("run_page_url")
+    return f" merged by {engine}" + (f" {page}" if page else "")
 
 
 def origin_of(observer: PrefectObserver, some_id: UUID) -> UUID:

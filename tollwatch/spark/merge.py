@@ -1,0 +1,260 @@
+"""`tollwatch-merge`: merge one sealed landing into the bronze Iceberg table with Spark (the wheel's entry point).
+
+On Databricks it is a `python_wheel_task` (package `tollwatch`, entry point `tollwatch-merge`); on any other Spark
+(`TOLLWATCH_ENGINE=spark`) `spark-submit` runs this file. Either way:
+
+    tollwatch-merge --landing <abfss://…|https://…|path> --table tollwatch.bronze.bnt_traffic_hourly \\
+        --mode window --start 2024-01-01 --stop 2024-02-01 --refresh-id <id> [--flow-run-id <id>]
+
+1. Ledger: a refresh id already committed is a no-op (a retried or redelivered load must not apply twice).
+2. Read the sealed landing (its manifest is written last, so an unsealed landing is refused) as strings.
+3. Type and check every row by the table contract; a failing row is counted under its first reason.
+4. Dedupe on the natural key: the newest version, then the latest row (page order, position in the page).
+5. One atomic commit: the load's months rewritten with, per key, the newer of the stored and loaded versions
+   (versions only move forward); a window also drops stored rows of its days that the upstream deleted. Every
+   snapshot carries the contract's ledger properties: refresh id, mode, window, flow run, touched days and the
+   high-water mark. A concurrent commit to the same months makes the load re-read and commit again.
+6. Print one `TOLLWATCH_RESULT=<json>` line (the flow reads it from the driver output) and return the same dict.
+
+What differs from the local writer, on purpose: rejected rows are counted, not quarantined to blob storage (the
+landing keeps them raw), and the per-day reconciliation after the commit is the flow's, not the job's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+from pyspark.sql import DataFrame, SparkSession
+from pyspark.sql import functions as F
+from pyspark.sql.window import Window as W
+
+from tollwatch.contract import table as contract
+from tollwatch.spark.iceberg import IcebergTable, conform, months_between, retry_conflicts
+from tollwatch.spark.landing import read_manifest, read_pages, readable
+from tollwatch.spark.rows import REASON, dedupe_on_key, rejected_by_reason, spark_schema, type_rows
+
+log = logging.getLogger("tollwatch.spark")
+
+
+@dataclass(frozen=True)
+class Args:
+    """What to merge, where, and how (the task's parameters)."""
+
+    landing: str
+    table: str
+    mode: str
+    refresh_id: str
+    start: date | None
+    stop: date | None
+    flow_run_id: str | None
+
+    @property
+    def window(self) -> tuple[date, date] | None:
+        return (self.start, self.stop) if self.start and self.stop else None
+
+    def properties(self) -> dict[str, str]:
+        return contract.load_properties(self.refresh_id, self.mode, self.window, self.flow_run_id)
+
+
+def _optional_date(text: str) -> date | None:
+    """An ISO date; empty means not given (a job parameter a run does not set arrives as `--start=`)."""
+    return date.fromisoformat(text) if text.strip() else None
+
+
+def parse_args(argv: Sequence[str]) -> Args:
+    """Parse and check the arguments; a bad combination fails before Spark does any work."""
+    parser = argparse.ArgumentParser(prog="tollwatch-merge", description="Merge one tollwatch landing with Spark.")
+    parser.add_argument("--landing", required=True, help="directory of the landed pages (abfss://, https://, path)")
+    parser.add_argument("--table", required=True, help="catalog.namespace.table")
+    parser.add_argument("--mode", choices=("window", "refresh"), required=True)
+    parser.add_argument("--start", type=_optional_date, help="first day of the window (ISO date)")
+    parser.add_argument("--stop", type=_optional_date, help="day after the window (exclusive)")
+    parser.add_argument("--refresh-id", required=True)
+    parser.add_argument("--flow-run-id", help="the Prefect flow run the load belongs to")
+    ns = parser.parse_args(list(argv))
+    if (ns.start is None) != (ns.stop is None):
+        parser.error("--start and --stop go together")
+    if ns.start is not None and ns.stop <= ns.start:
+        parser.error(f"--stop ({ns.stop}) must be after --start ({ns.start}); stop is exclusive")
+    if ns.mode == "window" and ns.start is None:
+        parser.error("--mode window needs --start and --stop")
+    if not re.fullmatch(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*){1,2}", ns.table):
+        parser.error(f"--table {ns.table!r} is not a [catalog.]namespace.table name")
+    if not ns.refresh_id.strip():
+        parser.error("--refresh-id must not be empty")
+    return Args(ns.landing, ns.table, ns.mode, ns.refresh_id, ns.start, ns.stop, ns.flow_run_id or None)
+
+
+@dataclass
+class MergeResult:
+    """What the load did: printed as the TOLLWATCH_RESULT line (the flow builds its LoadResult from it)."""
+
+    table: str
+    mode: str
+    refresh_id: str
+    window: str | None
+    already_committed: bool = False
+    snapshot_id: int | None = None
+    rows_read: int = 0
+    rows_written: int = 0
+    rows_rejected: int = 0
+    rejected_by_reason: dict[str, int] = field(default_factory=dict)
+    #: The days the load replaced or merged (`start/stop`), as its snapshots record them.
+    touched: str | None = None
+    #: The ledger's high-water mark after this load.
+    committed_through: int | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "rejected_by_reason": dict(sorted(self.rejected_by_reason.items()))}
+
+
+def merged(
+    existing: DataFrame, new: DataFrame, mode: str, window: tuple[date, date] | None, through: int | None
+) -> DataFrame:
+    """The new content of the rewritten months; versions only move forward (as `tollwatch.table.newest_per_key`).
+
+    Per key, the stored and the loaded row compete by version (the loaded one wins a tie). Window: the months' rows
+    outside the window stay; a stored row of the window the load lacks was deleted upstream when it is no newer than
+    the fetch (`through`) and goes, a newer one stays. Refresh: stored rows the load lacks stay.
+    """
+    keys = new.select(*contract.KEY)
+    if mode == "window" and window:
+        day = F.col(contract.PARTITION.source)
+        inside = (day >= F.lit(window[0])) & (day < F.lit(window[1]))
+        stored, kept = existing.where(inside), existing.where(~inside)
+        present = stored.join(keys, on=list(contract.KEY), how="left_semi")
+        absent = stored.join(keys, on=list(contract.KEY), how="left_anti")
+        if through is None:
+            absent = absent.limit(0)
+        else:
+            absent = absent.where(F.col(contract.VERSION) >= F.lit(datetime.fromtimestamp(through + 1, UTC)))
+        competing = present.unionByName(absent)
+    else:
+        competing = existing.join(keys, on=list(contract.KEY), how="left_semi")
+        kept = existing.join(keys, on=list(contract.KEY), how="left_anti")
+    both = competing.withColumn("__incoming", F.lit(0)).unionByName(new.withColumn("__incoming", F.lit(1)))
+    newest = W.partitionBy(*contract.KEY).orderBy(F.col(contract.VERSION).desc_nulls_last(), F.col("__incoming").desc())
+    winners = both.withColumn("__rank", F.row_number().over(newest)).where(F.col("__rank") == 1)
+    return kept.unionByName(winners.drop("__rank", "__incoming"))
+
+
+@contextmanager
+def cached(df: DataFrame) -> Iterator[DataFrame]:
+    """Cache a frame several steps read (counts, months, write) so the pages are parsed once; Databricks serverless
+    refuses caching, and there the frame is recomputed (the page scan is deterministic, so the rows are the same)."""
+    try:
+        persisted = df.persist()
+    except Exception as exc:  # serverless: NOT_SUPPORTED_WITH_SERVERLESS and the like
+        log.info("cannot cache (%s); recomputing instead", exc.__class__.__name__)
+        yield df
+        return
+    try:
+        yield persisted
+    finally:
+        persisted.unpersist()
+
+
+def _touched(new: DataFrame, args: Args) -> tuple[date, date] | None:
+    """A window touches its days (even emptied ones); a refresh the days of its rows."""
+    if args.mode == "window" and args.window:
+        return args.window
+    bounds = new.agg(F.min("date").alias("lo"), F.max("date").alias("hi")).first()
+    if bounds is None or bounds["lo"] is None:
+        return None
+    return bounds["lo"], date.fromordinal(bounds["hi"].toordinal() + 1)
+
+
+def load(spark: SparkSession, args: Args) -> MergeResult:
+    """Ledger check, then read, type, dedupe and commit: the whole merge of one landing."""
+    result = MergeResult(args.table, args.mode, args.refresh_id, args.properties().get(contract.WINDOW))
+    table = IcebergTable(spark, args.table)
+    previous = table.committed(args.refresh_id)
+    if previous is not None:
+        result.already_committed, result.snapshot_id = True, previous.snapshot_id
+        result.touched = contract.encode_days(*previous.touched) if previous.touched else None
+        result.committed_through = table.committed_through()
+        log.info("refresh %s already committed in %s: nothing to do", args.refresh_id, args.table)
+        return result
+    with readable(args.landing) as landing:
+        manifest = read_manifest(spark, landing)
+        log.info("landing %s: %d pages, %d rows", args.landing, len(manifest.pages), manifest.rows)
+        columns = contract.target_columns(manifest.columns)
+        pages = read_pages(spark, landing, manifest, columns)
+        with cached(type_rows(pages, columns, args.window)) as typed:
+            result.rows_read, result.rejected_by_reason = rejected_by_reason(typed)
+            result.rows_rejected = sum(result.rejected_by_reason.values())
+            with cached(dedupe_on_key(typed.where(F.col(REASON).isNull()).drop(REASON))) as new:
+                result.rows_written = new.count()
+                commit(table, new, columns, args, result, manifest.through)
+    log.info("wrote %d rows into %s (%d rejected)", result.rows_written, args.table, result.rows_rejected)
+    return result
+
+
+def commit(
+    table: IcebergTable,
+    new: DataFrame,
+    columns: tuple[contract.Column, ...],
+    args: Args,
+    result: MergeResult,
+    through: int | None,
+) -> None:
+    """Create or evolve the table, then one commit carrying the ledger (retried after a concurrent commit)."""
+    schema = table.ensure(spark_schema(columns))
+    touched = _touched(new, args)
+    if args.mode == "window" and args.window:
+        months = months_between(*args.window)
+    else:
+        found = new.select(F.trunc("date", "month").alias("m")).distinct().collect()
+        months = sorted(r["m"] for r in found)
+
+    def attempt() -> None:
+        properties = args.properties()
+        if touched:
+            properties[contract.TOUCHED] = contract.encode_days(*touched)
+        # the mark this commit records: the table's current one, raised to the fetch's ceiling by a refresh;
+        # recomputed on every attempt, so a retry after a concurrent commit never records one already passed
+        marks = [m for m in (table.committed_through(), through if args.mode == "refresh" else None) if m is not None]
+        if marks:
+            properties[contract.COMMITTED_THROUGH] = str(max(marks))
+        incoming = conform(new, schema)
+        if months:
+
+            def content(existing: DataFrame) -> DataFrame:
+                return merged(conform(existing, schema), incoming, args.mode, args.window, through)
+
+            table.rewrite(months, content, properties)
+        else:
+            table.record_empty(schema, properties)
+
+    retry_conflicts(attempt)
+    found = table.committed(args.refresh_id)
+    result.snapshot_id = found.snapshot_id if found else None
+    result.touched = contract.encode_days(*touched) if touched else None
+    result.committed_through = table.committed_through()
+
+
+def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
+    """Entry point (Databricks passes the task's parameters as argv); prints and returns the result."""
+    if not log.handlers:  # the job's progress on stderr (the driver log), without touching Spark's logging
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    session = spark or SparkSession.builder.appName("tollwatch-merge").getOrCreate()
+    result = load(session, args).as_dict()
+    print(contract.RESULT_MARKER + json.dumps(result, sort_keys=True), flush=True)
+    return result
+
+
+if __name__ == "__main__":
+    main()
