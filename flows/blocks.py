@@ -13,6 +13,7 @@ from typing import Any, Literal, Self
 from prefect.blocks.core import Block
 from pydantic import Field, model_validator
 
+from tollwatch.contract import compute
 from tollwatch.databricks import ComputeSpec
 
 
@@ -25,14 +26,16 @@ class DatabricksCompute(Block):
 
     kind: Literal["existing_cluster", "job_cluster", "serverless"] = "job_cluster"
     existing_cluster_id: str | None = Field(default=None, description="kind=existing_cluster")
-    spark_version: str = Field(default="15.4.x-scala2.12", description="kind=job_cluster")
-    node_type_id: str = Field(default="Standard_D4ds_v5", description="kind=job_cluster")
-    num_workers: int = Field(default=2, ge=0, description="kind=job_cluster")
+    spark_version: str = Field(default=compute.SPARK_VERSION, description="kind=job_cluster")
+    node_type_id: str = Field(default=compute.NODE_TYPE_ID, description="kind=job_cluster")
+    num_workers: int = Field(default=compute.NUM_WORKERS, ge=0, description="kind=job_cluster")
     spark_conf: dict[str, str] = Field(default_factory=dict, description="kind=job_cluster, e.g. Iceberg extensions")
     libraries: list[dict[str, Any]] = Field(
         default_factory=list, description='e.g. [{"maven": {"coordinates": "org.apache.iceberg:…"}}]'
     )
-    serverless_environment_version: str = Field(default="2", description="kind=serverless (client version)")
+    serverless_environment_version: str = Field(
+        default=compute.SERVERLESS_ENVIRONMENT_VERSION, description="kind=serverless (client version)"
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> Self:
@@ -70,7 +73,7 @@ class SparkIcebergCatalog(Block):
     _description = "Hadoop catalog on abfss, or a Unity Catalog catalog, for tollwatch's bronze table."
 
     kind: Literal["hadoop", "unity"] = "hadoop"
-    catalog: str = Field(default="tollwatch", pattern=r"^[A-Za-z_]\w*$", description="Spark catalog name")
+    catalog: str = Field(default=compute.CATALOG, pattern=r"^[A-Za-z_]\w*$", description="Spark catalog name")
     warehouse: str | None = Field(default=None, description="kind=hadoop: abfss://…/warehouse")
 
     @model_validator(mode="after")
@@ -83,13 +86,7 @@ class SparkIcebergCatalog(Block):
         """What the cluster needs to see the catalog (Unity Catalog needs nothing: it is the default)."""
         if self.kind == "unity":
             return {}
-        prefix = f"spark.sql.catalog.{self.catalog}"
-        return {
-            "spark.sql.extensions": "org.apache.iceberg.spark.extensions.IcebergSparkSessionExtensions",
-            prefix: "org.apache.iceberg.spark.SparkCatalog",
-            f"{prefix}.type": "hadoop",
-            f"{prefix}.warehouse": str(self.warehouse),
-        }
+        return compute.hadoop_catalog_spark_conf(str(self.warehouse), self.catalog)
 
     def table(self, identifier: str) -> str:
         return f"{self.catalog}.{identifier}"

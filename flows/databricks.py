@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import random
 import time
-from collections import Counter
 from typing import Any
 
 import httpx
@@ -28,7 +27,7 @@ from prefect_databricks.jobs import (
     jobs_runs_get_output,
     jobs_runs_submit,
 )
-from prefect_databricks.models.jobs import NewCluster, RunSubmitTaskSettings, SparkPythonTask
+from prefect_databricks.models.jobs import NewCluster, PythonWheelTask, RunSubmitTaskSettings
 from prefect_databricks.rest import HTTPMethod, execute_endpoint
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 
@@ -39,15 +38,18 @@ from tollwatch.databricks import (
     MergeJobArgs,
     RunOutcome,
     idempotency_token,
-    merge_result,
     retry_after_s,
 )
 from tollwatch.ingest import IngestRequest, LoadResult
 from tollwatch.landing import LandingManifest
 from tollwatch.settings import Settings
+from tollwatch.sparksubmit import SparkResult
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
-MERGE_TASK_KEY = "merge_bnt"
+MERGE_TASK_KEY = "merge"
+#: The wheel's merge entry point (pyproject `[project.scripts]`), the same one spark-submit runs.
+PACKAGE = "tollwatch"
+MERGE_ENTRY_POINT = "tollwatch-merge"
 
 
 def is_transient(error: BaseException) -> bool:
@@ -152,13 +154,13 @@ class DatabricksRunner:
     # -- one-time merge run
 
     def merge(
-        self, compute: ComputeSpec, script: str, args: MergeJobArgs, *, run_name: str, token: str
-    ) -> tuple[RunOutcome, dict[str, Any] | None]:
-        """Submit `jobs/merge_bnt.py` as a spark_python_task, wait, and read the result line it printed."""
-        task = merge_task(compute, script, args)
+        self, compute: ComputeSpec, wheel: str, args: MergeJobArgs, *, run_name: str, token: str
+    ) -> tuple[RunOutcome, SparkResult | None]:
+        """Submit the wheel's `tollwatch-merge` as a python_wheel_task, wait, and read the result line it printed."""
+        task = merge_task(compute, wheel, args)
         if compute.kind == "serverless":
             submitted = self._call(
-                _submit_serverless, body=serverless_body(task, compute, run_name, token, self.max_wait_s)
+                _submit_serverless, body=serverless_body(task, compute, wheel, run_name, token, self.max_wait_s)
             )
         else:
             submitted = self._call(
@@ -169,18 +171,38 @@ class DatabricksRunner:
                 timeout_seconds=int(self.max_wait_s),
             )
         outcome, run = self.wait(int(submitted["run_id"]))
-        outcome.raise_for_failure()
+        self._raise_for_failure(outcome, run)
         task_runs = [t for t in run.get("tasks", []) if t.get("task_key") == MERGE_TASK_KEY]
         output = self._call(jobs_runs_get_output, run_id=int(task_runs[0]["run_id"])) if task_runs else {}
-        return outcome, merge_result(output.get("logs"))
+        return outcome, SparkResult.from_output(output.get("logs"))
 
     # -- an existing job
 
     def run_now(self, job_id: int, job_parameters: dict[str, str], *, token: str) -> RunOutcome:
         started = self._call(jobs_run_now, job_id=job_id, idempotency_token=token, job_parameters=job_parameters)
-        outcome, _ = self.wait(int(started["run_id"]))
-        outcome.raise_for_failure()
+        outcome, run = self.wait(int(started["run_id"]))
+        self._raise_for_failure(outcome, run)
         return outcome
+
+    def _raise_for_failure(self, outcome: RunOutcome, run: dict[str, Any]) -> None:
+        """Fail with the run's end state and the driver's own reason: a failed task's `state_message` is often only
+        "Workload failed, see run output for details"; the reason is the task run's `error` in runs/get-output."""
+        if outcome.succeeded:
+            return
+        reasons = []
+        for task_run in run.get("tasks", []):
+            if (task_run.get("state") or {}).get("result_state") == "SUCCESS" or "run_id" not in task_run:
+                continue
+            try:
+                output = self._call(jobs_runs_get_output, run_id=int(task_run["run_id"]))
+            except (DatabricksApiError, httpx.HTTPStatusError) as error:
+                get_run_logger().warning(
+                    "could not read the output of failed task run %s: %s", task_run["run_id"], error
+                )
+                continue
+            if isinstance(output, dict) and output.get("error"):
+                reasons.append(f"{task_run.get('task_key', task_run['run_id'])}: {output['error']}")
+        outcome.raise_for_failure(detail="; ".join(reasons))
 
     # -- waiting
 
@@ -216,12 +238,11 @@ class DatabricksRunner:
             time.sleep(self.poll_s)
 
 
-def merge_task(compute: ComputeSpec, script: str, args: MergeJobArgs) -> dict[str, Any]:
-    """The one task of a merge run, as the Jobs API takes it (validated by prefect-databricks' models)."""
-    task: dict[str, Any] = {
-        "task_key": MERGE_TASK_KEY,
-        "spark_python_task": SparkPythonTask(python_file=script, parameters=args.argv()).model_dump(exclude_none=True),
-    }
+def merge_task(compute: ComputeSpec, wheel: str, args: MergeJobArgs) -> dict[str, Any]:
+    """The one task of a merge run, as the Jobs API takes it (validated by prefect-databricks' models): the wheel's
+    entry point with tollwatch installed from `wheel` (on serverless, through the task's environment instead)."""
+    wheel_task = PythonWheelTask(package_name=PACKAGE, entry_point=MERGE_ENTRY_POINT, parameters=args.argv())
+    task: dict[str, Any] = {"task_key": MERGE_TASK_KEY, "python_wheel_task": wheel_task.model_dump(exclude_none=True)}
     if compute.kind == "existing_cluster":
         task["existing_cluster_id"] = compute.existing_cluster_id
     elif compute.kind == "job_cluster":
@@ -235,13 +256,13 @@ def merge_task(compute: ComputeSpec, script: str, args: MergeJobArgs) -> dict[st
         task["new_cluster"] = cluster.model_dump(mode="json", exclude_none=True)
     else:
         task["environment_key"] = "tollwatch"
-    if compute.libraries:
-        task["libraries"] = compute.libraries
+        return task  # serverless tasks take their libraries from the environment (serverless_body)
+    task["libraries"] = [{"whl": wheel}, *compute.libraries]
     return task
 
 
 def serverless_body(
-    task: dict[str, Any], compute: ComputeSpec, run_name: str, token: str, timeout_s: float
+    task: dict[str, Any], compute: ComputeSpec, wheel: str, run_name: str, token: str, timeout_s: float
 ) -> dict[str, Any]:
     """runs/submit for serverless: prefect-databricks' models predate `environments`, so this one body is
     built here and sent through its generic `execute_endpoint`."""
@@ -250,7 +271,12 @@ def serverless_body(
         "idempotency_token": token,
         "timeout_seconds": int(timeout_s),
         "tasks": [task],
-        "environments": [{"environment_key": "tollwatch", "spec": {"client": compute.serverless_environment_version}}],
+        "environments": [
+            {
+                "environment_key": "tollwatch",
+                "spec": {"client": compute.serverless_environment_version, "dependencies": [wheel]},
+            }
+        ],
     }
 
 
@@ -278,7 +304,7 @@ def runner_for(settings: Settings) -> DatabricksRunner:
 def merge_on_databricks(
     settings: Settings, request: IngestRequest, manifest: LandingManifest, flow_run_id: str
 ) -> tuple[LoadResult, str | None]:
-    """Merge one landing with `jobs/merge_bnt.py` on Databricks; the load result and the run page URL."""
+    """Merge one landing with the wheel's `tollwatch-merge` on Databricks; the load result and the run page URL."""
     from flows.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
 
     storage = AzureStorageLocation.load(settings.databricks_storage_block)
@@ -298,19 +324,16 @@ def merge_on_databricks(
     )
     outcome, printed = runner_for(settings).merge(
         compute,
-        settings.databricks_merge_script,
+        settings.databricks_wheel,
         args,
         run_name=f"tollwatch merge {request.mode} refresh={request.refresh_id[:8]} flow-run={flow_run_id}",
         token=idempotency_token("merge", flow_run_id, request.refresh_id),
     )
-    printed = printed or {}
-    result = LoadResult(
-        snapshot_id=printed.get("snapshot_id"),
-        rows_read=int(printed.get("rows_read", manifest.rows)),
-        rows_written=int(printed.get("rows_written", 0)),
-        rows_rejected=int(printed.get("rows_rejected", 0)),
-        already_committed=bool(printed.get("already_committed", False)),
-        reject_reasons=Counter(printed.get("rejected_by_reason") or {}),
-    )
+    if printed is None:
+        raise DatabricksApiError(
+            f"Databricks run {outcome.run_page_url or ''} succeeded but printed no TOLLWATCH_RESULT line: "
+            "is the task running tollwatch's `tollwatch-merge` entry point?"
+        )
+    result = printed.load_result(manifest.rows)
     get_run_logger().info("merged on Databricks: %s", outcome.run_page_url)
     return result, outcome.run_page_url

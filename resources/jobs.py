@@ -56,9 +56,9 @@ MERGE_FLAGS = {
 #: Daily-totals job parameters: the names `flows/run_job.py` sends with run-now for a completion event. Those that
 #: the entry point reads map to its flag; the others are defined so that run-now accepts them.
 DAILY_TOTALS_FLAGS = {
-    "upstream_table": None,
+    "upstream_table": "--table",
     "upstream_snapshot_id": "--snapshot-id",
-    "upstream_refresh_id": None,
+    "upstream_refresh_id": "--refresh-id",
     "window_start": "--start",
     "window_stop": "--stop",
 }

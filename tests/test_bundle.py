@@ -270,7 +270,9 @@ def test_daily_totals_job_defines_the_parameters_run_now_sends(jobs: dict[str, A
     arguments = wheel_task(jobs["tollwatch_daily_totals"])["python_wheel_task"]["parameters"]
     by_flag = dict(argument.split("=", 1) for argument in arguments)
     assert by_flag == {
+        "--table": "{{job.parameters.upstream_table}}",
         "--snapshot-id": "{{job.parameters.upstream_snapshot_id}}",
+        "--refresh-id": "{{job.parameters.upstream_refresh_id}}",
         "--start": "{{job.parameters.window_start}}",
         "--stop": "{{job.parameters.window_stop}}",
     }

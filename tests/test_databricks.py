@@ -7,6 +7,7 @@ runs/cancel, run-now) and Entra ID's token endpoint.
 from __future__ import annotations
 
 import json
+import re
 import time
 from datetime import date
 from typing import Any
@@ -26,6 +27,7 @@ from tollwatch.databricks import (
     MergeJobArgs,
     idempotency_token,
 )
+from tollwatch.events import Window
 
 pytestmark = pytest.mark.stack
 
@@ -34,6 +36,7 @@ API = f"https://{HOST}/api/2.1/jobs"
 TENANT = "00000000-0000-0000-0000-000000000000"
 TOKEN_URL = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token"
 RUN_PAGE = f"https://{HOST}/?o=1#job/0/run/42"
+WHEEL = "/Workspace/Shared/tollwatch/artifacts/.internal/tollwatch-0.1.0-py3-none-any.whl"
 ARGS = MergeJobArgs(
     landing="abfss://tollwatch@acct.dfs.core.windows.net/raw/qzve-kjga/window=2024-01-01_2024-02-01/",
     table="tollwatch.bronze.bnt_traffic_hourly",
@@ -80,12 +83,14 @@ def run_state(life_cycle: str, result: str | None = None, message: str = "") -> 
     state: dict[str, Any] = {"life_cycle_state": life_cycle, "state_message": message}
     if result:
         state["result_state"] = result
-    body = {"run_id": 42, "run_page_url": RUN_PAGE, "state": state, "tasks": [{"run_id": 43, "task_key": "merge_bnt"}]}
+    body = {"run_id": 42, "run_page_url": RUN_PAGE, "state": state, "tasks": [{"run_id": 43, "task_key": "merge"}]}
     return httpx.Response(200, json=body)
 
 
 def merge_output(result: dict[str, Any]) -> httpx.Response:
-    logs = "spark says hi\nTOLLWATCH_RESULT=" + json.dumps(result) + "\n"
+    """What `tollwatch-merge` prints, as runs/get-output returns the driver's stdout (`logs`)."""
+    printed = {"table": ARGS.table, "mode": ARGS.mode, "refresh_id": ARGS.refresh_id, **result}
+    logs = "spark says hi\nTOLLWATCH_RESULT=" + json.dumps(printed) + "\n"
     return httpx.Response(200, json={"logs": logs, "metadata": {"run_id": 43}})
 
 
@@ -98,7 +103,7 @@ def in_flow(fn):
     return flow(name="databricks-test", validate_parameters=False)(fn)()
 
 
-def test_merge_submits_a_valid_spark_python_task_polls_to_success_and_reads_the_result(api, credentials):
+def test_merge_submits_the_wheels_entry_point_polls_to_success_and_reads_the_result(api, credentials):
     submit = api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
     api.get(f"{API}/runs/get").mock(
         side_effect=[run_state("PENDING"), run_state("RUNNING"), run_state("TERMINATED", "SUCCESS")]
@@ -108,20 +113,20 @@ def test_merge_submits_a_valid_spark_python_task_polls_to_success_and_reads_the_
     )
     token = idempotency_token("merge", "fr-1", "r-1")
 
-    outcome, printed = in_flow(
-        lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/tollwatch/merge_bnt.py", ARGS, run_name="n", token=token)
-    )
+    outcome, printed = in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token=token))
 
     assert outcome.succeeded
     assert outcome.run_page_url == RUN_PAGE
-    assert printed == {"rows_written": 16368, "snapshot_id": 7, "already_committed": False}
+    assert printed is not None
+    assert (printed.rows_written, printed.snapshot_id, printed.already_committed) == (16368, 7, False)
     body = json.loads(submit.calls.last.request.content)
     RunSubmitSettings.model_validate({k: v for k, v in body.items() if k != "idempotency_token"})
     task = RunSubmitTaskSettings.model_validate(body["tasks"][0])
     assert body["idempotency_token"] == token
     assert len(token) <= 64
-    assert task.spark_python_task.python_file == "dbfs:/tollwatch/merge_bnt.py"
-    assert task.spark_python_task.parameters == ARGS.argv()
+    assert (task.python_wheel_task.package_name, task.python_wheel_task.entry_point) == ("tollwatch", "tollwatch-merge")
+    assert task.python_wheel_task.parameters == ARGS.argv()
+    assert body["tasks"][0]["libraries"][0]["whl"] == WHEEL  # tollwatch installed on the cluster from the wheel
     assert body["tasks"][0]["new_cluster"]["custom_tags"]["tollwatch-flow-run-id"] == "fr-1"
     assert output.calls.last.request.url.params["run_id"] == "43"  # the task run, not the parent run
     assert submit.calls.last.request.headers["Authorization"] == "Bearer tok-1"
@@ -138,7 +143,7 @@ def test_a_retried_submit_reuses_the_idempotency_token_after_503_and_429(api, cr
     api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "SUCCESS"))
     api.get(f"{API}/runs/get-output").mock(return_value=merge_output({"rows_written": 1}))
 
-    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="tok-abc"))
+    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="tok-abc"))
 
     assert submit.call_count == 3
     assert {json.loads(c.request.content)["idempotency_token"] for c in submit.calls} == {"tok-abc"}
@@ -149,7 +154,7 @@ def test_a_bad_request_is_not_retried(api, credentials):
         return_value=httpx.Response(400, json={"error_code": "INVALID_PARAMETER_VALUE", "message": "bad cluster"})
     )
     with pytest.raises(httpx.HTTPStatusError, match="INVALID_PARAMETER_VALUE"):
-        in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="t"))
+        in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="t"))
     assert submit.call_count == 1
 
 
@@ -165,12 +170,17 @@ def test_a_bad_request_is_not_retried(api, credentials):
 )
 def test_every_unsuccessful_end_fails_with_its_state_and_reason(api, credentials, life_cycle, result, named):
     api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
-    api.get(f"{API}/runs/get").mock(return_value=run_state(life_cycle, result, "Task merge_bnt failed: boom"))
-    output = api.get(f"{API}/runs/get-output")
+    api.get(f"{API}/runs/get").mock(return_value=run_state(life_cycle, result, "Task merge failed: boom"))
+    error = "AnalysisException: [TABLE_OR_VIEW_NOT_FOUND] tollwatch.bronze.x"
+    output = api.get(f"{API}/runs/get-output").mock(
+        return_value=httpx.Response(200, json={"error": error, "metadata": {"run_id": 43}})
+    )
 
-    with pytest.raises(DatabricksRunFailed, match=rf"ended {named}: Task merge_bnt failed: boom"):
-        in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="t"))
-    assert not output.called
+    with pytest.raises(
+        DatabricksRunFailed, match=rf"ended {named}: Task merge failed: boom; merge: {re.escape(error)}"
+    ):
+        in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="t"))
+    assert output.calls.last.request.url.params["run_id"] == "43"  # the failed task run's own output
 
 
 def test_waiting_longer_than_allowed_cancels_the_run(api, credentials):
@@ -180,7 +190,7 @@ def test_waiting_longer_than_allowed_cancels_the_run(api, credentials):
 
     slow = runner(credentials, max_wait_s=0.5, poll_s=0.1)
     with pytest.raises(DatabricksRunTimedOut, match="cancelled"):
-        in_flow(lambda: slow.merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="t"))
+        in_flow(lambda: slow.merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="t"))
     assert json.loads(cancel.calls.last.request.content) == {"run_id": 42}
 
 
@@ -190,11 +200,11 @@ def test_the_oauth_token_is_fetched_once_and_refreshed_before_it_expires(api, cr
     api.get(f"{API}/runs/get-output").mock(return_value=merge_output({}))
     token_calls = api.routes[1]  # the token route
 
-    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="t"))
+    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="t"))
     assert token_calls.call_count == 1  # three API calls, one token
 
     credentials._token_expiry = time.time() + 30  # within prefect-databricks' 60 s refresh margin
-    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, "dbfs:/m.py", ARGS, run_name="n", token="t"))
+    in_flow(lambda: runner(credentials).merge(JOB_CLUSTER, WHEEL, ARGS, run_name="n", token="t"))
     assert token_calls.call_count == 2
     assert get.calls.last.request.headers["Authorization"] == "Bearer tok-2"
     form = dict(httpx.QueryParams(token_calls.calls.last.request.content.decode()))
@@ -222,11 +232,12 @@ def test_serverless_submits_an_environment_for_its_task(api, credentials):
     api.get(f"{API}/runs/get-output").mock(return_value=merge_output({}))
 
     serverless = ComputeSpec(kind="serverless")
-    in_flow(lambda: runner(credentials).merge(serverless, "/Workspace/m.py", ARGS, run_name="n", token="t"))
+    in_flow(lambda: runner(credentials).merge(serverless, WHEEL, ARGS, run_name="n", token="t"))
 
     body = json.loads(submit.calls.last.request.content)
     assert body["tasks"][0]["environment_key"] == "tollwatch"
-    assert body["environments"] == [{"environment_key": "tollwatch", "spec": {"client": "2"}}]
+    assert body["environments"] == [{"environment_key": "tollwatch", "spec": {"client": "2", "dependencies": [WHEEL]}}]
+    assert "libraries" not in body["tasks"][0]  # serverless installs from the environment
     assert "new_cluster" not in body["tasks"][0]
     assert "existing_cluster_id" not in body["tasks"][0]
 
@@ -257,7 +268,7 @@ def databricks_blocks(env, credentials, monkeypatch):
         "TOLLWATCH_ENGINE": "databricks",
         "TOLLWATCH_DATABRICKS_POLL_S": "0",
         "TOLLWATCH_DATABRICKS_API_BACKOFF_S": "0.01",
-        "TOLLWATCH_DATABRICKS_MERGE_SCRIPT": "/Workspace/Shared/tollwatch/jobs/merge_bnt.py",
+        "TOLLWATCH_DATABRICKS_WHEEL": WHEEL,
     }.items():
         monkeypatch.setenv(key, value)
     return env
@@ -279,7 +290,7 @@ def test_ingest_merges_on_databricks_and_announces_the_run_page(databricks_block
     assert (completed.rows_fetched, completed.rows_written, completed.snapshot_id) == (1056, 1056, 99)
     body = json.loads(submit.calls.last.request.content)
     task = RunSubmitTaskSettings.model_validate(body["tasks"][0])
-    argv = task.spark_python_task.parameters
+    argv = task.python_wheel_task.parameters
     landing = argv[argv.index("--landing") + 1]
     assert landing.startswith("abfss://tollwatch@tollwatchdata.dfs.core.windows.net/raw/qzve-kjga/")
     assert argv[argv.index("--table") + 1] == "tollwatch.bronze.bnt_traffic_hourly"
@@ -297,16 +308,47 @@ def test_ingest_merges_on_databricks_and_announces_the_run_page(databricks_block
     assert "tok-1" not in json.dumps(event)  # the OAuth token
 
 
+def test_a_refresh_merged_on_databricks_announces_the_days_it_touched(databricks_blocks, api, mirror):
+    """The days a Spark refresh merged reach the completion event (jobs/merge_bnt.py never recorded them, so a refresh
+    merged on Databricks announced `window=None` and every downstream job skipped it)."""
+    from flows.ingest import ingest
+
+    revision = mirror.dataset.revise(date(2024, 3, 5), date(2024, 3, 7))
+    api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
+    api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "SUCCESS"))
+    api.get(f"{API}/runs/get-output").mock(
+        return_value=merge_output(
+            {
+                "mode": "refresh",
+                "rows_read": 1056,
+                "rows_written": 1056,
+                "snapshot_id": 100,
+                "touched": "2024-03-05/2024-03-07",
+                "committed_through": revision.updated_at,
+            }
+        )
+    )
+
+    completed = ingest(rows_updated_at=revision.updated_at, previous_rows_updated_at=revision.updated_at - 1)
+
+    assert completed.mode == "refresh"
+    assert completed.window == Window(start=date(2024, 3, 5), stop=date(2024, 3, 7))
+    assert completed.committed_through == revision.updated_at
+
+
 def test_ingest_fails_with_the_databricks_reason(databricks_blocks, api):
     from flows.ingest import ingest
 
     api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
-    api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "FAILED", "AnalysisException: no table"))
+    api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "FAILED", "Workload failed, see run output"))
+    api.get(f"{API}/runs/get-output").mock(
+        return_value=httpx.Response(200, json={"error": "AnalysisException: no table", "metadata": {"run_id": 43}})
+    )
 
     state = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 2), request_id="dbx-fail", return_state=True)
 
     assert state.is_failed()
-    assert "ended FAILED: AnalysisException: no table" in state.message
+    assert "ended FAILED: Workload failed, see run output; merge: AnalysisException: no table" in state.message
 
 
 def test_run_job_runs_a_databricks_job_with_parameters_from_the_completion(databricks_blocks, api):

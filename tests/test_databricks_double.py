@@ -475,12 +475,7 @@ def test_a_failing_run_fails_the_flow_with_the_drivers_reason(on_databricks: Dat
     ).json()
     assert "ContainerNotFound" in output["error_trace"] or "container does not exist" in output["error"], output
     assert table_rows() == 0
-    if output["error"] not in state.message:
-        pytest.xfail(
-            "the run's state_message is Databricks' generic 'Workload failed, see run output for details'; the "
-            "driver's reason is in runs/get-output's `error`, which flows/databricks.py does not read for a failed "
-            f"run (driver said: {output['error']})"
-        )
+    assert output["error"] in state.message  # the driver's reason, not Databricks' generic "see run output"
 
 
 @pytest.mark.stack

@@ -11,18 +11,17 @@ and how to read what comes back, so those rules are testable without any client:
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, date, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from tollwatch.contract import compute
 from tollwatch.events import deterministic_id
 
 #: Life-cycle states after which a run never changes again.
 TERMINAL_LIFE_CYCLES = frozenset({"TERMINATED", "SKIPPED", "INTERNAL_ERROR"})
-RESULT_MARKER = "TOLLWATCH_RESULT="
 
 
 class DatabricksRunFailed(RuntimeError):
@@ -71,12 +70,12 @@ class ComputeSpec(BaseModel):
 
     kind: Literal["existing_cluster", "job_cluster", "serverless"] = "job_cluster"
     existing_cluster_id: str | None = None
-    spark_version: str = "15.4.x-scala2.12"
-    node_type_id: str = "Standard_D4ds_v5"
-    num_workers: int = Field(2, ge=0)
+    spark_version: str = compute.SPARK_VERSION
+    node_type_id: str = compute.NODE_TYPE_ID
+    num_workers: int = Field(compute.NUM_WORKERS, ge=0)
     spark_conf: dict[str, str] = Field(default_factory=dict)
     libraries: list[dict[str, Any]] = Field(default_factory=list)
-    serverless_environment_version: str = "2"
+    serverless_environment_version: str = compute.SERVERLESS_ENVIRONMENT_VERSION
 
     @model_validator(mode="after")
     def _needs(self) -> Self:
@@ -88,7 +87,7 @@ class ComputeSpec(BaseModel):
 
 
 class MergeJobArgs(BaseModel):
-    """The arguments of `jobs/merge_bnt.py` (a `spark_python_task` receives them as argv)."""
+    """The arguments of the wheel's `tollwatch-merge` entry point (a `python_wheel_task` receives them as argv)."""
 
     model_config = ConfigDict(frozen=True)
 
@@ -99,10 +98,9 @@ class MergeJobArgs(BaseModel):
     start: date | None = None
     stop: date | None = None
     flow_run_id: str | None = None
-    format: Literal["iceberg", "parquet"] = "iceberg"
 
     def argv(self) -> list[str]:
-        args = ["--landing", self.landing, "--table", self.table, "--format", self.format]
+        args = ["--landing", self.landing, "--table", self.table]
         args += ["--mode", self.mode, "--refresh-id", self.refresh_id]
         if self.start and self.stop:
             args += ["--start", self.start.isoformat(), "--stop", self.stop.isoformat()]
@@ -144,24 +142,14 @@ class RunOutcome(BaseModel):
     def succeeded(self) -> bool:
         return self.life_cycle_state == "TERMINATED" and self.result_state == "SUCCESS"
 
-    def raise_for_failure(self) -> None:
-        """FAILED, TIMEDOUT, CANCELED (result states) and SKIPPED, INTERNAL_ERROR (life cycles) fail the caller."""
+    def raise_for_failure(self, detail: str = "") -> None:
+        """FAILED, TIMEDOUT, CANCELED (result states) and SKIPPED, INTERNAL_ERROR (life cycles) fail the caller;
+        `detail` is what the task itself reported (the driver's error), added to the run's state message."""
         if self.succeeded:
             return
         ended = self.result_state if self.life_cycle_state == "TERMINATED" else self.life_cycle_state
-        reason = f": {self.state_message}" if self.state_message else ""
+        reason = "; ".join(part for part in (self.state_message, detail) if part)
+        reason = f": {reason}" if reason else ""
         raise DatabricksRunFailed(
             f"Databricks run {self.run_id} ended {ended}{reason} ({self.run_page_url or 'no url'})", self
         )
-
-
-def merge_result(logs: str | None) -> dict[str, Any] | None:
-    """The `TOLLWATCH_RESULT=` line the merge job prints (the last one wins), or None if it printed none."""
-    found = None
-    for line in (logs or "").splitlines():
-        if line.startswith(RESULT_MARKER):
-            try:
-                found = json.loads(line[len(RESULT_MARKER) :])
-            except ValueError:
-                continue
-    return found
