@@ -547,3 +547,22 @@ def test_warm_server_is_ready_and_its_socket_is_in_the_worker_environment(
     )
     assert Path(environ["TOLLWATCH_WARM_SOCKET"]).is_socket()
     assert local.status()["warm"].healthy
+
+
+def test_a_worker_started_with_other_tollwatch_settings_is_restarted_not_reused(tmp_path: Path, monkeypatch):
+    """`TOLLWATCH_ENGINE=spark make demo` on a stack started with the local engine must not reuse a worker (or warm
+    server) whose flow runs would still merge locally; the config holds a digest, never the values (secrets)."""
+    endpoints = {"PREFECT_API_URL": "http://127.0.0.1:1/api", "TOLLWATCH_UPSTREAM_BASE_URL": "http://127.0.0.1:2"}
+    monkeypatch.delenv("TOLLWATCH_ENGINE", raising=False)
+    services = [
+        stack_module._Worker("worker", tmp_path, endpoint_env=endpoints),
+        stack_module._Warm("warm", tmp_path, endpoint_env=endpoints),
+    ]
+    before = [s.config() for s in services]
+    monkeypatch.setenv("TOLLWATCH_UPSTREAM_BASE_URL", "http://127.0.0.1:3")  # the stack's own endpoint: ignored
+    assert [s.config() for s in services] == before
+    monkeypatch.setenv("TOLLWATCH_ENGINE", "spark")
+    monkeypatch.setenv("TOLLWATCH_UPSTREAM_APP_TOKEN", "marker-secret-value")
+    after = [s.config() for s in services]
+    assert all(a != b for a, b in zip(after, before, strict=True))
+    assert "marker-secret-value" not in json.dumps(after)

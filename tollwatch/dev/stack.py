@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -668,7 +669,12 @@ class _Warm(_Service):
         return self.state_dir / "warm.sock"
 
     def config(self) -> dict[str, Any]:
-        return {"env": dict(sorted(self.endpoint_env.items())), "db": self.db, "overrides": self.overrides}
+        return {
+            "env": dict(sorted(self.endpoint_env.items())),
+            "db": self.db,
+            "overrides": self.overrides,
+            "settings": _inherited_settings_digest(self.endpoint_env),
+        }
 
     def bind(self, endpoints: StackEndpoints) -> None:
         self.endpoint_env = endpoints.env()
@@ -681,6 +687,14 @@ class _Warm(_Service):
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
+
+
+def _inherited_settings_digest(endpoint_env: Mapping[str, str]) -> str:
+    """A digest of the caller's TOLLWATCH_* settings, which flow runs inherit: `TOLLWATCH_ENGINE=spark make demo` on a
+    stack started with the local engine restarts the worker and warm server instead of reusing them. A digest, not
+    the values: the config is written to the state dir, and some settings are secrets."""
+    settings = sorted((k, v) for k, v in os.environ.items() if k.startswith("TOLLWATCH_") and k not in endpoint_env)
+    return hashlib.sha256(json.dumps(settings).encode()).hexdigest()[:16]
 
 
 def _worker_environment(
@@ -724,6 +738,7 @@ class _Worker(_Service):
             "tuned": self.tuned,
             "db": self.db,
             "overrides": self.overrides,
+            "settings": _inherited_settings_digest(self.endpoint_env),
         }
 
     def bind(self, endpoints: StackEndpoints) -> None:
