@@ -56,3 +56,20 @@ def test_the_iceberg_runtime_the_build_fetches_is_the_one_clusters_get():
     assert version is not None
     assert compute.ICEBERG_SPARK_RUNTIME.endswith(f":{version.group(1)}")
     assert "iceberg-spark-runtime-3.5_2.12" in compute.ICEBERG_SPARK_RUNTIME  # pyspark 3.5, Scala 2.12
+
+
+def test_the_spark_entry_points_import_nothing_a_databricks_runtime_lacks():
+    """On a cluster the wheel's entry points run beside pyspark: importing them must not pull in the flows' stack
+    (prefect, pyiceberg, pyarrow, pydantic, the Azure SDK — the latter only lazily, for an emulator landing)."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, tollwatch.spark.merge, tollwatch.spark.daily_totals\n"
+        "heavy = {'prefect', 'pyiceberg', 'pyarrow', 'pydantic', 'azure', 'httpx', 'pandas'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tollwatch.') and not m.startswith(('tollwatch.spark', "
+        "'tollwatch.contract'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.splitlines() == ["[]", "[]"]

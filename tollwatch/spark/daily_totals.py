@@ -20,7 +20,6 @@ as 0; drifted upstream string columns are not counted.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -34,6 +33,7 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from tollwatch.contract import table as contract
+from tollwatch.spark.entry import log_to_driver, print_result
 from tollwatch.spark.iceberg import IcebergTable, conform, months_between, retry_conflicts
 from tollwatch.spark.rows import SPARK_TYPES
 
@@ -164,17 +164,11 @@ def run(spark: SparkSession, args: Args) -> Result:
 
 
 def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
-    """Entry point; prints the result as one TOLLWATCH_RESULT line and returns it."""
-    if not log.handlers:
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    """Entry point (Databricks passes the task's parameters as argv); prints and returns the result."""
+    log_to_driver()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     session = spark or SparkSession.builder.appName("tollwatch-daily-totals").getOrCreate()
-    result = asdict(run(session, args))
-    print(contract.RESULT_MARKER + json.dumps(result, sort_keys=True), flush=True)
-    return result
+    return print_result(asdict(run(session, args)))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,6 @@ landing keeps them raw), and the per-day reconciliation after the commit is the 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import re
 import sys
@@ -38,6 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window as W
 
 from tollwatch.contract import table as contract
+from tollwatch.spark.entry import log_to_driver, print_result
 from tollwatch.spark.iceberg import IcebergTable, conform, months_between, retry_conflicts
 from tollwatch.spark.landing import read_manifest, read_pages, readable
 from tollwatch.spark.rows import REASON, dedupe_on_key, rejected_by_reason, spark_schema, type_rows
@@ -244,16 +244,10 @@ def commit(
 
 def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
     """Entry point (Databricks passes the task's parameters as argv); prints and returns the result."""
-    if not log.handlers:  # the job's progress on stderr (the driver log), without touching Spark's logging
-        handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        log.addHandler(handler)
-        log.setLevel(logging.INFO)
+    log_to_driver()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     session = spark or SparkSession.builder.appName("tollwatch-merge").getOrCreate()
-    result = load(session, args).as_dict()
-    print(contract.RESULT_MARKER + json.dumps(result, sort_keys=True), flush=True)
-    return result
+    return print_result(load(session, args).as_dict())
 
 
 if __name__ == "__main__":
