@@ -89,11 +89,19 @@ def _write(path: Path, figures: list[Figure], extra: dict[str, object], about: d
     path.write_text(json.dumps(payload | {"extra": extra}, indent=2, default=str) + "\n")
 
 
+def _spark_merge() -> list[Figure]:
+    from bench.spark import figure_spark_merge
+
+    return figure_spark_merge()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
     parser.add_argument(
-        "--only", default="1,2,3,4,5,6", help="comma-separated figure numbers (5 also measures 3's BASELINE and FLOOR)"
+        "--only",
+        default="1,2,3,4,5,6,7",
+        help="comma-separated figure numbers (5 also measures 3's BASELINE and FLOOR)",
     )
     args = parser.parse_args(argv)
     wanted = {part.strip() for part in args.only.split(",")}
@@ -117,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         ("4", lambda: latency.figure_fan_out(events=20 if quick else 200)),
         ("5", lambda: _throughput(history, quick, extra.get("full_history", {}).get("rows_per_s"))),  # type: ignore[union-attr]
         ("6", lambda: latency.figure_burst(events=50 if quick else 1000)),
+        ("7", _spark_merge),
     ]
     began = time.monotonic()
     failed: list[str] = []
