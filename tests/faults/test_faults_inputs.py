@@ -43,10 +43,10 @@ from tests.functions.test_fn_eventgrid import deliver, expected_id, recorded_seq
 from tests.functions.test_fn_watch import tick
 from tests.support.funcapp import blob_created, body, closed_port, json_of, payload, settle
 from tollwatch.cli import app as cli_app
+from tollwatch.contract.table import FLOW_RUN_ID, REFRESH_ID
 from tollwatch.dev.mirror import MirrorServer
 from tollwatch.emit import EmitError
 from tollwatch.events import DatasetRefreshed, EventName, Window, table_resource_id
-from tollwatch.ingest import FLOW_RUN_ID, REFRESH_ID
 
 pytestmark = pytest.mark.stack
 
