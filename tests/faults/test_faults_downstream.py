@@ -245,8 +245,10 @@ def test_a_submit_that_times_out_after_it_arrived_is_retried_with_the_same_token
     the completion event names that run.
     """
     workspace.lose_response(SUBMIT)
+    printed = {"table": "tollwatch.bronze.bnt_traffic_hourly", "mode": "window", "refresh_id": "printed-by-the-job"}
     workspace.logs = "TOLLWATCH_RESULT=" + json.dumps(
-        {"rows_read": 2 * ROWS_PER_DAY, "rows_written": 2 * ROWS_PER_DAY, "rows_rejected": 0, "snapshot_id": 4242}
+        {**printed, "rows_read": 2 * ROWS_PER_DAY, "rows_written": 2 * ROWS_PER_DAY, "rows_rejected": 0}
+        | {"snapshot_id": 4242, "touched": "2024-01-01/2024-01-03"}
     )
     request_id = f"fault14-submit-{tag()}"
 
