@@ -8,6 +8,7 @@ independent reader of the final table.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import uuid
@@ -41,6 +42,14 @@ DOMAIN = "data.ny.gov"
 DATASET = "qzve-kjga"
 ROWS_PER_DAY = 11 * 2 * 24
 JARS_DIR = Path(__file__).resolve().parents[1] / ".jars"
+#: Spark conf for the tests' small merges: no UI, loopback, few shuffle partitions (200 by default: a task each, for
+#: a few thousand rows) and the JVM's quick-start JIT; none of it changes what a merge writes.
+SMALL_JOB_CONF = {
+    "spark.ui.enabled": "false",
+    "spark.driver.host": "127.0.0.1",
+    "spark.sql.shuffle.partitions": "2",
+    "spark.driver.extraJavaOptions": "-XX:TieredStopAtLevel=1",
+}
 
 
 def window_request(start: date, stop: date, refresh_id: str) -> IngestRequest:
@@ -76,6 +85,7 @@ def spark(warehouse: Path) -> Iterator[SparkSession]:
         .config("spark.driver.extraClassPath", os.pathsep.join(str(j) for j in jars))
         .config("spark.ui.enabled", "false")
         .config("spark.sql.shuffle.partitions", "2")
+        .config("spark.driver.extraJavaOptions", SMALL_JOB_CONF["spark.driver.extraJavaOptions"])
         .config("spark.sql.session.timeZone", "UTC")
         # ANSI mode (Spark 4's and Databricks serverless' default): the typing must never rely on failing casts
         .config("spark.sql.ansi.enabled", "true")
@@ -527,7 +537,7 @@ def spark_engine(engines: Engines, monkeypatch: pytest.MonkeyPatch) -> Engines:
     monkeypatch.setenv("TOLLWATCH_ENGINE", "spark")
     monkeypatch.setenv("TOLLWATCH_SPARK_MASTER", "local[1]")
     monkeypatch.setenv("TOLLWATCH_SPARK_JARS_DIR", str(JARS_DIR))
-    monkeypatch.setenv("TOLLWATCH_SPARK_CONF", '{"spark.ui.enabled": "false", "spark.driver.host": "127.0.0.1"}')
+    monkeypatch.setenv("TOLLWATCH_SPARK_CONF", json.dumps(SMALL_JOB_CONF))
     return engines
 
 
