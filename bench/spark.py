@@ -119,7 +119,7 @@ def figure_spark_merge() -> list[Figure]:
             )
             spark_env = {**env, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
             spark_wall, spark_rss, out = _timed(command, spark_env, scratch / "spark.log")
-            printed = sparksubmit.SparkResult.from_output(out)
+            printed = sparksubmit.read_result(out)
             if printed is None or printed.rows_written != local_rows:
                 raise RuntimeError(f"the engines disagree: local {local_rows} rows, Spark {printed}")
         finally:

@@ -31,6 +31,7 @@ from prefect_databricks.models.jobs import NewCluster, PythonWheelTask, RunSubmi
 from prefect_databricks.rest import HTTPMethod, execute_endpoint
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 
+from tollwatch.contract.result import MergeResult
 from tollwatch.databricks import (
     ComputeSpec,
     DatabricksApiError,
@@ -43,7 +44,7 @@ from tollwatch.databricks import (
 from tollwatch.ingest import IngestRequest, LoadResult
 from tollwatch.landing import LandingManifest
 from tollwatch.settings import Settings
-from tollwatch.sparksubmit import SparkResult
+from tollwatch.sparksubmit import load_result, read_result
 
 TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MERGE_TASK_KEY = "merge"
@@ -155,7 +156,7 @@ class DatabricksRunner:
 
     def merge(
         self, compute: ComputeSpec, wheel: str, args: MergeJobArgs, *, run_name: str, token: str
-    ) -> tuple[RunOutcome, SparkResult | None]:
+    ) -> tuple[RunOutcome, MergeResult | None]:
         """Submit the wheel's `tollwatch-merge` as a python_wheel_task, wait, and read the result line it printed."""
         task = merge_task(compute, wheel, args)
         if compute.kind == "serverless":
@@ -174,7 +175,7 @@ class DatabricksRunner:
         self._raise_for_failure(outcome, run)
         task_runs = [t for t in run.get("tasks", []) if t.get("task_key") == MERGE_TASK_KEY]
         output = self._call(jobs_runs_get_output, run_id=int(task_runs[0]["run_id"])) if task_runs else {}
-        return outcome, SparkResult.from_output(output.get("logs"))
+        return outcome, read_result(output.get("logs"))
 
     # -- an existing job
 
@@ -334,6 +335,6 @@ def merge_on_databricks(
             f"Databricks run {outcome.run_page_url or ''} succeeded but printed no TOLLWATCH_RESULT line: "
             "is the task running tollwatch's `tollwatch-merge` entry point?"
         )
-    result = printed.load_result(manifest.rows)
+    result = load_result(printed, manifest.rows)
     get_run_logger().info("merged on Databricks: %s", outcome.run_page_url)
     return result, outcome.run_page_url

@@ -38,7 +38,7 @@ from tollwatch.events import Window
 from tollwatch.ingest import IngestRequest, fetch_and_land, plan_fetch
 from tollwatch.settings import load_settings
 from tollwatch.socrata import build_http_client
-from tollwatch.sparksubmit import SparkResult, catalog_conf, find_jars
+from tollwatch.sparksubmit import catalog_conf, find_jars, read_result
 
 ROOT = Path(__file__).resolve().parents[1]
 JARS_DIR = ROOT / ".jars"
@@ -234,7 +234,7 @@ def test_a_submitted_wheel_task_runs_through_prefect_databricks_with_its_life_cy
 
     output = asyncio.run(jobs_runs_get_output.fn(run_id=task_run["run_id"], databricks_credentials=credentials))
     assert output["logs_truncated"] is False
-    assert SparkResult.from_output(output["logs"]).rows_written == 3  # the driver's stdout is the task's logs
+    assert read_result(output["logs"]).rows_written == 3  # the driver's stdout is the task's logs
     assert "INFO SparkContext" not in output["logs"]  # stderr (Spark's own log) is not
     assert "error" not in output
     sent = fake_seen(output["logs"])
@@ -533,7 +533,7 @@ def test_run_now_of_the_bundles_merge_job_twice_with_one_token_starts_one_spark_
     assert f"--landing={landing}" in task["python_wheel_task"]["parameters"]
     assert "--flow-run-id=" in task["python_wheel_task"]["parameters"]  # not set: empty, read as "not given"
     output = asyncio.run(jobs_runs_get_output.fn(run_id=task["run_id"], databricks_credentials=credentials))
-    printed = SparkResult.from_output(output["logs"])
+    printed = read_result(output["logs"])
     assert printed is not None
     assert (printed.rows_written, printed.refresh_id, printed.already_committed) == (
         2 * ROWS_PER_DAY,

@@ -12,7 +12,6 @@ reaches the driver through its environment.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil
@@ -23,10 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import TypeAdapter
 
 from tollwatch.contract import compute
 from tollwatch.contract import table as contract
+from tollwatch.contract.result import MergeResult
 from tollwatch.events import Window
 from tollwatch.ingest import LoadResult
 
@@ -40,45 +40,32 @@ class SparkEngineError(RuntimeError):
     """The Spark engine cannot run as configured, or the job failed (the message says which and why)."""
 
 
-class SparkResult(BaseModel):
-    """The `TOLLWATCH_RESULT` line of `tollwatch-merge`, validated."""
+#: The merge's report as the job prints it: one dataclass on both sides (tollwatch.contract.result), validated here.
+_RESULT = TypeAdapter(MergeResult)
 
-    model_config = ConfigDict(extra="ignore")
 
-    table: str
-    mode: str
-    refresh_id: str
-    already_committed: bool = False
-    snapshot_id: int | None = None
-    rows_read: int = 0
-    rows_written: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: dict[str, int] = Field(default_factory=dict)
-    touched: str | None = None
-    committed_through: int | None = None
+def read_result(text: str | None) -> MergeResult | None:
+    """The last result line in a driver's output, validated (None when the job printed none)."""
+    found = None
+    for line in (text or "").splitlines():
+        if line.startswith(contract.RESULT_MARKER):
+            found = _RESULT.validate_json(line[len(contract.RESULT_MARKER) :])
+    return found
 
-    def load_result(self, rows_landed: int) -> LoadResult:
-        """The flow's LoadResult (Databricks and spark-submit alike); a replay reports the landing's rows as read."""
-        touched = contract.decode_days(self.touched)
-        return LoadResult(
-            snapshot_id=self.snapshot_id,
-            rows_read=rows_landed if self.already_committed else self.rows_read,
-            rows_written=self.rows_written,
-            rows_rejected=self.rows_rejected,
-            already_committed=self.already_committed,
-            reject_reasons=Counter(self.rejected_by_reason),
-            touched=Window(start=touched[0], stop=touched[1]) if touched else None,
-            committed_through=self.committed_through,
-        )
 
-    @classmethod
-    def from_output(cls, text: str | None) -> SparkResult | None:
-        """The last result line in a driver's output (None when the job printed none)."""
-        found = None
-        for line in (text or "").splitlines():
-            if line.startswith(contract.RESULT_MARKER):
-                found = cls.model_validate(json.loads(line[len(contract.RESULT_MARKER) :]))
-        return found
+def load_result(printed: MergeResult, rows_landed: int) -> LoadResult:
+    """The flow's LoadResult (Databricks and spark-submit alike); a replay reports the landing's rows as read."""
+    touched = contract.decode_days(printed.touched)
+    return LoadResult(
+        snapshot_id=printed.snapshot_id,
+        rows_read=rows_landed if printed.already_committed else printed.rows_read,
+        rows_written=printed.rows_written,
+        rows_rejected=printed.rows_rejected,
+        already_committed=printed.already_committed,
+        reject_reasons=Counter(printed.rejected_by_reason),
+        touched=Window(start=touched[0], stop=touched[1]) if touched else None,
+        committed_through=printed.committed_through,
+    )
 
 
 def find_jars(directory: Path) -> list[Path]:
@@ -143,7 +130,7 @@ def submit_command(
     return [*command, str(Path(merge.__file__)), *argv]
 
 
-def run(command: list[str], env: dict[str, str], *, on_line: Callable[[str], None] | None = None) -> SparkResult:
+def run(command: list[str], env: dict[str, str], *, on_line: Callable[[str], None] | None = None) -> MergeResult:
     """Run the job; its driver log lines go to `on_line` as they come; the result line is parsed from stdout."""
     environment = {**os.environ, **env, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=environment)
@@ -158,7 +145,7 @@ def run(command: list[str], env: dict[str, str], *, on_line: Callable[[str], Non
     if code != 0:
         tail = "\n".join(line for line in lines[-40:] if line.strip())
         raise SparkEngineError(f"spark-submit exited with {code}; the driver's last lines:\n{tail}")
-    result = SparkResult.from_output(output)
+    result = read_result(output)
     if result is None:
         raise SparkEngineError("spark-submit succeeded but the job printed no TOLLWATCH_RESULT line")
     return result

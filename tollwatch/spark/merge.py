@@ -28,7 +28,7 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Any
 
@@ -37,6 +37,7 @@ from pyspark.sql import functions as F
 from pyspark.sql.window import Window as W
 
 from tollwatch.contract import table as contract
+from tollwatch.contract.result import MergeResult
 from tollwatch.spark.entry import log_to_driver, print_result
 from tollwatch.spark.iceberg import IcebergTable, conform, months_between, retry_conflicts
 from tollwatch.spark.landing import read_manifest, read_pages, readable
@@ -92,29 +93,6 @@ def parse_args(argv: Sequence[str]) -> Args:
     if not ns.refresh_id.strip():
         parser.error("--refresh-id must not be empty")
     return Args(ns.landing, ns.table, ns.mode, ns.refresh_id, ns.start, ns.stop, ns.flow_run_id or None)
-
-
-@dataclass
-class MergeResult:
-    """What the load did: printed as the TOLLWATCH_RESULT line (the flow builds its LoadResult from it)."""
-
-    table: str
-    mode: str
-    refresh_id: str
-    window: str | None
-    already_committed: bool = False
-    snapshot_id: int | None = None
-    rows_read: int = 0
-    rows_written: int = 0
-    rows_rejected: int = 0
-    rejected_by_reason: dict[str, int] = field(default_factory=dict)
-    #: The days the load replaced or merged (`start/stop`), as its snapshots record them.
-    touched: str | None = None
-    #: The ledger's high-water mark after this load.
-    committed_through: int | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "rejected_by_reason": dict(sorted(self.rejected_by_reason.items()))}
 
 
 def merged(
