@@ -38,7 +38,7 @@ def _throughput(history: tuple[date, date], quick: bool, events_rows_per_s: floa
     from pathlib import Path
 
     from bench import throughput
-    from tollwatch.dev.stack import LocalStack
+    from tollwatch_dev.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="tollwatch-bench-") as tmp:
         stack = LocalStack(

@@ -23,13 +23,13 @@ from uuid import UUID
 import httpx
 
 from bench.common import Figure, summary
-from tollwatch.backfill import Chunk, auto_chunks, chunks, upstream_counts_by_day
-from tollwatch.dev.stack import LocalStack, StackEndpoints
-from tollwatch.emit import PrefectEventsEmitter
-from tollwatch.events import BackfillRequested, DatasetRefreshed, TollwatchEvent, Window
-from tollwatch.observe import PrefectObserver, connect
-from tollwatch.settings import Settings
-from tollwatch.socrata import SocrataClient, build_http_client
+from tollwatch.adapters.prefect_events import PrefectEventsEmitter
+from tollwatch.adapters.socrata import SocrataClient, build_http_client
+from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, TollwatchEvent, Window
+from tollwatch.contract.settings import Settings
+from tollwatch.core.backfill import Chunk, auto_chunks, chunks, upstream_counts_by_day
+from tollwatch.prefect.observe import PrefectObserver, connect
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 DOMAIN, DATASET = "data.ny.gov", "qzve-kjga"
 
@@ -97,9 +97,9 @@ def bench_stack(
     and no ingest concurrency limit (see `_lift_ingest_limit`)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tollwatch.cli_automations import DEFAULT_AUTOMATIONS_DIR, run_apply
-    from tollwatch.deploy import deploy, ensure_work_pool, work_pool_spec
-    from tollwatch.dev.blocks import ensure_local_blocks
+    from tollwatch.cli.automations import DEFAULT_AUTOMATIONS_DIR, run_apply
+    from tollwatch.prefect.deploy import deploy, ensure_work_pool, work_pool_spec
+    from tollwatch_dev.local_blocks import ensure_local_blocks
 
     services = ("azurite", "prefect", "mirror", "inbox", "warm", "worker") if tuned else (
         "azurite", "prefect", "mirror", "inbox", "worker")  # fmt: skip
@@ -146,7 +146,7 @@ def _lift_ingest_limit() -> None:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import DeploymentUpdate
 
-    from tollwatch.dev.stack import LOCAL_WORK_POOL
+    from tollwatch_dev.stack import LOCAL_WORK_POOL
 
     with get_client(sync_client=True) as client:
         deployment = client.read_deployment_by_name("ingest/ingest")
@@ -241,8 +241,8 @@ def figure_event_to_running(samples: int = 30) -> list[Figure]:
 def publish_to_downstream_running(samples: int = 10) -> tuple[list[float], dict[str, list[float]]]:
     """Publish a week on the mirror, tick the watcher, and measure publish → downstream run Running, with the
     per-hop breakdown from the trace."""
-    from tollwatch.demo import publish_week, watch_once
-    from tollwatch.trace import build_trace
+    from tollwatch.prefect.trace import build_trace
+    from tollwatch_dev.demo import publish_week, watch_once
 
     totals: list[float] = []
     hops: dict[str, list[float]] = {}
@@ -319,7 +319,7 @@ def _plan(bench: BenchStack, start: date, stop: date, chunk: Chunk) -> list[Wind
 def _with_rows(observer: PrefectObserver, events: list[TollwatchEvent], outcomes: list[Any]) -> list[Any]:
     """The outcomes once every completed run's completion event is readable (the server stores events within
     ~1 s of receiving them; `follow` may end on the runs' states before the last one is in)."""
-    from tollwatch.follow import chunk_outcomes
+    from tollwatch.prefect.follow import chunk_outcomes
 
     deadline = time.monotonic() + 15
     while any(o.state == "COMPLETED" and o.rows_written is None for o in outcomes) and time.monotonic() < deadline:
@@ -339,7 +339,7 @@ def backfill_through_events(
 ) -> dict[str, float]:
     """Emit one backfill event per chunk at once and wait until every run ended: wall time, rows, runs.
     `stack` goes to `bench_stack` (db, plain_server, overrides)."""
-    from tollwatch.follow import follow
+    from tollwatch.prefect.follow import follow
 
     with (
         bench_stack(tuned=True, mirror_start=start, mirror_through=mirror_through, **stack) as bench,

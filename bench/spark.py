@@ -44,11 +44,11 @@ def _timed(argv: list[str], env: dict[str, str], log: Path) -> tuple[float, floa
 
 def local_child(args: argparse.Namespace) -> None:
     """The pyiceberg writer on the landing (settings from the environment the parent prepared)."""
-    from tollwatch import clients
-    from tollwatch.events import Window
-    from tollwatch.ingest import IngestRequest, load_landing
-    from tollwatch.landing import LandingManifest
-    from tollwatch.settings import load_settings
+    from tollwatch import resources
+    from tollwatch.contract.events import Window
+    from tollwatch.contract.settings import load_settings
+    from tollwatch.core.ingest import IngestRequest, load_landing
+    from tollwatch.core.landing import LandingManifest
 
     settings = load_settings()
     manifest = LandingManifest.model_validate_json(Path(args.manifest).read_text())
@@ -57,18 +57,19 @@ def local_child(args: argparse.Namespace) -> None:
         mode="window", domain="data.ny.gov", dataset_id=manifest.dataset, refresh_id=manifest.refresh_id, window=window
     )
     result = load_landing(
-        request, manifest, clients.landing_zone(settings), clients.table_store(settings), flow_run_id=None
+        request, manifest, resources.landing_zone(settings), resources.table_store(settings), flow_run_id=None
     )
     print(f"ROWS={result.rows_written}", flush=True)
 
 
 def figure_spark_merge() -> list[Figure]:
-    from tollwatch import clients, sparksubmit
-    from tollwatch.dev.stack import LocalStack
-    from tollwatch.events import Window
-    from tollwatch.ingest import IngestRequest, fetch_and_land, plan_fetch
-    from tollwatch.settings import load_settings
-    from tollwatch.socrata import build_http_client
+    from tollwatch import resources
+    from tollwatch.adapters import spark_submit as sparksubmit
+    from tollwatch.adapters.socrata import build_http_client
+    from tollwatch.contract.events import Window
+    from tollwatch.contract.settings import load_settings
+    from tollwatch.core.ingest import IngestRequest, fetch_and_land, plan_fetch
+    from tollwatch_dev.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="tollwatch-bench-spark-") as tmp:
         scratch = Path(tmp)
@@ -91,9 +92,9 @@ def figure_spark_merge() -> list[Figure]:
                 mode="window", domain=settings.upstream_domain, dataset_id=settings.upstream_dataset_id,
                 refresh_id=f"bench-{uuid.uuid4().hex[:8]}", window=window,
             )  # fmt: skip
-            landing = clients.landing_zone(settings)
+            landing = resources.landing_zone(settings)
             with build_http_client(str(settings.upstream_url), 60.0) as http:
-                socrata = clients.socrata_client(settings, http)
+                socrata = resources.socrata_client(settings, http)
                 plan = plan_fetch(request, socrata, committed_through=None)
                 manifest = fetch_and_land(request, plan, socrata, landing, run_id="bench", page_size=50_000)
             (scratch / "manifest.json").write_text(manifest.model_dump_json())
@@ -108,7 +109,7 @@ def figure_spark_merge() -> list[Figure]:
 
             warehouse = scratch / "spark-warehouse"
             spark_settings = load_settings(warehouse_dir=warehouse)
-            clients.table_store(spark_settings)  # the catalog database (WAL) the JDBC catalog opens
+            resources.table_store(spark_settings)  # the catalog database (WAL) the JDBC catalog opens
             conf = sparksubmit.catalog_conf(spark_settings.catalog_name, spark_settings.resolved_catalog_properties())
             conf |= {"spark.ui.enabled": "false", "spark.driver.host": "127.0.0.1"}
             argv = ["--landing", landing.uri(manifest.prefix), "--table", f"tollwatch.{settings.table}"]

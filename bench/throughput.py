@@ -10,10 +10,11 @@ What is measured, over the same mirror and the same dates:
   dicts, one JSON blob to Blob, one pyiceberg append. Not how anything here works; it is the yardstick.
   It runs twice: as specified (Socrata's default 6 columns) and with production's 9 (`$select=:*, *`).
 * FLOOR — the least work that can move these rows: the production Socrata client streaming pages straight
-  into parquet (typed by `tollwatch.schema.convert`), no Blob, no Iceberg, no Prefect. No complete pipeline
+  into parquet (typed by `tollwatch.core.schema.convert`), no Blob, no Iceberg, no Prefect. No complete pipeline
   moving the same columns can beat it here, so "production within 3x of FLOOR" bounds what orchestration and
   landing cost. On the local mirror it is upstream-bound (the mirror renders rows in Python).
-* production — `flows.ingest.ingest` called directly in a fresh process against the stack's Prefect server,
+* production — `tollwatch.prefect.flows.ingest.ingest` called directly in a fresh process against the stack's Prefect
+server,
   for windows of a day, a week, a month, a year and four years (figure 5: cost must not grow with the window).
 
 Run standalone (starts its own Azurite + Prefect + mirror)::
@@ -82,7 +83,7 @@ class ThroughputContext(BaseModel):
     env: dict[str, str] = Field(
         description="StackEndpoints.env() of a running stack: PREFECT_API_URL, TOLLWATCH_STORAGE_CONNECTION_STRING"
     )
-    mirror_url: str = Field(description="base URL of a tollwatch.dev.mirror serving at least [start, stop)")
+    mirror_url: str = Field(description="base URL of a tollwatch_dev.mirror serving at least [start, stop)")
     start: date = FULL_START
     stop: date = Field(FULL_STOP, description="exclusive")
     scratch: Path = Field(description="warehouses, parquet and child logs go here (the caller deletes it)")
@@ -306,7 +307,7 @@ def baseline_child(args: argparse.Namespace) -> Measured:
 def floor_child(args: argparse.Namespace) -> Measured:
     """FLOOR — the least work that moves these rows: production's client and typing, straight to parquet.
 
-    The production Socrata client (10k-row pages, `:*, *`), `orjson` + `tollwatch.schema.convert` per page,
+    The production Socrata client (10k-row pages, `:*, *`), `orjson` + `tollwatch.core.schema.convert` per page,
     a zstd `ParquetWriter` (a new file only when the upstream's columns change). No Blob, no Iceberg, no
     Prefect, no month spool: an upper bound for the rows/s any complete pipeline can reach here.
     """
@@ -315,8 +316,8 @@ def floor_child(args: argparse.Namespace) -> Measured:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from tollwatch.schema import convert, target_schema
-    from tollwatch.socrata import SocrataClient, build_http_client, window_where
+    from tollwatch.adapters.socrata import SocrataClient, build_http_client, window_where
+    from tollwatch.core.schema import convert, target_schema
 
     imported = time.perf_counter()
     sampler.mark("stream")
@@ -367,7 +368,7 @@ def floor_child(args: argparse.Namespace) -> Measured:
 
 
 class _PhaseMarks(logging.Handler):
-    """Moves the RSS sampler to the next phase when `tollwatch.ingest` logs the end of landing and of commit.
+    """Moves the RSS sampler to the next phase when `tollwatch.core.ingest` logs the end of landing and of commit.
 
     Reading the pipeline's own log lines keeps the production path untouched (no wrapper, no patch).
     """
@@ -389,20 +390,21 @@ class _PhaseMarks(logging.Handler):
 
 
 def production_child(args: argparse.Namespace) -> Measured:
-    """Production: `flows.ingest.ingest(start, stop, request_id)` called directly, as a deployment run would.
+    """Production: `tollwatch.prefect.flows.ingest.ingest(start, stop, request_id)` called directly, as a deployment
+    run would.
 
     Settings come from the environment the parent prepared (the stack's Prefect server and Azurite, the
     mirror, a fresh container and warehouse). `work_s` is the flow's own `durations.total_s` (fetch+land,
     load+commit); the flow call with its Prefect bookkeeping and the whole process are reported beside it.
     """
     sampler = _RssSampler().start()
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     imported = time.perf_counter()
     import_rss = _maxrss_mib()
     sampler.mark("flow start+fetch/land")
     marks = _PhaseMarks(sampler, imported)
-    ingest_log = logging.getLogger("tollwatch.ingest")
+    ingest_log = logging.getLogger("tollwatch.core.ingest")
     ingest_log.setLevel(logging.INFO)
     ingest_log.propagate = False  # the marks need INFO records; the console must not get them
     ingest_log.addHandler(marks)
@@ -445,9 +447,9 @@ def _write_profile(profiler: object, path: Path, args: argparse.Namespace) -> No
     flat = profiler.output_text(unicode=True, color=False, flat=True, flat_time="self")  # type: ignore[attr-defined]
     path.parent.mkdir(parents=True, exist_ok=True)
     header = (
-        f"# pyinstrument profile of flows.ingest.ingest, window {args.start} → {args.stop} (python -m bench.throughput"
-        " --profile)\n# main thread only (tasks of a sync flow run there); Prefect's background log/event threads"
-        " are not shown\n\n"
+        f"# pyinstrument profile of tollwatch.prefect.flows.ingest.ingest, window {args.start} → {args.stop}"
+        " (python -m bench.throughput --profile)\n# main thread only (tasks of a sync flow run there);"
+        " Prefect's background log/event threads are not shown\n\n"
     )
     path.write_text(header + "## call tree\n\n" + tree + "\n## self time, flat\n\n" + flat)
 
@@ -812,7 +814,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", type=Path, default=None, help="use this scratch dir and keep it (logs, reports)")
     args = parser.parse_args(argv)
 
-    from tollwatch.dev.stack import LocalStack
+    from tollwatch_dev.stack import LocalStack
 
     with tempfile.TemporaryDirectory(prefix="tollwatch-bench-") as tmp:
         scratch = args.keep or Path(tmp) / "scratch"

@@ -18,7 +18,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bench.common import RESULTS, machine
-from tollwatch.backfill import Chunk
+from tollwatch.core.backfill import Chunk
 
 
 class Variant(BaseModel):

@@ -1,7 +1,7 @@
 """Azure Functions handlers (Python v2 model), one module per job; `function_app.py` registers them.
 
 Handlers stay thin — parse, call the core in `tollwatch`, emit, respond — and never import prefect: events
-reach Prefect over plain HTTP (`tollwatch.emit`), which keeps cold starts short and the image small.
+reach Prefect over plain HTTP (`tollwatch.adapters.prefect_events`), which keeps cold starts short and the image small.
 """
 
 import logging

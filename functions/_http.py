@@ -12,9 +12,9 @@ from collections.abc import Callable
 import azure.functions as func
 from pydantic import ValidationError
 
-from tollwatch.clients import ConfigurationError
-from tollwatch.settings import Settings, load_settings
-from tollwatch.webio import InboundRequest, Reply
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.contract.webio import InboundRequest, Reply
+from tollwatch.resources import ConfigurationError
 
 log = logging.getLogger(__name__)
 

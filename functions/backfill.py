@@ -1,6 +1,6 @@
 """`request_backfill` (HTTP POST /api/backfill): validate, plan one event per chunk, emit, answer 202.
 
-The rules live in `tollwatch.backfill` (shared with the CLI). Statuses: 202 with `{request_id, event_ids,
+The rules live in `tollwatch.core.backfill` (shared with the CLI). Statuses: 202 with `{request_id, event_ids,
 chunks}`; 400 with field-level `problems`; 503 when Prefect did not confirm the events (retrying the same
 request is safe: the ids are deterministic unless `rerun` is set).
 
@@ -15,8 +15,11 @@ import logging
 import azure.functions as func
 
 from functions._http import respond
-from tollwatch import clients
-from tollwatch.backfill import (
+from tollwatch import resources
+from tollwatch.adapters.prefect_events import EmitError
+from tollwatch.contract.settings import Settings
+from tollwatch.contract.webio import InboundRequest, Reply
+from tollwatch.core.backfill import (
     BackfillLimits,
     BackfillRejected,
     Chunk,
@@ -25,9 +28,6 @@ from tollwatch.backfill import (
     plan_backfill,
     read_upstream_counts,
 )
-from tollwatch.emit import EmitError
-from tollwatch.settings import Settings
-from tollwatch.webio import InboundRequest, Reply
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +56,8 @@ def _backfill(request: InboundRequest, settings: Settings) -> Reply:
     counts = None
     if backfill.chunk is Chunk.AUTO:
         try:
-            counts = read_upstream_counts(settings, backfill.window)
+            with resources.planning_socrata(settings) as socrata:
+                counts = read_upstream_counts(socrata, settings.upstream_dataset_id, backfill.window)
         except UpstreamCountsUnavailable as exc:
             log.error("backfill %s: %s", backfill.window, exc)
             return Reply.error(
@@ -74,7 +75,7 @@ def _backfill(request: InboundRequest, settings: Settings) -> Reply:
         target_rows=settings.backfill_target_rows,
     )
     try:
-        with clients.emitter_for_invocation(settings) as emitter:
+        with resources.emitter_for_invocation(settings) as emitter:
             emitter.emit(plan.events)
     except EmitError as exc:
         log.error("%s", exc)

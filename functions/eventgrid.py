@@ -1,4 +1,4 @@
-"""Event Grid in: an HTTP webhook route and an Event Grid trigger, sharing one receiver (`tollwatch.receiver`).
+"""Event Grid in: an HTTP webhook route and an Event Grid trigger, sharing one receiver (`tollwatch.core.receiver`).
 
 Use the webhook (`POST|OPTIONS /api/eventgrid`) when the subscription should carry a shared secret or use the
 CloudEvents schema; use the trigger when the Functions host should handle the handshake and authentication
@@ -13,9 +13,9 @@ from typing import Any
 import azure.functions as func
 
 from functions._http import respond
-from tollwatch import clients
-from tollwatch.settings import Settings, load_settings
-from tollwatch.webio import InboundRequest, Reply
+from tollwatch import resources
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.contract.webio import InboundRequest, Reply
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ def eventgrid_webhook(req: func.HttpRequest) -> func.HttpResponse:
 
 
 def _receive(request: InboundRequest, settings: Settings) -> Reply:
-    with clients.eventgrid_receiver(settings) as receiver:
+    with resources.eventgrid_receiver(settings) as receiver:
         return receiver.handle_http(request)
 
 
@@ -39,7 +39,7 @@ def _receive(request: InboundRequest, settings: Settings) -> Reply:
 def eventgrid_trigger(event: func.EventGridEvent) -> None:
     """One event from the host: invalid ones are logged and dropped, transient failures raise (retry)."""
     settings = load_settings()
-    with clients.eventgrid_receiver(settings) as receiver:
+    with resources.eventgrid_receiver(settings) as receiver:
         result = receiver.handle_trigger(as_eventgrid_schema(event))
     if result is not None:
         log.info("eventgrid_trigger: %s", result.model_dump_json())

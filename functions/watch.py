@@ -1,4 +1,4 @@
-"""`watch_upstream` (timer): announce each upstream publish once. The logic is `tollwatch.watermark`.
+"""`watch_upstream` (timer): announce each upstream publish once. The logic is `tollwatch.core.watermark`.
 
 The schedule comes from the app setting `TOLLWATCH_WATCH_SCHEDULE` (an NCRONTAB expression with seconds)
 when it is set — the host resolves `%TOLLWATCH_WATCH_SCHEDULE%` — and is every 15 minutes otherwise. The
@@ -13,8 +13,8 @@ import os
 
 import azure.functions as func
 
-from tollwatch import clients
-from tollwatch.settings import load_settings
+from tollwatch import resources
+from tollwatch.contract.settings import load_settings
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,6 @@ bp = func.Blueprint()
 def watch_upstream(timer: func.TimerRequest) -> None:
     """One tick: raises (so the invocation fails and is retried) whenever the watermark was not advanced safely."""
     settings = load_settings()
-    with clients.upstream_watcher(settings) as watcher:
+    with resources.upstream_watcher(settings) as watcher:
         result = watcher.check(past_due=timer.past_due)
     log.info("watch_upstream: %s", result.model_dump_json())

@@ -31,7 +31,7 @@ from databricks.bundles.jobs import (
 )
 
 from tollwatch.contract import compute
-from tollwatch.settings import Settings
+from tollwatch.contract.settings import Settings
 
 PACKAGE = "tollwatch"
 MERGE_ENTRY_POINT = "tollwatch-merge"
@@ -43,7 +43,7 @@ CLUSTER_KEY = "tollwatch"
 
 _T = TypeVar("_T")
 
-#: Merge job parameter → the entry point's flag (as `tollwatch.databricks.MergeJobArgs.argv` spells it).
+#: Merge job parameter → the entry point's flag (as `tollwatch.adapters.databricks_jobs.MergeJobArgs.argv` spells it).
 MERGE_FLAGS = {
     "landing": "--landing",
     "table": "--table",
@@ -53,7 +53,8 @@ MERGE_FLAGS = {
     "refresh_id": "--refresh-id",
     "flow_run_id": "--flow-run-id",
 }
-#: Daily-totals job parameters: the names `flows/run_job.py` sends with run-now for a completion event. Those that
+#: Daily-totals job parameters: the names `tollwatch/prefect/flows/run_job.py` sends with run-now for a completion
+#: event. Those that
 #: the entry point reads map to its flag; the others are defined so that run-now accepts them.
 DAILY_TOTALS_FLAGS = {
     "upstream_table": "--table",

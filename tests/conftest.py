@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.dev.stack import LocalStack, StackEndpoints
+from tollwatch_dev.mirror import MirrorServer
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 _STACK_LOGS: list[Path] = []
 _LOG_TAIL_LINES = 80

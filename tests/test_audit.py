@@ -1,7 +1,8 @@
 """`tollwatch audit` and `tollwatch status` on real components: the in-process Socrata mirror, the session's
 Prefect server and Azurite, a pyiceberg warehouse of each test's own (tests/conftest.py `env`).
 
-Data gets into the table only through the real ingest flow (`flows.ingest.ingest`, in-process); a day goes
+Data gets into the table only through the real ingest flow (`tollwatch.prefect.flows.ingest.ingest`, in-process); a day
+goes
 missing from the table through pyiceberg's own `delete`, and from the upstream through the mirror's
 `delete_days`. Repair events are read back from the Prefect server, and loaded by running the flow with exactly
 the parameters the ingest deployment's trigger takes from them (start, stop, request_id).
@@ -19,14 +20,14 @@ import pytest
 from pyiceberg.expressions import EqualTo
 from typer.testing import CliRunner, Result
 
-from flows.ingest import ingest
 from tests.support.prefect_events import read_events, wait_for_events
-from tollwatch import clients
-from tollwatch.audit import DayCount, Reconciliation, reconcile, repair_events, repair_windows
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.dev.synthetic import ROWS_PER_DAY
-from tollwatch.events import DatasetRefreshed, EventName, Window
-from tollwatch.settings import load_settings
+from tollwatch import resources
+from tollwatch.contract.events import DatasetRefreshed, EventName, Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.core.audit import DayCount, Reconciliation, reconcile, repair_events, repair_windows
+from tollwatch.prefect.flows.ingest import ingest
+from tollwatch_dev.mirror import MirrorServer
+from tollwatch_dev.synthetic import ROWS_PER_DAY
 
 pytestmark = pytest.mark.stack
 
@@ -42,7 +43,7 @@ def mirror() -> Iterator[MirrorServer]:
 
 
 def cli(*args: str) -> Result:
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     result = CliRunner().invoke(app, [*args, "--no-local-stack"])
     assert "Traceback" not in result.output
@@ -59,13 +60,13 @@ def load(window: Window, request_id: str) -> Any:
 
 
 def delete_from_table(day: date) -> None:
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     assert table is not None
     table.delete(EqualTo("date", day.isoformat()))
 
 
 def table_days() -> dict[date, int]:
-    data = clients.table_store(load_settings()).read()
+    data = resources.table_store(load_settings()).read()
     counts: dict[date, int] = {}
     for day in data.column("date").to_pylist():
         counts[day] = counts.get(day, 0) + 1
@@ -282,7 +283,7 @@ def test_reconcile_of_an_empty_table_lists_every_upstream_day_as_missing(
     settings = load_settings()
     window = Window(start=date(2023, 12, 30), stop=date(2024, 1, 3))
 
-    found = reconcile(clients.socrata_client(settings), clients.table_store(settings), DATASET, window)
+    found = reconcile(resources.socrata_client(settings), resources.table_store(settings), DATASET, window)
 
     assert found.table_snapshot_id is None
     assert (found.upstream_rows, found.table_rows) == (2 * ROWS_PER_DAY, 0)
@@ -334,7 +335,7 @@ def test_status_shows_the_committed_announced_and_upstream_marks_says_it_is_behi
     settings = load_settings()
     published = mirror.dataset.rows_updated_at
     ingest(rows_updated_at=published, previous_rows_updated_at=None)
-    watermarks = clients.watermark_store(settings)
+    watermarks = resources.watermark_store(settings)
     refresh = DatasetRefreshed(domain=settings.upstream_domain, dataset_id=DATASET, rows_updated_at=published)
     assert watermarks.advance(refresh, str(refresh.event_id()), watermarks.read())
     newer = mirror.dataset.publish(7).updated_at

@@ -26,22 +26,22 @@ from typer.testing import CliRunner, Result
 from tests.support import payloads
 from tests.support.prefect_events import wait_for_events
 from tests.support.prefect_runs import read_runs, wait_for_runs
-from tollwatch.automations.apply import normalised, plan
-from tollwatch.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
-from tollwatch.automations.load import load_project
-from tollwatch.automations.models import MANAGED_TAG, PROJECT_TAG, AutomationsConfigError
-from tollwatch.cli_automations import automations_app
-from tollwatch.dev.blocks import ensure_local_blocks
-from tollwatch.dev.inbox import Inbox, Received
-from tollwatch.emit import PrefectEventsEmitter
-from tollwatch.events import (
+from tollwatch.adapters.prefect_events import PrefectEventsEmitter
+from tollwatch.cli.automations import automations_app
+from tollwatch.contract.events import (
     REFRESH_ID_LABEL,
     DatasetRefreshed,
     IngestionCompleted,
     IngestionFailed,
     TollwatchEvent,
 )
-from tollwatch.observe import connect
+from tollwatch.prefect.automations.apply import normalised, plan
+from tollwatch.prefect.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
+from tollwatch.prefect.automations.load import load_project
+from tollwatch.prefect.automations.models import MANAGED_TAG, PROJECT_TAG, AutomationsConfigError
+from tollwatch.prefect.observe import connect
+from tollwatch_dev.inbox import Inbox, Received
+from tollwatch_dev.local_blocks import ensure_local_blocks
 
 pytestmark = pytest.mark.stack
 
@@ -197,7 +197,7 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     assert isinstance(daily.trigger, EventTrigger)
     assert daily.trigger.match.root == {  # type: ignore[union-attr]
         "prefect.resource.id": "iceberg.*",
-        "tollwatch.table": "bronze.bnt_traffic_hourly",
+        "tollwatch.core.table": "bronze.bnt_traffic_hourly",
         "tollwatch.already-committed": "false",
     }
     [run] = daily.actions

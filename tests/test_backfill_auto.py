@@ -12,7 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.funcapp import closed_port, function, http_request, json_of, settle
-from tollwatch.backfill import (
+from tollwatch.adapters.socrata import SocrataClient, build_http_client
+from tollwatch.cli.main import app as cli_app
+from tollwatch.contract.events import EventName, Window
+from tollwatch.contract.settings import Settings
+from tollwatch.core.backfill import (
     BackfillLimits,
     Chunk,
     SizedChunk,
@@ -22,11 +26,7 @@ from tollwatch.backfill import (
     upstream_counts_by_day,
     validate_backfill,
 )
-from tollwatch.cli import app as cli_app
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.events import EventName, Window
-from tollwatch.settings import Settings
-from tollwatch.socrata import SocrataClient, build_http_client
+from tollwatch_dev.mirror import MirrorServer
 
 REQUESTED = EventName.BACKFILL_REQUESTED
 DEFAULT_TARGET = Settings.model_fields["backfill_target_rows"].default
@@ -242,7 +242,7 @@ def test_cli_auto_with_the_upstream_unreachable_is_one_sentence_and_emits_nothin
 
 @pytest.mark.stack
 def test_route_defaults_to_auto_and_answers_the_plan_with_rows_per_chunk(env, dataset, mirror, monkeypatch):
-    from tollwatch.dev.funchost import load_function_app
+    from tollwatch_dev.funchost import load_function_app
 
     monkeypatch.setenv("TOLLWATCH_BACKFILL_TARGET_ROWS", "33000")  # January + February 2024 fit, March does not
     route = function(load_function_app(), "request_backfill")
@@ -270,7 +270,7 @@ def test_route_defaults_to_auto_and_answers_the_plan_with_rows_per_chunk(env, da
 
 @pytest.mark.stack
 def test_route_with_the_upstream_unreachable_is_503_with_retry_after_and_emits_nothing(env, dataset, monkeypatch):
-    from tollwatch.dev.funchost import load_function_app
+    from tollwatch_dev.funchost import load_function_app
 
     monkeypatch.setenv("TOLLWATCH_UPSTREAM_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     route = function(load_function_app(), "request_backfill")

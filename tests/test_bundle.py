@@ -230,7 +230,7 @@ def test_task_arguments_read_only_defined_job_parameters(jobs: dict[str, Any]) -
 
 def test_merge_task_passes_the_flags_a_one_time_submit_passes(jobs: dict[str, Any]) -> None:
     """The job and runs/submit start the same entry point: its argv must not depend on which one did."""
-    from tollwatch.databricks import MergeJobArgs
+    from tollwatch.adapters.databricks_jobs import MergeJobArgs
 
     submitted = MergeJobArgs(
         landing="abfss://c@a.dfs.core.windows.net/raw/x",
@@ -249,9 +249,10 @@ def test_merge_task_passes_the_flags_a_one_time_submit_passes(jobs: dict[str, An
 
 
 def test_daily_totals_job_defines_the_parameters_run_now_sends(jobs: dict[str, Any]) -> None:
-    """run-now passes job parameters by name: the names must be those flows/run_job.py sends for a completion."""
-    from flows.run_job import job_parameters
-    from tollwatch.events import IngestionCompleted, Window
+    """run-now passes job parameters by name: the names must be those tollwatch/prefect/flows/run_job.py sends for a
+    completion."""
+    from tollwatch.contract.events import IngestionCompleted, Window
+    from tollwatch.prefect.flows.run_job import job_parameters
 
     completion = IngestionCompleted(
         table="bronze.bnt_traffic_hourly",
@@ -280,8 +281,8 @@ def test_daily_totals_job_defines_the_parameters_run_now_sends(jobs: dict[str, A
 
 def test_the_blocks_defaults_are_the_contracts() -> None:
     """The Prefect blocks and the core compute model default to what the bundle's clusters get."""
-    from flows.blocks import DatabricksCompute, SparkIcebergCatalog
-    from tollwatch.databricks import ComputeSpec
+    from tollwatch.adapters.databricks_jobs import ComputeSpec
+    from tollwatch.prefect.blocks import DatabricksCompute, SparkIcebergCatalog
 
     for spec in (ComputeSpec(), DatabricksCompute().spec()):
         assert (spec.spark_version, spec.node_type_id, spec.num_workers) == (

@@ -30,9 +30,9 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.stacks import deployed_stack
-from tollwatch.dev.stack import LocalStack, StackEndpoints
-from tollwatch.events import EventName
-from tollwatch.observe import connect
+from tollwatch.contract.events import EventName
+from tollwatch.prefect.observe import connect
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.stack
@@ -61,7 +61,7 @@ FAIL_FAST = {
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     """A stack of its own (its automations must not see other tests' events), deployed and applied."""
-    from tollwatch.dev.blocks import ensure_local_blocks
+    from tollwatch_dev.local_blocks import ensure_local_blocks
 
     state = tmp_path_factory.mktemp("chain")
     local = LocalStack(
@@ -83,7 +83,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
 
 
 def _cli():
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     return app
 
@@ -110,7 +110,7 @@ def _backfill(*args: str) -> tuple[int, str]:
 
 def test_publish_runs_ingest_then_the_downstream_job_and_the_team_webhook(chain):
     """One publish upstream: ingest, run-job and the webhook subscription each happen once, all Completed."""
-    from tollwatch.demo import publish_week, wait_for_chain, watch_once
+    from tollwatch_dev.demo import publish_week, wait_for_chain, watch_once
 
     publish_week(chain.mirror_url)
     event_id = watch_once()
@@ -140,8 +140,8 @@ def test_publish_runs_ingest_then_the_downstream_job_and_the_team_webhook(chain)
     assert len(calls) == 1
 
     # the downstream job wrote the days of the published week
-    from tollwatch.clients import table_store
-    from tollwatch.settings import load_settings
+    from tollwatch.contract.settings import load_settings
+    from tollwatch.resources import table_store
 
     settings = load_settings()
     silver = table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
@@ -224,12 +224,12 @@ def test_prefect_event_emit_starts_a_backfill_run(chain):
 
 
 def test_trace_by_flow_run_id_finds_the_same_chain(chain):
-    from tollwatch.trace import build_trace
+    from tollwatch.prefect.trace import build_trace
 
     with connect() as obs:
         job_run = next(r for r in obs.latest_runs("run-job", limit=20) if r.state and r.state.is_completed())
         trace = build_trace(obs, job_run.id)
-        assert "tollwatch.dataset.refreshed" in trace.hops[0].what or "tollwatch.backfill" in trace.hops[0].what
+        assert "tollwatch.dataset.refreshed" in trace.hops[0].what or "tollwatch.core.backfill" in trace.hops[0].what
         assert any(str(job_run.id) in hop.what for hop in trace.hops)
         assert isinstance(trace.origin_event_id, UUID)
 

@@ -23,11 +23,11 @@ from typer.testing import CliRunner
 
 from tests.support.databricks_double import DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
 from tests.support.stacks import deployed_stack
-from tollwatch import clients
-from tollwatch.dev.stack import LocalStack, StackEndpoints
-from tollwatch.events import EventName
-from tollwatch.settings import load_settings
-from tollwatch.sparksubmit import catalog_conf, find_jars
+from tollwatch import resources
+from tollwatch.adapters.spark_submit import catalog_conf, find_jars
+from tollwatch.contract.events import EventName
+from tollwatch.contract.settings import load_settings
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
 
@@ -58,7 +58,7 @@ ENGINE = {
 @pytest.fixture(scope="module")
 def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, float]]:
     """The double, then a stack of the module's own deployed with the databricks engine, then the subscription."""
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     began = time.monotonic()
     state = tmp_path_factory.mktemp("chain-databricks")
@@ -66,7 +66,7 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpo
     # the stack's warehouse (StackEndpoints.env: <state>/warehouse): its catalog database exists, in WAL mode,
     # before a driver opens it; the double's clusters share it through Iceberg's JDBC catalog
     warehouse = load_settings(warehouse_dir=state / "warehouse")
-    clients.table_store(warehouse)
+    resources.table_store(warehouse)
     conf = catalog_conf(warehouse.catalog_name, warehouse.resolved_catalog_properties())
     jobs = bundle_jobs(tmp_path_factory.mktemp("bundle"))
     double = DatabricksJobsDouble(jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0)
@@ -84,8 +84,8 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpo
 
 @pytest.mark.timeout(1200)
 def test_publish_merges_with_spark_on_the_double_then_the_databricks_daily_totals_job_runs(chain):
-    from tollwatch.demo import publish_week, wait_for_chain, watch_once
-    from tollwatch.observe import connect
+    from tollwatch.prefect.observe import connect
+    from tollwatch_dev.demo import publish_week, wait_for_chain, watch_once
 
     endpoints, double, setup_s = chain
     started = time.monotonic()
@@ -124,11 +124,11 @@ def test_publish_merges_with_spark_on_the_double_then_the_databricks_daily_total
     assert (values["window_start"], values["window_stop"]) == (window["start"], window["stop"])
     # both Spark jobs wrote to the catalog the flow's side reads with pyiceberg
     settings = load_settings()
-    bronze = clients.table_store(settings).table()
+    bronze = resources.table_store(settings).table()
     assert bronze is not None
     assert bronze.current_snapshot().snapshot_id == completion.payload["snapshot_id"]
     assert bronze.scan().to_arrow().num_rows == completion.payload["rows_written"]
-    silver = clients.table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
+    silver = resources.table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
     days = (date.fromisoformat(window["stop"]) - date.fromisoformat(window["start"])).days
     assert silver.num_rows == days * DAILY_ROWS_PER_DAY
     assert len({d for d in silver.column("date").to_pylist() if d >= date(2024, 2, 1)}) == 7  # the published week

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from tests.support.stacks import deployed_stack
-from tollwatch.dev.stack import SQLITE_CLIENT_POLICY, SQLITE_SERVER_POLICY, LocalStack, StackEndpoints
-from tollwatch.events import EventName
+from tollwatch.contract.events import EventName
+from tollwatch_dev.stack import SQLITE_CLIENT_POLICY, SQLITE_SERVER_POLICY, LocalStack, StackEndpoints
 
 pytestmark = pytest.mark.stack
 
@@ -52,18 +52,18 @@ def test_the_sqlite_server_carries_the_sqlite_policy(sqlite_local: LocalStack, s
     """Retry-After on 503s, more client retries, late runs after 600 s: what SQLite's write collisions need."""
     cmdline, server = _process(sqlite_local.state_dir, "prefect")
     _, worker = _process(sqlite_local.state_dir, "worker")
-    assert cmdline[1:3] == ["-m", "tollwatch.dev.prefect_server"]
+    assert cmdline[1:3] == ["-m", "tollwatch_dev.prefect_server"]
     assert server["PREFECT_SERVER_DATABASE_CONNECTION_URL"].startswith("sqlite+aiosqlite:///")
     assert {k: server[k] for k in SQLITE_SERVER_POLICY} == SQLITE_SERVER_POLICY
     assert {k: worker[k] for k in SQLITE_CLIENT_POLICY} == SQLITE_CLIENT_POLICY
 
 
 def test_a_publish_is_ingested_through_the_worker_on_a_sqlite_server(sqlite_stack: StackEndpoints) -> None:
-    from tollwatch import clients
-    from tollwatch.demo import publish_week, watch_once
-    from tollwatch.observe import connect
-    from tollwatch.settings import load_settings
-    from tollwatch.trace import TraceError, build_trace
+    from tollwatch import resources
+    from tollwatch.contract.settings import load_settings
+    from tollwatch.prefect.observe import connect
+    from tollwatch.prefect.trace import TraceError, build_trace
+    from tollwatch_dev.demo import publish_week, watch_once
 
     publish_week(sqlite_stack.mirror_url)
     event_id = watch_once()
@@ -82,5 +82,5 @@ def test_a_publish_is_ingested_through_the_worker_on_a_sqlite_server(sqlite_stac
         assert runs, "the deployment's trigger started no ingest run"
         states = {run.state.type.value for run in obs.flow_runs(runs).values() if run.state}
         assert "COMPLETED" in states, states
-    days = set(clients.table_store(load_settings()).read().column("date").to_pylist())
+    days = set(resources.table_store(load_settings()).read().column("date").to_pylist())
     assert all(date(2024, 2, d) in days for d in range(1, 8)), "the published week is in the table"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typer.testing import CliRunner
 
-from tollwatch.cli import app
+from tollwatch.cli.main import app
 
 runner = CliRunner()
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from tollwatch import schema
 from tollwatch.contract import compute
 from tollwatch.contract import table as contract
+from tollwatch.core import schema
 
 ROOT = Path(__file__).resolve().parents[1]
 

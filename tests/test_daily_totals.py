@@ -15,15 +15,15 @@ import pyarrow.compute as pc
 import pytest
 from pydantic import ValidationError
 
-from tollwatch import clients
-from tollwatch.dev.synthetic import ROWS_PER_DAY, SyntheticTable
-from tollwatch.events import Window
-from tollwatch.jobs import LOCAL_JOBS, UnknownJobError, UpstreamNotFoundError, UpstreamRef, local_job
-from tollwatch.jobs.daily_totals import GROUP, aggregate, daily_totals, output_schema
-from tollwatch.jobs.models import UPSTREAM_REFRESH_ID, UPSTREAM_SNAPSHOT_ID, UPSTREAM_TABLE
-from tollwatch.schema import base_schema, convert
-from tollwatch.settings import Settings, load_settings
-from tollwatch.table import REFRESH_ID, WINDOW, IcebergTableStore
+from tollwatch import resources
+from tollwatch.contract.events import Window
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.core.schema import base_schema, convert
+from tollwatch.core.table import REFRESH_ID, WINDOW, IcebergTableStore
+from tollwatch.downstream import LOCAL_JOBS, UnknownJobError, UpstreamNotFoundError, UpstreamRef, local_job
+from tollwatch.downstream.daily_totals import GROUP, aggregate, daily_totals, output_schema
+from tollwatch.downstream.models import UPSTREAM_REFRESH_ID, UPSTREAM_SNAPSHOT_ID, UPSTREAM_TABLE
+from tollwatch_dev.synthetic import ROWS_PER_DAY, SyntheticTable
 
 DAY1, DAY2, DAY3 = date(2024, 1, 1), date(2024, 1, 2), date(2024, 1, 3)
 THREE_DAYS = Window(start=DAY1, stop=DAY3 + timedelta(days=1))
@@ -55,7 +55,7 @@ def raw_rows(*days: date, seed: int = 42, cash_until: date | None = None) -> Raw
 
 
 def bronze(settings: Settings) -> IcebergTableStore:
-    return clients.table_store(settings)
+    return resources.table_store(settings)
 
 
 def load(settings: Settings, window: Window, rows: Raw, refresh_id: str) -> int:
@@ -74,7 +74,7 @@ def run(settings: Settings, window: Window, snapshot_id: int | None = None, refr
 
 
 def silver(settings: Settings) -> pa.Table:
-    table = clients.table_store(settings, settings.daily_totals_table).table()
+    table = resources.table_store(settings, settings.daily_totals_table).table()
     assert table is not None
     return table.scan().to_arrow().sort_by([(name, "ascending") for name in GROUP])
 
@@ -185,7 +185,7 @@ def test_reads_the_upstream_snapshot_it_is_given(settings: Settings):
 
     run(settings, THREE_DAYS, snapshot_id=first_load, refresh_id="r1")
 
-    table = clients.table_store(settings, settings.daily_totals_table).table()
+    table = resources.table_store(settings, settings.daily_totals_table).table()
     assert table is not None
     assert table.current_snapshot().summary[UPSTREAM_SNAPSHOT_ID] == str(first_load)
     assert row_of(silver(settings), DAY2, 4, "O") == expected(original, DAY2, 4, "O")
@@ -196,7 +196,7 @@ def test_snapshot_summary_records_the_upstream(settings: Settings):
 
     result = run(settings, THREE_DAYS, snapshot_id=snapshot_id, refresh_id="refresh-1")
 
-    table = clients.table_store(settings, settings.daily_totals_table).table()
+    table = resources.table_store(settings, settings.daily_totals_table).table()
     assert table is not None
     snapshot = table.current_snapshot()
     assert snapshot is not None
@@ -214,7 +214,7 @@ def test_without_a_snapshot_id_the_current_one_is_read_and_recorded(settings: Se
 
     run(settings, THREE_DAYS)
 
-    table = clients.table_store(settings, settings.daily_totals_table).table()
+    table = resources.table_store(settings, settings.daily_totals_table).table()
     assert table is not None
     assert table.current_snapshot().summary[UPSTREAM_SNAPSHOT_ID] == str(current)
 
@@ -224,7 +224,7 @@ def test_output_table_is_created_partitioned_by_month(settings: Settings):
 
     run(settings, THREE_DAYS)
 
-    table = clients.table_store(settings, settings.daily_totals_table).table()
+    table = resources.table_store(settings, settings.daily_totals_table).table()
     assert table is not None
     assert [(f.name, str(f.transform)) for f in table.spec().fields] == [("date_month", "month")]
 

@@ -19,15 +19,15 @@ from prefect import flow
 from prefect_databricks import DatabricksCredentials
 from prefect_databricks.models.jobs import RunNowInput, RunSubmitSettings, RunSubmitTaskSettings
 
-from flows.databricks import DatabricksRunner
-from tollwatch.databricks import (
+from tollwatch.adapters.databricks_jobs import (
     ComputeSpec,
     DatabricksRunFailed,
     DatabricksRunTimedOut,
     MergeJobArgs,
     idempotency_token,
 )
-from tollwatch.events import Window
+from tollwatch.contract.events import Window
+from tollwatch.prefect.databricks_runner import DatabricksRunner
 
 pytestmark = pytest.mark.stack
 
@@ -254,7 +254,7 @@ def test_compute_specs_refuse_incomplete_settings():
 @pytest.fixture
 def databricks_blocks(env, credentials, monkeypatch):
     """The blocks a production workspace would have, saved on the test server; the engine switched by setting."""
-    from flows.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
+    from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
 
     credentials.save("tollwatch-databricks", overwrite=True)
     DatabricksCompute(kind="existing_cluster", existing_cluster_id="0101-123456-abcdefgh").save(
@@ -275,8 +275,8 @@ def databricks_blocks(env, credentials, monkeypatch):
 
 
 def test_ingest_merges_on_databricks_and_announces_the_run_page(databricks_blocks, api):
-    from flows.ingest import ingest
     from tests.support.prefect_events import wait_for_events
+    from tollwatch.prefect.flows.ingest import ingest
 
     submit = api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
     api.get(f"{API}/runs/get").mock(side_effect=[run_state("RUNNING"), run_state("TERMINATED", "SUCCESS")])
@@ -311,7 +311,7 @@ def test_ingest_merges_on_databricks_and_announces_the_run_page(databricks_block
 def test_a_refresh_merged_on_databricks_announces_the_days_it_touched(databricks_blocks, api, mirror):
     """The days a Spark refresh merged reach the completion event (jobs/merge_bnt.py never recorded them, so a refresh
     merged on Databricks announced `window=None` and every downstream job skipped it)."""
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     revision = mirror.dataset.revise(date(2024, 3, 5), date(2024, 3, 7))
     api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
@@ -337,7 +337,7 @@ def test_a_refresh_merged_on_databricks_announces_the_days_it_touched(databricks
 
 
 def test_ingest_fails_with_the_databricks_reason(databricks_blocks, api):
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     api.post(f"{API}/runs/submit").mock(return_value=httpx.Response(200, json={"run_id": 42}))
     api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "FAILED", "Workload failed, see run output"))
@@ -352,8 +352,8 @@ def test_ingest_fails_with_the_databricks_reason(databricks_blocks, api):
 
 
 def test_run_job_runs_a_databricks_job_with_parameters_from_the_completion(databricks_blocks, api):
-    from flows.run_job import run_job
     from tests.support import payloads
+    from tollwatch.prefect.flows.run_job import run_job
 
     run_now = api.post(f"{API}/run-now").mock(return_value=httpx.Response(200, json={"run_id": 42}))
     api.get(f"{API}/runs/get").mock(return_value=run_state("TERMINATED", "SUCCESS"))
@@ -383,7 +383,7 @@ def test_blocks_register_with_prefects_cli(prefect_api):
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "prefect", "block", "register", "-m", "flows.blocks"],
+        [sys.executable, "-m", "prefect", "block", "register", "-m", "tollwatch.prefect.blocks"],
         env={**os.environ, "PREFECT_API_URL": prefect_api},
         capture_output=True,
         text=True,

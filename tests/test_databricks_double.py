@@ -32,13 +32,13 @@ from prefect_databricks.jobs import jobs_run_now, jobs_runs_get, jobs_runs_get_o
 from prefect_databricks.models.jobs import RunSubmitTaskSettings
 
 from tests.support.databricks_double import PLACEHOLDER_PAT, DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
-from tollwatch import clients
+from tollwatch import resources
+from tollwatch.adapters.socrata import build_http_client
+from tollwatch.adapters.spark_submit import catalog_conf, find_jars, read_result
 from tollwatch.contract import table as contract
-from tollwatch.events import Window
-from tollwatch.ingest import IngestRequest, fetch_and_land, plan_fetch
-from tollwatch.settings import load_settings
-from tollwatch.socrata import build_http_client
-from tollwatch.sparksubmit import catalog_conf, find_jars, read_result
+from tollwatch.contract.events import Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.core.ingest import IngestRequest, fetch_and_land, plan_fetch
 
 ROOT = Path(__file__).resolve().parents[1]
 JARS_DIR = ROOT / ".jars"
@@ -367,7 +367,7 @@ def workspace(
     """A workspace whose clusters see this test's catalog (Iceberg's JDBC catalog on pyiceberg's catalog.db) and
     whose storage mount is this test's Azurite; this process trusts its certificate."""
     settings = load_settings()
-    clients.table_store(settings)  # the catalog database exists, in WAL mode, before a driver opens it
+    resources.table_store(settings)  # the catalog database exists, in WAL mode, before a driver opens it
     conf = catalog_conf(settings.catalog_name, settings.resolved_catalog_properties())
     with DatabricksJobsDouble(
         jars=find_jars(JARS_DIR),
@@ -392,7 +392,7 @@ def on_databricks(
 
 
 def table_rows() -> int:
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     return 0 if table is None else table.scan().to_arrow().num_rows
 
 
@@ -401,7 +401,7 @@ def table_rows() -> int:
 def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_committed(
     on_databricks: DatabricksJobsDouble,
 ):
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     started = time.monotonic()
     completed = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 4), request_id="double")
@@ -414,7 +414,7 @@ def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_com
     assert (completed.rows_fetched, completed.rows_written, completed.rows_rejected) == (3 * ROWS_PER_DAY,) * 2 + (0,)
     assert completed.window == Window(start=date(2024, 1, 1), stop=date(2024, 1, 4))
     # the rows Spark wrote, read back with pyiceberg from the catalog both engines share
-    store = clients.table_store(load_settings())
+    store = resources.table_store(load_settings())
     table = store.table()
     assert table is not None
     assert table.scan().to_arrow().num_rows == 3 * ROWS_PER_DAY
@@ -457,8 +457,8 @@ def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_com
 def test_a_failing_run_fails_the_flow_with_the_drivers_reason(on_databricks: DatabricksJobsDouble, env: dict[str, str]):
     """The cluster is told the landing is in a container that does not exist (a storage block pointing at the
     wrong container): the driver fails reading it, the run ends FAILED, the flow fails."""
-    from flows.blocks import AzureStorageLocation
-    from flows.ingest import ingest
+    from tollwatch.prefect.blocks import AzureStorageLocation
+    from tollwatch.prefect.flows.ingest import ingest
 
     missing = f"missing-{uuid.uuid4().hex[:12]}"
     AzureStorageLocation(account="devstoreaccount1", container=missing).save("tollwatch", overwrite=True)
@@ -491,9 +491,11 @@ def test_run_now_of_the_bundles_merge_job_twice_with_one_token_starts_one_spark_
         mode="window", domain="data.ny.gov", dataset_id="qzve-kjga", refresh_id="run-now-once", window=window
     )
     with build_http_client(str(settings.upstream_url), 30.0) as http:
-        socrata = clients.socrata_client(settings, http)
+        socrata = resources.socrata_client(settings, http)
         plan = plan_fetch(request, socrata, committed_through=None)
-        manifest = fetch_and_land(request, plan, socrata, clients.landing_zone(settings), run_id="test", page_size=1000)
+        manifest = fetch_and_land(
+            request, plan, socrata, resources.landing_zone(settings), run_id="test", page_size=1000
+        )
     landing = f"abfss://{settings.storage_container}@devstoreaccount1.dfs.core.windows.net/{manifest.prefix}"
     parameters = {
         "landing": landing,
@@ -540,7 +542,7 @@ def test_run_now_of_the_bundles_merge_job_twice_with_one_token_starts_one_spark_
         "run-now-once",
         False,
     )
-    table = clients.table_store(settings).table()
+    table = resources.table_store(settings).table()
     assert table is not None
     assert table.current_snapshot().snapshot_id == printed.snapshot_id
     assert table_rows() == 2 * ROWS_PER_DAY

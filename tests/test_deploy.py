@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tollwatch.deploy import DeployError, checkout, deploy_environment, deployment_queues, work_pool_spec
+from tollwatch.prefect.deploy import DeployError, checkout, deploy_environment, deployment_queues, work_pool_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,7 +51,7 @@ def test_checkout_clones_the_repository_the_way_a_production_worker_does(tmp_pat
     output = checkout(repository=f"file://{ROOT}", branch=branch)
     cloned = Path(output["directory"])
     assert cloned.is_absolute() or (tmp_path / cloned).exists()
-    assert (tmp_path / cloned / "flows" / "ingest.py").exists()
+    assert (tmp_path / cloned / "tollwatch" / "prefect" / "flows" / "ingest.py").exists()
 
 
 @pytest.mark.parametrize("field", ["directory", "repository", "branch"])
@@ -69,7 +69,7 @@ def test_deploy_refuses_to_run_without_a_prefect_api(monkeypatch):
     """Without PREFECT_API_URL prefect would deploy into a temporary server that vanishes with the command."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tollwatch.deploy import deploy
+    from tollwatch.prefect.deploy import deploy
 
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
     with temporary_settings(updates={PREFECT_API_URL: None}), pytest.raises(DeployError, match="PREFECT_API_URL"):
@@ -77,11 +77,11 @@ def test_deploy_refuses_to_run_without_a_prefect_api(monkeypatch):
 
 
 def test_the_local_pool_starts_runs_through_the_warm_client_and_production_cold():
-    from tollwatch.deploy import base_job_template
+    from tollwatch.prefect.deploy import base_job_template
 
     local = base_job_template(work_pool_spec("local"))["variables"]["properties"]["command"]["default"]
     production = base_job_template(work_pool_spec("production"))["variables"]["properties"]["command"]["default"]
-    assert local.endswith(" -m tollwatch.warm.client")
+    assert local.endswith(" -m tollwatch_dev.warm.client")
     assert production is None  # Prefect's own `python -m prefect.engine`
 
 

@@ -11,8 +11,8 @@ import pytest
 import yaml
 
 from tests.support.prefect_runs import wait_for_runs
-from tollwatch.emit import PrefectEventsEmitter
-from tollwatch.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
+from tollwatch.adapters.prefect_events import PrefectEventsEmitter
+from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.stack
@@ -43,7 +43,7 @@ def deployed(stack):
     """`tollwatch deploy --target local` against the session's server (no worker: runs stay scheduled)."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tollwatch.deploy import deploy
+    from tollwatch.prefect.deploy import deploy
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
         output = deploy("local")

@@ -22,9 +22,9 @@ import pytest
 
 from tests.support import duckdb_iceberg
 from tests.support.duckdb_iceberg import Totals, arrow_totals, connect, read_table, scan_sql, totals
-from tollwatch.events import Window
-from tollwatch.schema import base_schema, target_schema
-from tollwatch.table import REFRESH_ID, IcebergTableStore
+from tollwatch.contract.events import Window
+from tollwatch.core.schema import base_schema, target_schema
+from tollwatch.core.table import REFRESH_ID, IcebergTableStore
 
 JAN, FEB, MAR = date(2024, 1, 1), date(2024, 2, 1), date(2024, 3, 1)
 PLAZAS, HOURS, DIRECTIONS = (1, 2), (7, 17), ("I", "O")

@@ -25,16 +25,16 @@ from pyspark.sql import functions as F
 from pyspark.sql import types as T
 
 from tests.support import duckdb_iceberg
-from tollwatch import clients
+from tollwatch import resources
+from tollwatch.adapters.socrata import Page, build_http_client
+from tollwatch.adapters.spark_submit import catalog_conf, find_jars
 from tollwatch.contract import table as contract
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.events import Window
-from tollwatch.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, plan_fetch
-from tollwatch.landing import LandingManifest
-from tollwatch.settings import load_settings
-from tollwatch.socrata import Page, build_http_client
+from tollwatch.contract.events import Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.core.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, plan_fetch
+from tollwatch.core.landing import LandingManifest
 from tollwatch.spark import merge as spark_merge
-from tollwatch.sparksubmit import catalog_conf, find_jars
+from tollwatch_dev.mirror import MirrorServer
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
 
@@ -68,7 +68,7 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """One catalog database + warehouse for the module: the Spark catalog is bound to it when the JVM starts."""
     path = tmp_path_factory.mktemp("engines") / "warehouse"
     path.mkdir()
-    clients.share_sqlite_catalog(path / "catalog.db")
+    resources.share_sqlite_catalog(path / "catalog.db")
     return path
 
 
@@ -105,8 +105,8 @@ class Engines:
     def __init__(self, spark: SparkSession) -> None:
         self.spark = spark
         self.settings = load_settings()
-        self.landing = clients.landing_zone(self.settings)
-        self.store = clients.table_store(self.settings)
+        self.landing = resources.landing_zone(self.settings)
+        self.store = resources.table_store(self.settings)
         self.spark_table = f"{contract.CATALOG}.{self.settings.table}"
 
     def other_table(self) -> Engines:
@@ -119,7 +119,7 @@ class Engines:
     def land(self, request: IngestRequest, page_size: int = 1000) -> LandingManifest:
         """Fetch from the mirror into Azurite, as the flow does."""
         with build_http_client(str(self.settings.upstream_url), 30.0) as http:
-            socrata = clients.socrata_client(self.settings, http)
+            socrata = resources.socrata_client(self.settings, http)
             plan = plan_fetch(request, socrata, committed_through=None)
             return fetch_and_land(request, plan, socrata, self.landing, run_id="test", page_size=page_size)
 
@@ -546,8 +546,8 @@ def test_the_ingest_flow_merges_with_spark_submit_and_announces_what_spark_did(
 ):
     """A window, then a refresh, merged by spark-submit from the flow: the completion events carry Spark's numbers,
     the refresh's touched days (so downstream jobs run) and the ledger's mark; the table is the local writer's."""
-    from flows.ingest import ingest
     from tests.support.prefect_events import wait_for_events
+    from tollwatch.prefect.flows.ingest import ingest
 
     backfill = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 8), request_id="spark-window")
     revision = mirror.dataset.revise(date(2024, 1, 3), date(2024, 1, 5))
@@ -576,7 +576,7 @@ def test_the_ingest_flow_merges_with_spark_submit_and_announces_what_spark_did(
 
 
 def test_a_failing_spark_job_fails_the_flow_with_the_drivers_reason(spark_engine: Engines, monkeypatch):
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     monkeypatch.setenv("TOLLWATCH_SPARK_JARS_DIR", str(JARS_DIR.parent / "no-such-jars"))
     state = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 2), request_id="no-jars", return_state=True)
@@ -587,7 +587,7 @@ def test_a_failing_spark_job_fails_the_flow_with_the_drivers_reason(spark_engine
 def test_daily_totals_in_spark_equal_the_local_jobs(engines: Engines, mirror: MirrorServer):
     """The downstream job's Spark version (`tollwatch-daily-totals`) gives the local job's rows, reads the snapshot
     it was given, and replaces only its window's days."""
-    from tollwatch.jobs.daily_totals import aggregate, read_hourly
+    from tollwatch.downstream.daily_totals import aggregate, read_hourly
     from tollwatch.spark import daily_totals
 
     mirror.dataset.set_cash_until(date(2024, 1, 3))  # a null column on some days: sums stay null, totals count 0

@@ -8,9 +8,9 @@ from uuid import UUID, uuid4
 
 from prefect.client.schemas.objects import FlowRun, State, StateType
 
-from tollwatch.events import BackfillRequested, TollwatchEvent
-from tollwatch.follow import START_FAILED, chunk_outcomes, follow
-from tollwatch.observe import ActionTaken
+from tollwatch.contract.events import BackfillRequested, TollwatchEvent
+from tollwatch.prefect.follow import START_FAILED, chunk_outcomes, follow
+from tollwatch.prefect.observe import ActionTaken
 
 
 class RecordedObserver:
@@ -147,7 +147,7 @@ def test_the_lost_slot_message_is_the_one_prefects_server_writes():
     from importlib.util import find_spec
     from pathlib import Path
 
-    from tollwatch.follow import SLOT_LOST
+    from tollwatch.prefect.follow import SLOT_LOST
 
     spec = find_spec("prefect.server.orchestration.core_policy")  # read, not imported (it has import cycles)
     assert spec is not None

@@ -1,5 +1,5 @@
 """The dev inbox records every request (in memory, as JSON lines, and behind GET /_received), in-process and as
-a service started with `python -m tollwatch.dev.inbox`."""
+a service started with `python -m tollwatch_dev.inbox`."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tollwatch.dev.inbox import Inbox, Received, log_name
+from tollwatch_dev.inbox import Inbox, Received, log_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -80,7 +80,7 @@ def test_get_received_lists_everything_recorded_but_itself():
 @pytest.mark.timeout(60)
 def test_runs_as_a_service_that_prints_its_url_and_stops_on_sigterm(tmp_path):
     process = subprocess.Popen(
-        [sys.executable, "-m", "tollwatch.dev.inbox", "--port", "0", "--log-dir", str(tmp_path)],
+        [sys.executable, "-m", "tollwatch_dev.inbox", "--port", "0", "--log-dir", str(tmp_path)],
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,

@@ -9,12 +9,12 @@ import orjson
 import pyarrow.compute as pc
 import pytest
 
-from flows.ingest import ingest
 from tests.support.prefect_events import wait_for_events
-from tollwatch import clients
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.events import EventName, Window
-from tollwatch.settings import load_settings
+from tollwatch import resources
+from tollwatch.contract.events import EventName, Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.prefect.flows.ingest import ingest
+from tollwatch_dev.mirror import MirrorServer
 
 JAN = Window(start=date(2024, 1, 1), stop=date(2024, 2, 1))
 ROWS_PER_DAY = 11 * 2 * 24
@@ -23,11 +23,11 @@ pytestmark = pytest.mark.stack
 
 
 def table_rows(window: Window | None = None):
-    return clients.table_store(load_settings()).read(window)
+    return resources.table_store(load_settings()).read(window)
 
 
 def snapshot_ids() -> list[int]:
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     return [s.snapshot_id for s in table.snapshots()] if table else []
 
 
@@ -121,10 +121,10 @@ def test_malformed_rows_are_quarantined_counted_and_good_rows_loaded(env, mirror
     assert result.rows_rejected == 4
     assert result.rows_written == 31 * ROWS_PER_DAY - 4
     assert table_rows().num_rows == 31 * ROWS_PER_DAY - 4
-    landing = clients.landing_zone(load_settings())
+    landing = resources.landing_zone(load_settings())
     rejected = [b for b in landing.list_blobs("rejected/")]
     assert len(rejected) == 1
-    container = clients.blob_service(load_settings()).get_container_client(landing.container_name)
+    container = resources.blob_service(load_settings()).get_container_client(landing.container_name)
     lines = gzip.decompress(container.download_blob(rejected[0]).readall()).splitlines()
     reasons = sorted(orjson.loads(line)["reason"] for line in lines)
     assert reasons == [
@@ -164,7 +164,7 @@ def test_upstream_failing_forever_fails_the_flow_and_emits_ingestion_failed(env,
     assert "after 3 attempts" in payload["error_message"]
     related = {r["prefect.resource.role"]: r["prefect.resource.id"] for r in events[0]["related"]}
     assert related["flow-run"] == f"prefect.flow-run.{payload['flow_run_id']}"
-    assert clients.table_store(load_settings()).table() is None  # nothing committed
+    assert resources.table_store(load_settings()).table() is None  # nothing committed
 
 
 def test_completion_event_matches_the_committed_snapshot(env):
@@ -174,7 +174,7 @@ def test_completion_event_matches_the_committed_snapshot(env):
         env["PREFECT_API_URL"], EventName.INGESTION_COMPLETED, lambda e: e["payload"]["refresh_id"] == result.refresh_id
     )
     event = events[0]
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     snapshot = table.current_snapshot()
     assert event["payload"]["snapshot_id"] == snapshot.snapshot_id
     assert snapshot.summary["tollwatch.refresh-id"] == result.refresh_id
@@ -188,11 +188,11 @@ def test_completion_event_matches_the_committed_snapshot(env):
 def test_a_commit_that_loses_a_race_with_a_concurrent_load_is_rebuilt_not_failed(env, monkeypatch):
     """Two backfill chunks of one month commit at once: the loser's delete would hide the winner's new files
     (pyiceberg raises a conflict); it must retry on the new table state, and both days end up in the table."""
-    import tollwatch.table
+    import tollwatch.core.table
 
     # January as one data file: a day's replace rewrites that file, so two day-chunks of January truly conflict
     ingest(start=JAN.start, stop=JAN.stop, request_id="seed")
-    real_conform = tollwatch.table.conform
+    real_conform = tollwatch.core.table.conform
     raced = []
 
     def conform_then_lose_the_race(batch, schema):
@@ -201,7 +201,7 @@ def test_a_commit_that_loses_a_race_with_a_concurrent_load_is_rebuilt_not_failed
             ingest(start=date(2024, 1, 9), stop=date(2024, 1, 10), request_id="winner")
         return real_conform(batch, schema)
 
-    monkeypatch.setattr(tollwatch.table, "conform", conform_then_lose_the_race)
+    monkeypatch.setattr(tollwatch.core.table, "conform", conform_then_lose_the_race)
     loser = ingest(start=date(2024, 1, 8), stop=date(2024, 1, 9), request_id="loser")
 
     assert raced  # the race really happened

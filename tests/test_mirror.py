@@ -21,8 +21,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tollwatch.dev.mirror import DEFAULT_BASE_EPOCH, MirrorServer
-from tollwatch.dev.synthetic import (
+from tollwatch.adapters.socrata import SocrataClient, build_http_client, updated_after_where, updated_between_where
+from tollwatch_dev.mirror import DEFAULT_BASE_EPOCH, MirrorServer
+from tollwatch_dev.synthetic import (
     BASE_COLUMNS,
     PLAZAS,
     ROWS_PER_DAY,
@@ -33,7 +34,6 @@ from tollwatch.dev.synthetic import (
     revised_ezpass,
     row_id,
 )
-from tollwatch.socrata import SocrataClient, build_http_client, updated_after_where, updated_between_where
 
 DATASET = "qzve-kjga"
 RESOURCE = f"/resource/{DATASET}.json"
@@ -917,7 +917,7 @@ def test_module_entry_point_prints_url_and_stops_on_sigterm() -> None:
     argv = [
         sys.executable,
         "-m",
-        "tollwatch.dev.mirror",
+        "tollwatch_dev.mirror",
         "--host",
         "127.0.0.1",
         "--port",

@@ -8,7 +8,7 @@ import uuid
 import httpx
 import pytest
 
-from tollwatch.observe import connect
+from tollwatch.prefect.observe import connect
 
 pytestmark = pytest.mark.stack
 
@@ -84,7 +84,7 @@ def _server_error(status: int) -> BaseException:
 def test_a_read_the_server_fails_with_a_5xx_is_retried(monkeypatch):
     """A loaded server times out a query (asyncpg TimeoutError -> 500, seen on CI under `backfill --wait`): a read
     changes nothing, so the observer asks again instead of failing the wait."""
-    from tollwatch import observe
+    from tollwatch.prefect import observe
 
     monkeypatch.setattr(observe, "_READ_BACKOFF_S", 0.0)
     client = _FlakyEvents(_server_error(500), httpx.ConnectError("refused"))
@@ -96,7 +96,7 @@ def test_a_read_the_server_fails_with_a_5xx_is_retried(monkeypatch):
 def test_a_read_that_keeps_failing_or_is_refused_is_not_retried_forever(monkeypatch):
     from prefect.exceptions import PrefectHTTPStatusError
 
-    from tollwatch import observe
+    from tollwatch.prefect import observe
 
     monkeypatch.setattr(observe, "_READ_BACKOFF_S", 0.0)
     refused = _FlakyEvents(_server_error(422))

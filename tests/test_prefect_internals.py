@@ -1,4 +1,4 @@
-"""Every access of tollwatch.prefect_internals, checked against the installed Prefect (one test each).
+"""Every access of tollwatch.prefect.internals, checked against the installed Prefect (one test each).
 
 When Prefect is upgraded, this file says which internal moved; the version gate says it before anything runs.
 """
@@ -13,7 +13,7 @@ import uuid
 
 import pytest
 
-from tollwatch import prefect_internals as internals
+from tollwatch.prefect import internals
 
 
 def test_the_installed_prefect_is_one_the_internals_were_checked_on():
@@ -112,7 +112,7 @@ def test_flush_at_exit_runs_the_handlers_prefect_registers(tmp_path):
     script = textwrap.dedent(
         f"""
         import atexit, os
-        from tollwatch.prefect_internals import flush_at_exit
+        from tollwatch.prefect.internals import flush_at_exit
         atexit.register(lambda: open({str(marker)!r}, "w").write("yes"))
         flush_at_exit()
         os._exit(0)

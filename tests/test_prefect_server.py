@@ -9,7 +9,7 @@ from starlette.applications import Starlette
 from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
-from tollwatch.dev.prefect_server import RetryAfterOn503, build_app
+from tollwatch_dev.prefect_server import RetryAfterOn503, build_app
 
 
 def _app(status: int, headers: dict[str, str] | None = None) -> Starlette:

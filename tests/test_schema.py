@@ -6,7 +6,7 @@ from datetime import date
 
 import pyarrow as pa
 
-from tollwatch.schema import convert, dedupe_on_key, target_schema
+from tollwatch.core.schema import convert, dedupe_on_key, target_schema
 
 
 def row(**overrides):

@@ -7,8 +7,14 @@ from datetime import date
 import orjson
 import pytest
 
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.socrata import SocrataClient, UpstreamError, build_http_client, updated_after_where, window_where
+from tollwatch.adapters.socrata import (
+    SocrataClient,
+    UpstreamError,
+    build_http_client,
+    updated_after_where,
+    window_where,
+)
+from tollwatch_dev.mirror import MirrorServer
 
 
 @pytest.fixture

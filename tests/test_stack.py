@@ -25,11 +25,11 @@ import httpx
 import pytest
 from azure.storage.blob import BlobServiceClient
 
-from tollwatch.dev import postgres
-from tollwatch.dev import stack as stack_module
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.dev.procs import ProcessRef, group_alive
-from tollwatch.dev.stack import (
+from tollwatch_dev import postgres
+from tollwatch_dev import stack as stack_module
+from tollwatch_dev.mirror import MirrorServer
+from tollwatch_dev.procs import ProcessRef, group_alive
+from tollwatch_dev.stack import (
     SQLITE_CLIENT_POLICY,
     SQLITE_SERVER_POLICY,
     LocalStack,
@@ -232,7 +232,7 @@ def test_stack_up_db_sqlite_runs_prefect_without_postgres(tmp_path: Path) -> Non
     `stack status` shows that database and does not call the missing PostgreSQL a failure."""
     from typer.testing import CliRunner
 
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     state = tmp_path / "stack"
     runner = CliRunner()
@@ -278,7 +278,7 @@ def test_a_postgres_that_cannot_start_is_one_sentence(tmp_path: Path, breakage: 
     answers on the stack's socket, so only its pid tells it apart from the one `up` launched)."""
     from typer.testing import CliRunner
 
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     state = tmp_path / "stack"
     data = state / "postgres" / "data"

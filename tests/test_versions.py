@@ -14,9 +14,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from tollwatch.events import Window
-from tollwatch.schema import base_schema, dedupe_on_key
-from tollwatch.table import COMMITTED_THROUGH, REFRESH_ID, IcebergTableStore, newest_per_key
+from tollwatch.contract.events import Window
+from tollwatch.core.schema import base_schema, dedupe_on_key
+from tollwatch.core.table import COMMITTED_THROUGH, REFRESH_ID, IcebergTableStore, newest_per_key
 
 SCHEMA = base_schema()
 DAY = date(2024, 1, 1)

@@ -15,10 +15,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+WARM_SERVER = (sys.executable, "-m", "tollwatch_dev.warm.server")
+
+
 def _serve(sock: Path, *options: str, **env: str) -> Iterator[Path]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "tollwatch.warm.server", "--socket", str(sock), "--module", "tests.support.warm_probe",
-         *options],
+        [*WARM_SERVER, "--socket", str(sock), "--module", "tests.support.warm_probe", *options],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         text=True,
@@ -48,7 +50,7 @@ def client(sock: Path | None, *args: str, cwd: Path, **env: str) -> subprocess.P
     if sock is not None:
         environ["TOLLWATCH_WARM_SOCKET"] = str(sock)
     return subprocess.Popen(
-        [sys.executable, "-m", "tollwatch.warm.client", *args],
+        [sys.executable, "-m", "tollwatch_dev.warm.client", *args],
         cwd=cwd,
         env=environ | {"PYTHONPATH": str(ROOT)},
         stdout=subprocess.PIPE,
@@ -100,7 +102,7 @@ def test_a_child_whose_environment_changes_prefect_settings_sees_them(preloaded_
 
 
 def test_settings_are_reread_only_when_the_prefect_settings_environment_differs():
-    from tollwatch.warm.server import _settings_environment
+    from tollwatch_dev.warm.server import _settings_environment
 
     server = {"PREFECT_API_URL": "a", "HOME": "/root"}
     run = {"PREFECT_API_URL": "a", "PREFECT__FLOW_RUN_ID": "1234", "HOME": "/tmp"}
@@ -114,7 +116,7 @@ def test_a_run_from_a_worker_sharing_the_servers_environment_keeps_the_preloaded
     from prefect.settings import Settings
     from prefect.workers.base import BaseJobConfiguration
 
-    from tollwatch.warm.server import _settings_environment, settings_environments
+    from tollwatch_dev.warm.server import _settings_environment, settings_environments
 
     raw = {"PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_WORKER_PREFETCH_SECONDS": "5"}
     for name, value in raw.items():
@@ -135,7 +137,7 @@ def test_ca_bundle_contexts_are_parsed_once_and_other_call_shapes_are_not_shared
 
     import certifi
 
-    from tollwatch.warm.server import share_ca_bundle_contexts
+    from tollwatch_dev.warm.server import share_ca_bundle_contexts
 
     monkeypatch.setattr(ssl, "create_default_context", ssl.create_default_context)  # restored after the test
     share_ca_bundle_contexts()

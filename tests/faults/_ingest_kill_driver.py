@@ -40,7 +40,7 @@ def kill_before_commit() -> None:
 
 
 def kill_after_commit() -> None:
-    from tollwatch.table import IcebergTableStore
+    from tollwatch.core.table import IcebergTableStore
 
     def wrap(real: Callable[..., int]) -> Callable[..., int]:
         def committed_then_killed(*args: Any, **kwargs: Any) -> int:
@@ -61,7 +61,7 @@ KILL_POINTS = {"before-commit": kill_before_commit, "after-commit": kill_after_c
 def main(argv: list[str]) -> int:
     point, parameters = argv[1], json.loads(argv[2])
     KILL_POINTS[point]()
-    from flows.ingest import ingest
+    from tollwatch.prefect.flows.ingest import ingest
 
     ingest(**parameters)
     _say(f"NOT KILLED: the flow run finished without reaching {point}")

@@ -18,12 +18,12 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-from tollwatch import clients
-from tollwatch.dev.mirror import MAX_LIMIT, MirrorServer
-from tollwatch.events import Window
-from tollwatch.settings import load_settings
-from tollwatch.socrata import updated_after_where, window_where
-from tollwatch.table import FLOW_RUN_ID, REFRESH_ID
+from tollwatch import resources
+from tollwatch.adapters.socrata import updated_after_where, window_where
+from tollwatch.contract.events import Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.core.table import FLOW_RUN_ID, REFRESH_ID
+from tollwatch_dev.mirror import MAX_LIMIT, MirrorServer
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,7 +76,7 @@ def updated_rows(mirror: MirrorServer, after_epoch: int, **options: Any) -> dict
 
 def table_rows_by_key(window: Window | None = None, *, extra: Collection[str] = ()) -> dict[Key, dict[str, Any]]:
     """The table's rows (of a window), keyed like `mirror_rows`; fails on a duplicated natural key."""
-    data = clients.table_store(load_settings()).read(window)
+    data = resources.table_store(load_settings()).read(window)
     if data.num_rows == 0:
         return {}
     rows = data.to_pylist()
@@ -102,13 +102,13 @@ def assert_same_rows(actual: Mapping[Key, dict[str, Any]], expected: Mapping[Key
 
 def snapshot_ids() -> list[int]:
     """Every snapshot of the table, oldest first (empty before the first commit)."""
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     return [s.snapshot_id for s in table.snapshots()] if table else []
 
 
 def committing_runs(refresh_id: str) -> set[str]:
     """The flow runs whose commits carry this refresh in the snapshot ledger: one commit = one run."""
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     if table is None:
         return set()
     return {
@@ -121,7 +121,7 @@ def committing_runs(refresh_id: str) -> set[str]:
 def landings(refresh_id: str) -> dict[str, list[str]]:
     """Blobs landed for a refresh, by run id (the `run=` part of the landing prefix)."""
     by_run: dict[str, list[str]] = {}
-    for name in clients.landing_zone(load_settings()).list_blobs("raw/"):
+    for name in resources.landing_zone(load_settings()).list_blobs("raw/"):
         if f"/refresh={refresh_id}/run=" in name:
             run = name.split("/run=", 1)[1].split("/", 1)[0]
             by_run.setdefault(run, []).append(name.rsplit("/", 1)[1])

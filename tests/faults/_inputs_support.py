@@ -22,10 +22,10 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.emit import PrefectEventsEmitter
-from tollwatch.events import DatasetRefreshed, TollwatchEvent, Window
-from tollwatch.socrata import window_where
+from tollwatch.adapters.prefect_events import PrefectEventsEmitter
+from tollwatch.adapters.socrata import window_where
+from tollwatch.contract.events import DatasetRefreshed, TollwatchEvent, Window
+from tollwatch_dev.mirror import MirrorServer
 
 # ---------------------------------------------------------------------------------------------- the proxy
 
@@ -158,7 +158,7 @@ def triggers_acted(api_url: str, *, domain: str, dataset_id: str = "qzve-kjga", 
     an event arriving before that starts nothing, hence a new marker when one is not acted on in time); after
     events under test, to know the server has acted on them (trigger and action services work in arrival order).
     """
-    from tollwatch.observe import connect
+    from tollwatch.prefect.observe import connect
 
     deadline = time.monotonic() + timeout_s
     with connect() as observer, httpx.Client(timeout=30) as http:
@@ -192,7 +192,7 @@ def runs_started_by(
     `prefect.automation.action.triggered` (at firing time, before its action runs), so a double firing is
     caught even if its run were slower still.
     """
-    from tollwatch.observe import ACTION_TRIGGERED, connect
+    from tollwatch.prefect.observe import ACTION_TRIGGERED, connect
 
     wanted = uuid.UUID(event_id)
     deadline = time.monotonic() + timeout_s
@@ -245,10 +245,10 @@ def mirror_rows(mirror: MirrorServer, window: Window) -> dict[Key, Values]:
 def table_rows(window: Window | None = None) -> tuple[dict[Key, Values], int]:
     """The bronze table's rows (optionally one window) keyed like `mirror_rows`, and the row count (duplicates
     would make the count exceed the number of keys)."""
-    from tollwatch import clients
-    from tollwatch.settings import load_settings
+    from tollwatch import resources
+    from tollwatch.contract.settings import load_settings
 
-    data = clients.table_store(load_settings()).read(window).to_pylist()
+    data = resources.table_store(load_settings()).read(window).to_pylist()
     keyed = {
         (r["plaza_id"], r["date"], r["hour"], r["direction"]): (
             r["vehicles_e_zpass"],
@@ -262,19 +262,19 @@ def table_rows(window: Window | None = None) -> tuple[dict[Key, Values], int]:
 
 def snapshot_ids() -> list[int]:
     """Every snapshot of the bronze table, oldest first (empty before the first commit)."""
-    from tollwatch import clients
-    from tollwatch.settings import load_settings
+    from tollwatch import resources
+    from tollwatch.contract.settings import load_settings
 
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     return [s.snapshot_id for s in table.snapshots()] if table else []
 
 
 def snapshot_summary(snapshot_id: int) -> Any:
     """A snapshot's summary: the ledger entries (`tollwatch.refresh-id`, `tollwatch.flow-run-id`, ...)."""
-    from tollwatch import clients
-    from tollwatch.settings import load_settings
+    from tollwatch import resources
+    from tollwatch.contract.settings import load_settings
 
-    return clients.table_store(load_settings()).table().snapshot_by_id(snapshot_id).summary
+    return resources.table_store(load_settings()).table().snapshot_by_id(snapshot_id).summary
 
 
 def eventgrid_time(epoch_s: int) -> str:

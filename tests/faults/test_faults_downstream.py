@@ -27,8 +27,6 @@ from prefect.states import State
 
 import tests.test_automations as automations_tests
 import tests.test_databricks as databricks_tests
-from flows.ingest import ingest
-from flows.run_job import run_job
 from tests.faults._downstream_support import (
     CANCEL,
     GET,
@@ -50,10 +48,12 @@ from tests.test_automations import (
     write,
 )
 from tests.test_ingest_flow import ROWS_PER_DAY, table_rows
-from tollwatch import clients
-from tollwatch.databricks import retry_after_s
-from tollwatch.events import EventName, IngestionCompleted, Window
-from tollwatch.settings import load_settings
+from tollwatch import resources
+from tollwatch.adapters.databricks_jobs import retry_after_s
+from tollwatch.contract.events import EventName, IngestionCompleted, Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.prefect.flows.ingest import ingest
+from tollwatch.prefect.flows.run_job import run_job
 
 pytestmark = pytest.mark.stack
 
@@ -217,13 +217,13 @@ def test_a_failed_downstream_job_is_announced_and_notified_while_the_ingest_stay
 
     # nothing lost: bronze = the mirror's rows for the window at the completion's snapshot; silver has every day
     settings = load_settings()
-    bronze = clients.table_store(settings).table()
+    bronze = resources.table_store(settings).table()
     assert bronze.current_snapshot().snapshot_id == completed.snapshot_id
     rows = table_rows(window)
     assert rows.num_rows == window.days * ROWS_PER_DAY
     keys = set(zip(*(rows.column(c).to_pylist() for c in ("plaza_id", "date", "hour", "direction")), strict=True))
     assert len(keys) == rows.num_rows
-    silver = clients.table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
+    silver = resources.table_store(settings, settings.daily_totals_table).table().scan().to_arrow()
     assert {d for d in silver.column("date").to_pylist() if window.start <= d < window.stop} == {
         date(2024, 1, 8),
         date(2024, 1, 9),

@@ -1,6 +1,7 @@
 """Fault suite, ingest side (issue 7, faults 5-10): at-least-once in, exactly-once effect, nothing lost.
 
-Every test drives the real ingest flow (`flows.ingest.ingest`, in-process, or in a child process where the
+Every test drives the real ingest flow (`tollwatch.prefect.flows.ingest.ingest`, in-process, or in a child process
+where the
 fault is the process dying) against the session's Prefect server, Azurite, the Socrata mirror and a pyiceberg
 warehouse on disk (fixtures in tests/conftest.py). "Nothing lost" is checked the same way everywhere
 (`_ingest_support`): the table's rows for the affected window equal the mirror's rows for it (same natural
@@ -23,7 +24,6 @@ import httpx
 import orjson
 import pytest
 
-from flows.ingest import build_request, ingest
 from tests.faults._ingest_support import (
     assert_same_rows,
     committing_runs,
@@ -36,12 +36,13 @@ from tests.faults._ingest_support import (
     window_rows,
 )
 from tests.support.prefect_events import wait_for_events
-from tollwatch import clients
-from tollwatch.dev.mirror import MirrorServer, RequestRecord
-from tollwatch.dev.synthetic import ROWS_PER_DAY, row_id
-from tollwatch.events import EventName, Window
-from tollwatch.settings import load_settings
-from tollwatch.socrata import updated_between_where
+from tollwatch import resources
+from tollwatch.adapters.socrata import updated_between_where
+from tollwatch.contract.events import EventName, Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.prefect.flows.ingest import build_request, ingest
+from tollwatch_dev.mirror import MirrorServer, RequestRecord
+from tollwatch_dev.synthetic import ROWS_PER_DAY, row_id
 
 pytestmark = pytest.mark.stack
 
@@ -92,7 +93,7 @@ def test_429_5xx_truncated_body_and_202_mid_paging_are_retried_and_the_window_lo
     mirror.dataset.after_requests(4, faults={"fail_next": [{"status": 503}]})  # after the 429, count, pages 0, 1
     mirror.dataset.after_requests(6, faults={"fail_next": [{"truncate": True}]})  # ... the 503 and page 2
     mirror.dataset.after_requests(8, faults={"fail_next": [{"status": 202}]})  # ... the torn and the whole page 3
-    caplog.set_level(logging.WARNING, logger="tollwatch.socrata")
+    caplog.set_level(logging.WARNING, logger="tollwatch.adapters.socrata")
 
     result = ingest(start=JAN.start, stop=JAN.stop, request_id="flaky-upstream")
 
@@ -368,7 +369,7 @@ def test_two_overlapping_loads_at_the_same_time_both_finish_and_the_table_is_rig
     attempt) instead of failing; both refreshes are in the ledger.
     Nothing lost: the table equals the mirror for March 1 (an earlier load, so both commits have rows to
     replace) - April 7, no key twice (the overlap is neither doubled nor dropped)."""
-    import tollwatch.table
+    import tollwatch.core.table
 
     watermark = mirror.dataset.rows_updated_at
     ingest(rows_updated_at=watermark)  # the history so far (the overlap has rows to replace); the ledger's mark
@@ -379,7 +380,7 @@ def test_two_overlapping_loads_at_the_same_time_both_finish_and_the_table_is_rig
         if other == "window"
         else {"rows_updated_at": published.updated_at, "previous_rows_updated_at": watermark}
     )
-    real_ensure = tollwatch.table.IcebergTableStore.ensure
+    real_ensure = tollwatch.core.table.IcebergTableStore.ensure
     same_start = threading.Barrier(2, timeout=120)
     attempts: list[str] = []
 
@@ -390,7 +391,7 @@ def test_two_overlapping_loads_at_the_same_time_both_finish_and_the_table_is_rig
             same_start.wait()
         return table
 
-    monkeypatch.setattr(tollwatch.table.IcebergTableStore, "ensure", ensure_then_wait_for_the_other)
+    monkeypatch.setattr(tollwatch.core.table.IcebergTableStore, "ensure", ensure_then_wait_for_the_other)
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ingest") as pool:
         runs = [pool.submit(contextvars.copy_context().run, ingest, **p) for p in (backfill, second)]
@@ -423,7 +424,7 @@ def test_schema_drift_mid_history_is_loaded_in_one_run_into_the_right_columns(
     earlier = Window(start=date(2024, 3, 1), stop=date(2024, 3, 8))
     ingest(rows_updated_at=mirror.dataset.rows_updated_at)  # the history so far; the ledger's mark
     loaded_before = table_rows_by_key(earlier)
-    schemas_before = len(clients.table_store(load_settings()).table().schemas())
+    schemas_before = len(resources.table_store(load_settings()).table().schemas())
     if mode == "window":
         days, cash_until, truck_from = FEB, "2024-02-10", "2024-02-20"
     else:  # the 14 days the refresh's publish adds
@@ -437,7 +438,7 @@ def test_schema_drift_mid_history_is_loaded_in_one_run_into_the_right_columns(
         published = mirror.dataset.publish(days=14)
         result = ingest(rows_updated_at=published.updated_at, previous_rows_updated_at=watermark)
 
-    table = clients.table_store(load_settings()).table()
+    table = resources.table_store(load_settings()).table()
     assert len(table.schemas()) == schemas_before + 1
     assert "vehicles_truck" in table.schema().column_names
     assert result.rows_written == days.days * ROWS_PER_DAY
@@ -492,8 +493,8 @@ def test_malformed_rows_are_quarantined_with_reasons_counted_in_the_event_and_go
     )
     counts = {k: event["payload"][k] for k in ("rows_fetched", "rows_written", "rows_rejected")}
     assert counts == {"rows_fetched": 31 * ROWS_PER_DAY, "rows_written": 31 * ROWS_PER_DAY - 11, "rows_rejected": 11}
-    landing = clients.landing_zone(load_settings())
-    container = clients.blob_service(load_settings()).get_container_client(landing.container_name)
+    landing = resources.landing_zone(load_settings())
+    container = resources.blob_service(load_settings()).get_container_client(landing.container_name)
     quarantined: dict[str, str] = {}
     blobs = landing.list_blobs("rejected/")
     for blob in blobs:

@@ -21,7 +21,6 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from flows.ingest import ingest
 from tests import test_deployments
 from tests.faults._inputs_support import (
     Fault,
@@ -42,11 +41,12 @@ from tests.functions.test_fn_backfill import post
 from tests.functions.test_fn_eventgrid import deliver, expected_id, recorded_sequencer
 from tests.functions.test_fn_watch import tick
 from tests.support.funcapp import blob_created, body, closed_port, json_of, payload, settle
-from tollwatch.cli import app as cli_app
+from tollwatch.adapters.prefect_events import EmitError
+from tollwatch.cli.main import app as cli_app
+from tollwatch.contract.events import DatasetRefreshed, EventName, Window, table_resource_id
 from tollwatch.contract.table import FLOW_RUN_ID, REFRESH_ID
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.emit import EmitError
-from tollwatch.events import DatasetRefreshed, EventName, Window, table_resource_id
+from tollwatch.prefect.flows.ingest import ingest
+from tollwatch_dev.mirror import MirrorServer
 
 pytestmark = pytest.mark.stack
 
@@ -331,7 +331,8 @@ def test_backfill_route_answers_503_when_prefect_stays_down_and_the_retry_stores
 
 
 def test_cli_backfill_through_503s_emits_every_chunk_once_and_a_rerun_of_the_command_adds_nothing(fenv, monkeypatch):
-    """Fault 4 (CLI path, `tollwatch backfill` through tollwatch.emit): first 503 for longer than the emitter
+    """Fault 4 (CLI path, `tollwatch backfill` through tollwatch.adapters.prefect_events): first 503 for longer than
+    the emitter
     retries (the command fails with a sentence, exit 1), then the same command again meets a lost answer and
     a 503 and succeeds; a third run of the same command adds nothing (chunks whose event already started a
     run are not requested again, the others are duplicate ids Prefect drops).

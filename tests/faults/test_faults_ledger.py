@@ -1,7 +1,8 @@
 """Fault suite, the ledger (issue 12): the table is the truth about what is loaded, versions only move forward, and a
 load accounts for its rows before it commits.
 
-Every test drives the real ingest flow in-process (`flows.ingest.ingest`) against the session's Prefect server,
+Every test drives the real ingest flow in-process (`tollwatch.prefect.flows.ingest.ingest`) against the session's
+Prefect server,
 Azurite, the Socrata mirror and a pyiceberg warehouse on disk (fixtures in tests/conftest.py); "nothing lost" is
 checked as in the rest of the fault suite: the table's rows equal the mirror's rows, every key once, each at its
 latest upstream version. The end-to-end versions through the worker and the automations are in
@@ -16,17 +17,17 @@ from typing import Any
 
 import pytest
 
-from flows.ingest import build_request, ingest
 from tests.faults._ingest_support import assert_same_rows, mirror_rows, snapshot_ids, table_rows_by_key
 from tests.support.prefect_events import wait_for_events
-from tollwatch import clients
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.dev.synthetic import ROWS_PER_DAY
-from tollwatch.events import EventName
-from tollwatch.ingest import IngestRequest, fetch_and_land, load_landing, plan_fetch
-from tollwatch.landing import LandingManifest
-from tollwatch.settings import load_settings
-from tollwatch.socrata import SocrataClient
+from tollwatch import resources
+from tollwatch.adapters.socrata import SocrataClient
+from tollwatch.contract.events import EventName
+from tollwatch.contract.settings import load_settings
+from tollwatch.core.ingest import IngestRequest, fetch_and_land, load_landing, plan_fetch
+from tollwatch.core.landing import LandingManifest
+from tollwatch.prefect.flows.ingest import build_request, ingest
+from tollwatch_dev.mirror import MirrorServer
+from tollwatch_dev.synthetic import ROWS_PER_DAY
 
 pytestmark = pytest.mark.stack
 
@@ -49,7 +50,7 @@ def table_days() -> list[date]:
 
 
 def committed_through() -> int | None:
-    return clients.table_store(load_settings()).committed_through()
+    return resources.table_store(load_settings()).committed_through()
 
 
 def test_refreshes_that_never_ran_are_covered_by_the_next_one(env: dict[str, str], mirror: MirrorServer) -> None:
@@ -148,16 +149,18 @@ def fetch_now(parameters: dict[str, Any]) -> tuple[IngestRequest, LandingManifes
     """The first half of a run: plan and land (what a run that will commit late has done already)."""
     settings = load_settings()
     request = build_request(settings, parameters)
-    socrata = clients.socrata_client(settings)
-    plan = plan_fetch(request, socrata, clients.table_store(settings).committed_through())
-    manifest = fetch_and_land(request, plan, socrata, clients.landing_zone(settings), run_id="late", page_size=PAGE)
+    socrata = resources.socrata_client(settings)
+    plan = plan_fetch(request, socrata, resources.table_store(settings).committed_through())
+    manifest = fetch_and_land(request, plan, socrata, resources.landing_zone(settings), run_id="late", page_size=PAGE)
     return request, manifest
 
 
 def commit_later(request: IngestRequest, manifest: LandingManifest) -> None:
     """The second half of that run, after other loads committed."""
     settings = load_settings()
-    load_landing(request, manifest, clients.landing_zone(settings), clients.table_store(settings), flow_run_id="late")
+    load_landing(
+        request, manifest, resources.landing_zone(settings), resources.table_store(settings), flow_run_id="late"
+    )
 
 
 def test_a_refresh_that_fetched_earlier_and_commits_later_does_not_revert_a_newer_one(

@@ -36,13 +36,13 @@ from typer.testing import CliRunner
 
 from tests.faults._ingest_support import assert_same_rows, committing_runs, mirror_rows, table_rows_by_key
 from tests.support.stacks import deployed_stack
-from tollwatch import clients
-from tollwatch.dev.inbox import Received
-from tollwatch.dev.stack import LocalStack, StackEndpoints
-from tollwatch.events import REFRESH_ID_LABEL, DatasetRefreshed, TollwatchEvent, Window
-from tollwatch.observe import connect
-from tollwatch.settings import load_settings
-from tollwatch.socrata import window_where
+from tollwatch import resources
+from tollwatch.adapters.socrata import window_where
+from tollwatch.contract.events import REFRESH_ID_LABEL, DatasetRefreshed, TollwatchEvent, Window
+from tollwatch.contract.settings import load_settings
+from tollwatch.prefect.observe import connect
+from tollwatch_dev.inbox import Received
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -73,7 +73,7 @@ class Missed:
 def missed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Missed]:
     from prefect.client.orchestration import get_client
 
-    from tollwatch.dev.blocks import ensure_local_blocks
+    from tollwatch_dev.local_blocks import ensure_local_blocks
 
     state = tmp_path_factory.mktemp("missed")
     local = LocalStack(state, prefect_ui=False, mirror_start=MIRROR_START, mirror_through=MIRROR_THROUGH)
@@ -94,7 +94,7 @@ def missed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Missed]:
 
 
 def _cli():
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     return app
 
@@ -135,8 +135,8 @@ def _published(stack: Missed) -> Window:
 
 
 def _watch_once() -> UUID:
-    """One watcher tick (`tollwatch.demo.watch_once`: the watcher the CLI and the Function build)."""
-    from tollwatch.demo import watch_once
+    """One watcher tick (`tollwatch_dev.demo.watch_once`: the watcher the CLI and the Function build)."""
+    from tollwatch_dev.demo import watch_once
 
     return watch_once()
 
@@ -167,7 +167,7 @@ def _expected(stack: Missed, window: Window) -> dict:
 
 def _days(window: Window | None = None) -> str:
     """The table's days as ranges, with rows per day: what the closing note shows."""
-    data = clients.table_store(load_settings()).read(window)
+    data = resources.table_store(load_settings()).read(window)
     per_day = Counter(data.column("date").to_pylist()) if data.num_rows else Counter()
     ranges: list[list[date]] = []
     for day in sorted(per_day):
@@ -323,7 +323,7 @@ def test_a_lost_announcement_and_a_failed_run_deployment_action_are_covered_by_t
     an ordinary publish and refresh.
     Expected: the third refresh completes and every published day is in the table exactly once."""
     _apply(missed, repair_s=None)
-    real_emitter = clients.event_emitter
+    real_emitter = resources.event_emitter
 
     class Nowhere:
         def emit(self, events: list[TollwatchEvent]) -> None:
@@ -340,11 +340,11 @@ def test_a_lost_announcement_and_a_failed_run_deployment_action_are_covered_by_t
 
     _publish_week(missed)
     with monkeypatch.context() as patch:
-        patch.setattr(clients, "event_emitter", lambda settings, http=None: Nowhere())
+        patch.setattr(resources, "event_emitter", lambda settings, http=None: Nowhere())
         _watch_once()
     _publish_week(missed)
     with monkeypatch.context() as patch:
-        patch.setattr(clients, "event_emitter", Refused)
+        patch.setattr(resources, "event_emitter", Refused)
         refused = _watch_once()
 
     def failed_action() -> bool:

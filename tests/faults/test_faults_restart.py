@@ -20,10 +20,10 @@ from typer.testing import CliRunner
 
 from tests.faults._ingest_support import assert_same_rows, table_rows_by_key, window_rows
 from tests.support.stacks import deployed_stack
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.dev.stack import LocalStack, StackEndpoints
-from tollwatch.events import Window
-from tollwatch.observe import connect
+from tollwatch.contract.events import Window
+from tollwatch.prefect.observe import connect
+from tollwatch_dev.mirror import MirrorServer
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 if TYPE_CHECKING:
     from prefect.client.schemas.objects import FlowRun
@@ -160,6 +160,6 @@ def test_a_server_restart_mid_backfill_ends_with_every_chunk_completed_once_by_t
 
 
 def _cli():
-    from tollwatch.cli import app
+    from tollwatch.cli.main import app
 
     return app

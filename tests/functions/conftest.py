@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import azure.functions as func
 import pytest
 
-from tollwatch import clients
-from tollwatch.dev.funchost import FunctionHost, load_function_app
-from tollwatch.settings import Settings, load_settings
+from tollwatch import resources
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch_dev.funchost import FunctionHost, load_function_app
 
 #: The `topic` / `source` of Microsoft's BlobCreated samples, accepted as-is.
 SAMPLE_TOPIC = (
@@ -76,4 +76,4 @@ def devhost(app: func.FunctionApp, fenv: FnEnv) -> Iterator[FunctionHost]:
 @pytest.fixture
 def state(fenv: FnEnv):
     """The watermark store of this test's dataset (real Azurite)."""
-    return clients.watermark_store(fenv.settings())
+    return resources.watermark_store(fenv.settings())

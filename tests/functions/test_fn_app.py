@@ -14,7 +14,7 @@ from pathlib import Path
 import azure.functions as func
 from packaging.requirements import Requirement
 
-from tollwatch.dev.funchost import indexed_functions
+from tollwatch_dev.funchost import indexed_functions
 
 ROOT = Path(__file__).resolve().parents[2]
 HEAVY = ("prefect", "pyarrow", "pyiceberg", "typer", "fastapi", "sqlalchemy")
@@ -152,4 +152,4 @@ def test_local_settings_example_holds_placeholders_only():
 
 def test_funcignore_keeps_tests_and_dev_tools_out_of_the_package():
     ignored = {line.strip() for line in (ROOT / ".funcignore").read_text().splitlines()}
-    assert {"tests/", "tollwatch/dev/", "local.settings.json", ".venv/", "flows/"} <= ignored
+    assert {"tests/", "tollwatch_dev/", "local.settings.json", ".venv/", "tollwatch/prefect/"} <= ignored

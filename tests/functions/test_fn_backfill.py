@@ -10,8 +10,8 @@ import pytest
 
 from tests.functions.conftest import FUNCTION_KEY
 from tests.support.funcapp import closed_port, function, http_request, json_of, settle
-from tollwatch.backfill import BackfillLimits, BackfillRejected, Chunk, chunks, parse_backfill, validate_backfill
-from tollwatch.events import BackfillRequested, EventName, Window
+from tollwatch.contract.events import BackfillRequested, EventName, Window
+from tollwatch.core.backfill import BackfillLimits, BackfillRejected, Chunk, chunks, parse_backfill, validate_backfill
 
 REQUESTED = EventName.BACKFILL_REQUESTED
 TODAY = datetime.now(UTC).date()

@@ -15,7 +15,7 @@ import pytest
 
 from tests.functions.conftest import FUNCTION_KEY, SECRET
 from tests.support.funcapp import closed_port, payload
-from tollwatch.dev.funchost import FunctionHost, FunctionHostError, http_routes
+from tollwatch_dev.funchost import FunctionHost, FunctionHostError, http_routes
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -24,10 +24,10 @@ from tests.support.funcapp import (
     settle,
 )
 from tests.support.payloads import completion
-from tollwatch import clients
-from tollwatch.emit import EmitError, PrefectEventsEmitter, WebhookEmitter
-from tollwatch.events import DatasetRefreshed, EventName, TollwatchEvent
-from tollwatch.publish import CompletionPublisher, PublishError
+from tollwatch import resources
+from tollwatch.adapters.eventgrid_out import CompletionPublisher, PublishError
+from tollwatch.adapters.prefect_events import EmitError, PrefectEventsEmitter, WebhookEmitter
+from tollwatch.contract.events import DatasetRefreshed, EventName, TollwatchEvent
 
 pytestmark = pytest.mark.stack
 
@@ -42,9 +42,9 @@ def refreshed_event(domain: str, rows_updated_at: int = 1_767_225_600) -> Tollwa
 
 
 def test_settings_switch_the_emitter_to_the_webhook(fenv, monkeypatch):
-    assert isinstance(clients.event_emitter(fenv.settings()), PrefectEventsEmitter)
+    assert isinstance(resources.event_emitter(fenv.settings()), PrefectEventsEmitter)
     monkeypatch.setenv("TOLLWATCH_PREFECT_WEBHOOK_URL", "http://127.0.0.1:9/hooks/abc")
-    assert isinstance(clients.event_emitter(fenv.settings()), WebhookEmitter)
+    assert isinstance(resources.event_emitter(fenv.settings()), WebhookEmitter)
 
 
 def test_webhook_transport_delivers_through_the_passthrough_template(fenv, monkeypatch):
@@ -53,7 +53,7 @@ def test_webhook_transport_delivers_through_the_passthrough_template(fenv, monke
         monkeypatch.setenv("TOLLWATCH_PREFECT_API_KEY", "service-account-key")
         events = [refreshed_event(fenv.domain, 1), refreshed_event(fenv.domain, 2)]
 
-        clients.event_emitter(fenv.settings()).emit(events)
+        resources.event_emitter(fenv.settings()).emit(events)
 
     assert len(hook.requests) == 2  # one event per request, as webhooks take them
     assert hook.requests[0].headers["authorization"] == "Bearer service-account-key"
@@ -137,7 +137,7 @@ def completed_event() -> TollwatchEvent:
 
 
 def test_no_topic_configured_means_no_publisher(fenv):
-    assert clients.completion_publisher(fenv.settings()) is None
+    assert resources.completion_publisher(fenv.settings()) is None
 
 
 def test_completion_is_published_as_a_cloudevent_with_the_prefect_event_id(fenv, monkeypatch):
@@ -145,7 +145,7 @@ def test_completion_is_published_as_a_cloudevent_with_the_prefect_event_id(fenv,
     with EventGridTopicReceiver() as topic:
         monkeypatch.setenv("TOLLWATCH_EVENTGRID_TOPIC_ENDPOINT", f"{topic.base_url}/api/events")
         monkeypatch.setenv("TOLLWATCH_EVENTGRID_TOPIC_KEY", "topic-key-123")
-        publisher = clients.completion_publisher(fenv.settings())
+        publisher = resources.completion_publisher(fenv.settings())
         assert publisher is not None
         publisher.publish(event)
 
@@ -168,7 +168,7 @@ def test_a_refused_publish_raises_without_the_key(fenv, monkeypatch):
         topic.fail_next(401)
         monkeypatch.setenv("TOLLWATCH_EVENTGRID_TOPIC_ENDPOINT", f"{topic.base_url}/api/events")
         monkeypatch.setenv("TOLLWATCH_EVENTGRID_TOPIC_KEY", "topic-key-123")
-        publisher = clients.completion_publisher(fenv.settings())
+        publisher = resources.completion_publisher(fenv.settings())
         assert publisher is not None
         with pytest.raises(PublishError) as failure:
             publisher.publish(completed_event())

@@ -16,9 +16,9 @@ from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
 from tests.functions.conftest import FUNCTION_KEY, NEXT_SECRET, SAMPLE_TOPIC, SECRET
 from tests.support.funcapp import blob_created, body, closed_port, function, http_request, json_of, payload, settle
-from tollwatch import clients
-from tollwatch.events import BlobRef, DatasetRefreshed, EventName
-from tollwatch.receiver import SequencerStore
+from tollwatch import resources
+from tollwatch.contract.events import BlobRef, DatasetRefreshed, EventName
+from tollwatch.core.receiver import SequencerStore
 
 pytestmark = pytest.mark.stack
 
@@ -45,7 +45,7 @@ def expected_id(fenv, url: str = SAMPLE_URL, etag: str = SAMPLE_ETAG, sequencer:
 
 def recorded_sequencer(fenv, url: str = SAMPLE_URL) -> str | None:
     settings = fenv.settings()
-    mark = SequencerStore(clients.state_blobs(settings), state_prefix=settings.state_prefix).read(url).value
+    mark = SequencerStore(resources.state_blobs(settings), state_prefix=settings.state_prefix).read(url).value
     return mark.sequencer if mark else None
 
 
@@ -320,7 +320,7 @@ def test_trigger_drops_invalid_events_without_raising(app, fenv):
 
 
 def test_trigger_raises_when_prefect_is_down_so_event_grid_retries(app, fenv, monkeypatch):
-    from tollwatch.receiver import TransientFailure
+    from tollwatch.core.receiver import TransientFailure
 
     monkeypatch.setenv("PREFECT_API_URL", f"http://127.0.0.1:{closed_port()}/api")
     with pytest.raises(TransientFailure):

@@ -11,12 +11,12 @@ from azure.functions.timer import TimerRequest
 from typer.testing import CliRunner
 
 from tests.support.funcapp import BarrierSink, closed_port, function, settle
-from tollwatch import clients
-from tollwatch.cli import app as cli_app
-from tollwatch.dev.mirror import MirrorServer
-from tollwatch.emit import EmitError
-from tollwatch.events import EventName
-from tollwatch.watermark import UpstreamWatcher, WatchOutcome
+from tollwatch import resources
+from tollwatch.adapters.prefect_events import EmitError
+from tollwatch.cli.main import app as cli_app
+from tollwatch.contract.events import EventName
+from tollwatch.core.watermark import UpstreamWatcher, WatchOutcome
+from tollwatch_dev.mirror import MirrorServer
 
 pytestmark = pytest.mark.stack
 
@@ -60,9 +60,9 @@ def test_two_watchers_racing_emit_one_refresh_and_advance_the_watermark_once(fen
 
     def watcher_run():
         watcher = UpstreamWatcher(
-            clients.socrata_client(settings),
-            clients.watermark_store(settings),
-            BarrierSink(clients.event_emitter(settings), barrier),
+            resources.socrata_client(settings),
+            resources.watermark_store(settings),
+            BarrierSink(resources.event_emitter(settings), barrier),
         )
         return watcher.check()
 
@@ -115,7 +115,7 @@ def test_a_past_due_tick_catches_up_in_one_refresh(app, fenv, state, mirror: Mir
 def test_upstream_down_fails_the_invocation_without_emitting(app, fenv, state, monkeypatch):
     monkeypatch.setenv("TOLLWATCH_UPSTREAM_BASE_URL", f"http://127.0.0.1:{closed_port()}")
     monkeypatch.setenv("TOLLWATCH_UPSTREAM_MAX_ATTEMPTS", "1")
-    from tollwatch.socrata import UpstreamError
+    from tollwatch.adapters.socrata import UpstreamError
 
     with pytest.raises(UpstreamError):
         tick(app)

@@ -20,7 +20,8 @@ models, an invalid one answered `400 {"error_code": "INVALID_PARAMETER_VALUE", "
 
 What a run does: each `python_wheel_task` resolves its `entry_point` through the installed distribution's metadata
 (`importlib.metadata.entry_points(group="console_scripts")`, the distribution named by `package_name`), and
-`spark-submit`s that entry point's module file (`tollwatch.sparksubmit.submit_command`) with the task's parameters,
+`spark-submit`s that entry point's module file (`tollwatch.adapters.spark_submit.submit_command`) with the task's
+parameters,
 on `local[1]`, with the jars and the Spark conf (Iceberg's JDBC catalog on pyiceberg's catalog database) the double
 was constructed with. The double stands for a workspace whose clusters all see that one catalog: the catalog conf a
 request carries for its cluster (`new_cluster.spark_conf`, a Hadoop catalog on abfss) is recorded, not used. The
@@ -83,7 +84,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prefect_databricks.models.jobs import RunNowInput, RunSubmitSettings, RunSubmitTaskSettings
 from pydantic import TypeAdapter, ValidationError
 
-from tollwatch import sparksubmit
+from tollwatch.adapters import spark_submit as sparksubmit
 from tollwatch.contract import table as contract
 
 API = "/api/2.1/jobs"
@@ -751,7 +752,7 @@ class DatabricksJobsDouble:
                 task.end("TERMINATED", "FAILED", FAILED_MESSAGE)
 
     def command(self, entry_point: str, module_file: Path, argv: list[str]) -> list[str]:
-        """`spark-submit` of the entry point's module file, through tollwatch.sparksubmit.submit_command.
+        """`spark-submit` of the entry point's module file, through tollwatch.adapters.spark_submit.submit_command.
 
         submit_command always submits the merge module, named `tollwatch-merge`: its script (the last item when no
         argv is given) is swapped for this entry point's module and the app is named after the entry point.
@@ -950,7 +951,7 @@ def save_workspace_blocks(double: DatabricksJobsDouble, container: str) -> None:
     storage, and a Hadoop catalog on any abfss warehouse (the double's clusters use their own JDBC catalog conf)."""
     from prefect_databricks import DatabricksCredentials
 
-    from flows.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
+    from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
 
     DatabricksCredentials(databricks_instance=double.host, token=PLACEHOLDER_PAT).save(
         "tollwatch-databricks", overwrite=True

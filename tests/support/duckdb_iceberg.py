@@ -31,7 +31,8 @@ import pyarrow.compute as pc
 #: wheel keeps the reader working on a DuckDB build without it.)
 EXTENSIONS: tuple[str, ...] = ("parquet", "avro", "iceberg")
 
-#: The natural key of a row (as in `tollwatch.schema.KEY`, restated so this reader shares nothing with the writers).
+#: The natural key of a row (as in `tollwatch.core.schema.KEY`, restated so this reader shares nothing with the
+#: writers).
 KEY = ("plaza_id", "date", "hour", "direction")
 
 

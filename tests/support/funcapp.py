@@ -24,9 +24,9 @@ import azure.functions as func
 import httpx
 import yaml
 
-from tollwatch.dev.funchost import indexed_functions
-from tollwatch.emit import EventSink
-from tollwatch.events import TollwatchEvent
+from tollwatch.adapters.prefect_events import EventSink
+from tollwatch.contract.events import TollwatchEvent
+from tollwatch_dev.funchost import indexed_functions
 
 PAYLOADS = Path(__file__).resolve().parents[1] / "functions" / "payloads"
 SENTINEL = "tollwatch.test.sentinel"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import date
 from typing import Any
 
-from tollwatch.events import IngestionCompleted, Window
+from tollwatch.contract.events import IngestionCompleted, Window
 
 
 def completion(**overrides: Any) -> IngestionCompleted:

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from tollwatch.dev.stack import LocalStack, StackEndpoints
+from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 
 @contextmanager
@@ -19,7 +19,7 @@ def deployed_stack(local: LocalStack, env: Mapping[str, str] | None = None) -> I
     deploy prefect.yaml into its local pool, and stop everything afterwards."""
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
-    from tollwatch.deploy import deploy
+    from tollwatch.prefect.deploy import deploy
 
     with pytest.MonkeyPatch.context() as patch:
         for key, value in (env or {}).items():

@@ -1,7 +1,8 @@
 """What a Spark merge reports: one shape for both sides of the process boundary.
 
 `tollwatch-merge` fills it on the cluster and prints it as the `TOLLWATCH_RESULT=<json>` line; the flow reads that
-line back (`tollwatch.sparksubmit.read_result`, validated by pydantic against this same dataclass). Standard library
+line back (`tollwatch.adapters.spark_submit.read_result`, validated by pydantic against this same dataclass). Standard
+library
 only, like the rest of the contract.
 """
 

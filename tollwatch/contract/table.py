@@ -109,7 +109,8 @@ class Check:
     values: tuple[str, ...] = ()
 
     def reason_for(self, start: date | None = None, stop: date | None = None) -> str:
-        """The reason text; `in_window`'s names the window (`[start, stop)`, as `tollwatch.events.Window` prints)."""
+        """The reason text; `in_window`'s names the window (`[start, stop)`, as `tollwatch.contract.events.Window`
+        prints)."""
         return self.reason.format(start=start, stop=stop)
 
 

@@ -1,6 +1,6 @@
 """`tollwatch-daily-totals`: the downstream job in Spark — vehicles per day, plaza and direction, bronze → silver.
 
-The Spark twin of `tollwatch.jobs.daily_totals` (same output columns, same rules), run by Databricks as a
+The Spark twin of `tollwatch.downstream.daily_totals` (same output columns, same rules), run by Databricks as a
 `python_wheel_task` when a completion event's subscription starts it with run-now:
 
     tollwatch-daily-totals --snapshot-id 123 --start 2024-01-01 --stop 2024-02-01 \\

@@ -35,7 +35,7 @@ CONNECTION_STRING_ENV = "TOLLWATCH_STORAGE_CONNECTION_STRING"
 
 @dataclass(frozen=True)
 class Manifest:
-    """The part of the landing manifest (`tollwatch.landing.LandingManifest`) the merge needs."""
+    """The part of the landing manifest (`tollwatch.core.landing.LandingManifest`) the merge needs."""
 
     pages: tuple[str, ...]
     columns: tuple[str, ...]

@@ -98,7 +98,7 @@ def parse_args(argv: Sequence[str]) -> Args:
 def merged(
     existing: DataFrame, new: DataFrame, mode: str, window: tuple[date, date] | None, through: int | None
 ) -> DataFrame:
-    """The new content of the rewritten months; versions only move forward (as `tollwatch.table.newest_per_key`).
+    """The new content of the rewritten months; versions only move forward (as `tollwatch.core.table.newest_per_key`).
 
     Per key, the stored and the loaded row compete by version (the loaded one wins a tie). Window: the months' rows
     outside the window stay; a stored row of the window the load lacks was deleted upstream when it is no newer than

@@ -1,6 +1,6 @@
 """Socrata's all-string rows typed and checked in Spark, by the rules of `tollwatch.contract.table`.
 
-Each kind of check is implemented once here (as `tollwatch.schema` implements it for pyarrow) and the contract's
+Each kind of check is implemented once here (as `tollwatch.core.schema` implements it for pyarrow) and the contract's
 `CHECKS` are walked in order, so a rejected row gets the same first reason from either engine. Nothing here
 restates a column, a pattern or a reason text.
 """

@@ -1,0 +1,1 @@
+"""The `tollwatch` command line (`main`), its shared plumbing (`common`), operations (`ops`) and automations."""

@@ -1,0 +1,298 @@
+"""Prefect flow `ingest`: fetch → land raw in Blob → merge into Iceberg → announce.
+
+Thin on purpose: every step is a function in `tollwatch.core.ingest`; this module adds what Prefect is for —
+retries per step, logs, a run artifact, and the completion/failure events that chain downstream work.
+
+Two ways to call it (both are parameters of one flow, so one deployment serves both triggers):
+- refresh mode, from `tollwatch.dataset.refreshed`: `rows_updated_at` (+ `previous_rows_updated_at`)
+- window mode, from `tollwatch.backfill.requested`: `start`, `stop` (exclusive) and `request_id`
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import date
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun
+from prefect.runtime import flow_run
+from prefect.states import State
+
+from tollwatch import resources
+from tollwatch.contract.events import (
+    BackfillRequested,
+    DatasetRefreshed,
+    Durations,
+    EventName,
+    IngestionCompleted,
+    IngestionFailed,
+    Resource,
+    TollwatchEvent,
+    Window,
+    dataset_resource_id,
+)
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.core.audit import Reconciliation, reconcile
+from tollwatch.core.ingest import (
+    FetchPlan,
+    IngestRequest,
+    LoadResult,
+    covered_load,
+    fetch_and_land,
+    load_landing,
+    plan_fetch,
+    previous_load,
+)
+from tollwatch.core.landing import LandingManifest
+from tollwatch.prefect.flows.common import emit_quietly, emitter, run_resources
+from tollwatch.prefect.flows.report import ingest_report
+
+
+def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestRequest:
+    """Turn flow parameters into a validated request (exactly one of refresh / window)."""
+    has_window = parameters.get("start") is not None or parameters.get("stop") is not None
+    has_refresh = parameters.get("rows_updated_at") is not None
+    if has_window == has_refresh:
+        raise ValueError("give either rows_updated_at (refresh) or start and stop (window), not both or neither")
+    common = {"domain": settings.upstream_domain, "dataset_id": settings.upstream_dataset_id}
+    if has_refresh:
+        return IngestRequest.for_refresh(
+            DatasetRefreshed(
+                **common,
+                rows_updated_at=int(parameters["rows_updated_at"]),
+                previous_rows_updated_at=parameters.get("previous_rows_updated_at"),
+            )
+        )
+    return IngestRequest.for_window(
+        BackfillRequested(
+            **common,
+            start=parameters["start"],
+            stop=parameters["stop"],
+            request_id=parameters.get("request_id") or "manual",
+        )
+    )
+
+
+def related(settings: Settings) -> tuple[Resource, ...]:
+    """The dataset, this flow run and its deployment."""
+    return run_resources(
+        Resource(id=dataset_resource_id(settings.upstream_domain, settings.upstream_dataset_id), role="dataset")
+    )
+
+
+@task(name="plan-fetch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def plan(request: IngestRequest) -> FetchPlan:
+    """What to ask the upstream for: a refresh starts where the table's ledger says it is committed through."""
+    settings = load_settings()
+    # On Databricks the ledger lives in Spark's catalog, out of this process's reach: the event's previous publish
+    # is the best floor there is (a known limit, see README). Locally both engines commit to one catalog.
+    mark = (
+        resources.table_store(settings).committed_through()
+        if settings.ledger_in_reach
+        else request.previous_rows_updated_at
+    )
+    return plan_fetch(request, resources.socrata_client(settings), mark)
+
+
+@task(name="fetch-and-land", cache_policy=NO_CACHE)
+def land(request: IngestRequest, fetch: FetchPlan) -> LandingManifest:
+    """Stream the upstream into Blob and reconcile it with the upstream's count; each request retries itself."""
+    settings = load_settings()
+    return fetch_and_land(
+        request,
+        fetch,
+        resources.socrata_client(settings),
+        resources.landing_zone(settings),
+        run_id=str(flow_run.id or "local"),
+        page_size=settings.upstream_page_size,
+    )
+
+
+@task(name="load-into-table", cache_policy=NO_CACHE)
+def load(request: IngestRequest, manifest: LandingManifest) -> LoadResult:
+    """Commit the landing; a retry (e.g. after a concurrent commit) re-reads the same landed files."""
+    settings = load_settings()
+    return load_landing(
+        request, manifest, resources.landing_zone(settings), resources.table_store(settings), flow_run_id=flow_run.id
+    )
+
+
+@task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def committed_load(request: IngestRequest) -> LoadResult | None:
+    """The load that already holds this refresh: a replay is not fetched again (it commits nothing)."""
+    settings = load_settings()
+    previous = previous_load(request, resources.table_store(settings), resources.landing_zone(settings))
+    if previous is not None:
+        get_run_logger().info(
+            "refresh %s already committed as snapshot %s: no-op%s",
+            request.refresh_id,
+            previous.snapshot_id,
+            "" if previous.already_committed else " (its completion was never announced: announcing it now)",
+        )
+    return previous
+
+
+@task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
+def announce(event: TollwatchEvent, request: IngestRequest) -> None:
+    """Tell Prefect (automations, subscriptions) and, when a topic is configured, Event Grid subscribers."""
+    settings = load_settings()
+    emitter(settings).emit([event])
+    publisher = resources.completion_publisher(settings)
+    if publisher is not None and event.event == EventName.INGESTION_COMPLETED:
+        publisher.publish(event)  # same id as the Prefect event, so subscribers can dedupe across both
+    try:  # after the announcement: a lost marker costs at most a second announcement (same event id) later
+        landing = resources.landing_zone(settings)
+        landing.mark_announced(request.landing_scope, str(event.id), event.payload["snapshot_id"])
+    except Exception as exc:
+        get_run_logger().warning("announced, but could not record it (a re-run will announce again): %s", exc)
+
+
+@task(name="reconcile-touched-days", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def reconcile_touched(window: Window) -> Reconciliation | None:
+    """After the commit, the upstream's count(*) per day against the table's for the days this load touched.
+
+    Information for the completion event and the artifact, not a gate (the gate is the count check before the
+    commit): a publish since the fetch shows here as a difference the next refresh closes. `tollwatch audit`
+    reconciles any range on demand. A reconciliation that cannot be made is logged, never fails a committed load.
+    """
+    settings = load_settings()
+    try:
+        counts = reconcile(
+            resources.socrata_client(settings), resources.table_store(settings), settings.upstream_dataset_id, window
+        )
+    except Exception as exc:
+        get_run_logger().warning("could not reconcile %s after the commit: %s", window, exc)
+        return None
+    if not counts.matches:
+        get_run_logger().warning(
+            "after the commit the table holds %d rows of %s, the upstream %d (%d days differ; `tollwatch audit`)",
+            counts.table_rows,
+            window,
+            counts.upstream_rows,
+            len(counts.differing_days),
+        )
+    return counts
+
+
+def emit_failure(flow: object, run: FlowRun, state: State) -> None:
+    """on_failure hook: tell subscribers this load failed, and why (the table is unchanged by it)."""
+    logger = get_run_logger()
+    settings = load_settings()
+    error = state.result(raise_on_failure=False)
+    request: IngestRequest | None
+    try:
+        request = build_request(settings, dict(run.parameters))
+    except ValueError:
+        request = None
+    payload = IngestionFailed(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        mode=request.mode if request else ("window" if run.parameters.get("start") else "refresh"),
+        window=request.window if request else None,
+        refresh_id=request.refresh_id if request else None,
+        error_class=type(error).__name__ if isinstance(error, BaseException) else "Failed",
+        error_message=str(error)[:2000] if error else (state.message or ""),
+        flow_run_id=str(run.id),
+    )
+    emit_quietly(settings, TollwatchEvent.of(payload, related=related(settings)), logger)
+
+
+@flow(name="ingest", on_failure=[emit_failure], log_prints=True)
+def ingest(
+    rows_updated_at: int | None = None,
+    previous_rows_updated_at: int | None = None,
+    start: date | None = None,
+    stop: date | None = None,
+    request_id: str | None = None,
+) -> IngestionCompleted:
+    """Load one refresh or one window of MTA B&T hourly traffic into the bronze Iceberg table."""
+    logger = get_run_logger()
+    settings = load_settings()
+    request = build_request(
+        settings,
+        {
+            "rows_updated_at": rows_updated_at,
+            "previous_rows_updated_at": previous_rows_updated_at,
+            "start": start,
+            "stop": stop,
+            "request_id": request_id,
+        },
+    )
+    logger.info("ingest %s refresh_id=%s window=%s", request.mode, request.refresh_id, request.window)
+
+    began = time.perf_counter()
+    retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
+    run_page_url = None
+    # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
+    previous = committed_load(request) if settings.ledger_in_reach else None
+    fetch = plan(request) if previous is None else None
+    if fetch is not None and fetch.covered:
+        logger.info("refresh %s: a later load already committed its publish; nothing to fetch", request.refresh_id)
+        previous = covered_load(resources.table_store(settings))
+    if previous is None:
+        assert fetch is not None
+        logger.info("fetching %s (versions after %s, through %s)", fetch.where, fetch.after, fetch.through)
+        manifest = land.with_options(**retry)(request, fetch)
+        fetched = time.perf_counter()
+        if settings.engine == "databricks":
+            from tollwatch.prefect.databricks_runner import merge_on_databricks
+
+            result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
+        elif settings.engine == "spark":
+            from tollwatch.prefect.flows.merge_spark import merge_with_spark
+
+            result = merge_with_spark.with_options(**retry)(request, manifest, str(flow_run.id or "local"))
+        else:
+            result = load.with_options(**retry)(request, manifest)
+        rows_fetched, landing_uri = manifest.rows, resources.landing_zone(settings).uri(manifest.prefix)
+    else:
+        fetched = time.perf_counter()
+        result = previous
+        rows_fetched, landing_uri = 0, ""
+    loaded = time.perf_counter()
+    touched = request.window or result.touched or _touched(result)
+    counts = reconcile_touched(touched) if touched is not None and settings.ledger_in_reach else None
+
+    completed = IngestionCompleted(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        mode=request.mode,
+        window=touched,
+        refresh_id=request.refresh_id,
+        rows_fetched=rows_fetched,
+        rows_written=result.rows_written,
+        rows_rejected=result.rows_rejected,
+        snapshot_id=result.snapshot_id,
+        landing_uri=landing_uri,
+        already_committed=result.already_committed,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        durations=Durations(fetch_s=fetched - began, load_s=loaded - fetched, total_s=loaded - began),
+        run_page_url=run_page_url,
+        engine=settings.engine,
+        committed_through=result.committed_through,
+        upstream_rows=counts.upstream_rows if counts else None,
+        table_rows=counts.table_rows if counts else None,
+    )
+    create_markdown_artifact(
+        key="ingest-report", markdown=ingest_report(completed, result, counts), description="rows per day and plaza"
+    )
+    announce(TollwatchEvent.of(completed, related=related(settings)), request)
+    logger.info(
+        "done: %d rows fetched, %d written, %d rejected, snapshot %s",
+        completed.rows_fetched,
+        completed.rows_written,
+        completed.rows_rejected,
+        completed.snapshot_id,
+    )
+    return completed
+
+
+def _touched(result: LoadResult) -> Window | None:
+    """For refreshes: the days the load actually touched."""
+    days = [day for day, _ in result.rows_per_day_plaza]
+    if not days:
+        return None
+    return Window(start=min(days), stop=date.fromordinal(max(days).toordinal() + 1))
