@@ -12,9 +12,9 @@ from collections.abc import Callable
 import azure.functions as func
 from pydantic import ValidationError
 
+from tollwatch.contract.errors import ConfigurationError, TollwatchError, describe
 from tollwatch.contract.settings import Settings, load_settings
 from tollwatch.contract.webio import InboundRequest, Reply
-from tollwatch.resources import ConfigurationError
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +42,17 @@ def respond(req: func.HttpRequest, handler: Handler) -> func.HttpResponse:
     """Load settings, run `handler`, and turn any failure into a JSON error without internals."""
     try:
         settings = load_settings()
-    except ValidationError as exc:
-        # Only field names and messages: input values could be secrets.
-        fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors())
-        log.error("settings are invalid: %s", fields)
-        return to_response(Reply.error(500, f"function app is misconfigured: {fields}"))
+    except ValidationError as exc:  # `describe` names fields and problems only: input values could be secrets
+        log.error("settings are invalid: %s", describe(exc))
+        return to_response(Reply.error(500, f"function app is misconfigured: {describe(exc)}"))
     try:
         return to_response(handler(to_inbound(req), settings))
     except ConfigurationError as exc:
-        log.error("%s", exc)
-        return to_response(Reply.error(500, f"function app is misconfigured: {exc}"))
+        log.error("%s", describe(exc))
+        return to_response(Reply.error(500, f"function app is misconfigured: {describe(exc)}"))
+    except TollwatchError as exc:  # raised on purpose: its status and its sentence
+        log.error("%s", describe(exc))
+        return to_response(Reply.error(exc.status, describe(exc)))
     except Exception:  # the last line of defence: log the traceback, answer a sentence
         log.exception("unhandled error in %s (%s)", getattr(handler, "__name__", "handler"), req.method)
         return to_response(Reply.error(500, "internal error; details are in the function log"))

@@ -55,7 +55,7 @@ def test_retry_after_429_202_and_truncated_body_then_success(client, mirror):
 
 def test_a_persistent_5xx_ends_in_a_clear_error(client, mirror):
     mirror.dataset.fail_always({"status": 503})
-    with pytest.raises(UpstreamError, match=r"failed after 3 attempts; last error: HTTP 503"):
+    with pytest.raises(UpstreamError, match=r"failed \(gave up after 3 attempts\); last error: HTTP 503"):
         all_rows(client, None, page_size=10)
     assert len([r for r in mirror.dataset.requests if r.path.startswith("/resource/")]) == 3
 

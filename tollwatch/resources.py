@@ -21,6 +21,7 @@ from pydantic import SecretStr
 from tollwatch.adapters.blob_state import JsonBlobStore
 from tollwatch.adapters.prefect_events import EventSink, PrefectEventsEmitter, WebhookEmitter
 from tollwatch.adapters.socrata import SocrataClient, build_http_client
+from tollwatch.contract.errors import ConfigurationError
 from tollwatch.contract.settings import Settings
 from tollwatch.core.backfill import PLANNING_ATTEMPTS
 from tollwatch.core.landing import LandingZone
@@ -29,10 +30,6 @@ from tollwatch.core.watermark import UpstreamWatcher, WatermarkStore
 
 if TYPE_CHECKING:
     from tollwatch.adapters.eventgrid_out import CompletionPublisher
-
-
-class ConfigurationError(RuntimeError):
-    """A setting is missing or inconsistent; the message says which and how to fix it."""
 
 
 def blob_service(settings: Settings) -> BlobServiceClient:

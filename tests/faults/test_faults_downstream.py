@@ -49,7 +49,7 @@ from tests.test_automations import (
 )
 from tests.test_ingest_flow import ROWS_PER_DAY, table_rows
 from tollwatch import resources
-from tollwatch.adapters.databricks_jobs import retry_after_s
+from tollwatch.adapters.net import retry_after_s
 from tollwatch.contract.events import EventName, IngestionCompleted, Window
 from tollwatch.contract.settings import load_settings
 from tollwatch.prefect.flows.ingest import ingest

@@ -155,7 +155,7 @@ def test_an_upstream_fault_that_persists_mid_paging_fails_the_run_with_nothing_c
     assert payload["window"] == {"start": "2024-02-01", "stop": "2024-03-01"}
     assert payload["error_class"] == "UpstreamError"
     assert reason in payload["error_message"]
-    assert "failed after 3 attempts" in payload["error_message"]
+    assert "gave up after 3 attempts" in payload["error_message"]
     assert [r.status for r in data_requests(mirror)][:3] == [200, 200, 200]
     assert len(data_requests(mirror)) == 3 + 3
     assert snapshot_ids() == snapshots

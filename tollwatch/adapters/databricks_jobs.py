@@ -1,31 +1,30 @@
 """What tollwatch asks of Databricks, as plain models: compute, the merge job's arguments, run outcomes.
 
-No HTTP here: requests go through prefect-databricks (tollwatch/prefect/databricks_runner.py). This module decides what
-to send
-and how to read what comes back, so those rules are testable without any client:
+No HTTP here: requests go through prefect-databricks (tollwatch/prefect/databricks_runner.py). This module
+decides what to send and how to read what comes back, so those rules are testable without any client:
 - idempotency tokens are derived from the flow run (≤ 64 chars, as the Jobs API requires), so a retried
   submit returns the run the first attempt started instead of starting a second one;
 - a run is successful only when TERMINATED with result SUCCESS; every other end is a failure with a reason;
-- a throttled call waits at least as long as the API's `Retry-After` asks (`retry_after_s`), and a call that
-  keeps failing ends in a `DatabricksApiError` that says which call, how it failed and how often it was tried.
+- a call that keeps failing (after the retries of `tollwatch.adapters.net`) ends in a `DatabricksApiError` that
+  says which call, how it failed and how often it was tried.
 """
 
 from __future__ import annotations
 
-from datetime import UTC, date, datetime
-from email.utils import parsedate_to_datetime
+from datetime import date
 from typing import Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tollwatch.contract import compute
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import deterministic_id
 
 #: Life-cycle states after which a run never changes again.
 TERMINAL_LIFE_CYCLES = frozenset({"TERMINATED", "SKIPPED", "INTERNAL_ERROR"})
 
 
-class DatabricksRunFailed(RuntimeError):
+class DatabricksRunFailed(TollwatchError):
     """The Databricks run ended in anything but TERMINATED/SUCCESS (the message names the state and reason).
 
     `outcome` is the run as last seen, so a failure event can link the run page (None when it is unknown).
@@ -40,28 +39,9 @@ class DatabricksRunTimedOut(DatabricksRunFailed):
     """We stopped waiting (and cancelled the run)."""
 
 
-class DatabricksApiError(RuntimeError):
+class DatabricksApiError(TollwatchError):
     """A Jobs API call kept failing (throttled, unavailable, unreachable) through every retry, or asked us to wait
     longer than we allow. The message names the call, the last answer and the number of attempts."""
-
-
-def retry_after_s(value: str | None, *, now: datetime | None = None) -> float | None:
-    """The wait a `Retry-After` header asks for, in seconds (it is delta-seconds or an HTTP-date, RFC 9110 §10.2.3);
-    None when the header is absent or unreadable (the caller then falls back to its own backoff)."""
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    try:
-        return max(0.0, float(text))
-    except ValueError:
-        pass
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class ComputeSpec(BaseModel):

@@ -32,6 +32,7 @@ from typing import Any, Literal
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.webio import InboundRequest, Reply
 
 BLOB_CREATED = "Microsoft.Storage.BlobCreated"
@@ -44,7 +45,7 @@ SUBSCRIPTION_HEADER = "aeg-subscription-name"
 _SUBJECT = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
 
 
-class Rejected(Exception):
+class Rejected(TollwatchError):
     """A request refused for good: the status Event Grid will see and the reason it will log."""
 
     def __init__(self, status: int, reason: str) -> None:

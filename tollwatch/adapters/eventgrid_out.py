@@ -16,12 +16,13 @@ from azure.core.exceptions import AzureError
 from azure.core.messaging import CloudEvent
 from azure.eventgrid import EventGridPublisherClient
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import EventName, TollwatchEvent
 
 log = logging.getLogger(__name__)
 
 
-class PublishError(RuntimeError):
+class PublishError(TollwatchError):
     """The topic did not accept the event; the message says which event and why (never the key)."""
 
 

@@ -4,8 +4,8 @@ Why not `prefect.events.emit_event`: it queues the event to a background websock
 server has it, and importing prefect costs seconds of cold start in the Function app. Here a POST either
 returns 2xx (the event is stored) or raises, so the caller can keep its watermark and fail the invocation.
 
-Two transports, one retry policy (connection errors, 408/429 and 5xx are retried with jittered exponential
-backoff; any other 4xx is final, because repeating a request the server refused cannot succeed):
+Two transports, retried by the one outbound policy (`tollwatch.adapters.net`: connection errors, 408/429 and 5xx,
+jittered exponential backoff never sooner than `Retry-After`; any other 4xx is final):
 
 * `PrefectEventsEmitter`: `POST {api}/events` with a list (OSS server, or a Prefect Cloud workspace API with a
   Bearer API key, or a self-hosted server behind basic auth).
@@ -18,43 +18,28 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from typing import Protocol
+from typing import NoReturn, Protocol
 from urllib.parse import urlsplit
 
 import httpx
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
+from tollwatch.adapters.net import RetryPolicy, describe_http_error
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import TollwatchEvent
 
 log = logging.getLogger(__name__)
 
 
-class EmitError(RuntimeError):
+class EmitError(TollwatchError):
     """Events could not be delivered; nothing after this point may assume they were."""
+
+    status = 503
 
 
 class EventSink(Protocol):
     """Anything that can deliver events with confirmation (the Prefect API, a webhook, a recorder in tests)."""
 
     def emit(self, events: Sequence[TollwatchEvent]) -> None: ...
-
-
-def _is_transient(exc: BaseException) -> bool:
-    if isinstance(exc, httpx.TransportError):
-        return True
-    return isinstance(exc, httpx.HTTPStatusError) and (
-        exc.response.status_code >= 500 or exc.response.status_code in (408, 429)
-    )
-
-
-def _retrying(max_attempts: int, backoff_initial_s: float, backoff_max_s: float) -> Retrying:
-    """The one delivery retry policy: transient failures only, then re-raise the last error."""
-    return Retrying(
-        stop=stop_after_attempt(max_attempts),
-        wait=wait_exponential_jitter(initial=backoff_initial_s, max=backoff_max_s),
-        retry=retry_if_exception(_is_transient),
-        reraise=True,
-    )
 
 
 class PrefectEventsEmitter:
@@ -77,17 +62,22 @@ class PrefectEventsEmitter:
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         self._auth = tuple(auth_string.split(":", 1)) if auth_string else None
-        self._retrying = _retrying(max_attempts, backoff_initial_s, backoff_max_s)
+        self._retry = RetryPolicy(max_attempts=max_attempts, initial_s=backoff_initial_s, max_delay_s=backoff_max_s)
 
     def emit(self, events: Sequence[TollwatchEvent]) -> None:
         """Deliver all events in one request; raise `EmitError` if the server did not confirm."""
         if not events:
             return
         body = [e.to_prefect() for e in events]
+        failed = f"could not deliver {len(events)} event(s) to {self._url}"
+
+        def give_up(error: BaseException, why: str) -> NoReturn:
+            raise EmitError(f"{failed}: {describe_http_error(error)} ({why})") from error
+
         try:
-            self._retrying(self._post, body)
-        except httpx.HTTPError as exc:
-            raise EmitError(f"could not deliver {len(events)} event(s) to {self._url}: {_describe(exc)}") from exc
+            self._retry.call(self._post, body, what=f"POST {self._url}", give_up=give_up, logger=log)
+        except httpx.HTTPError as exc:  # a final answer (4xx): not retried
+            raise EmitError(f"{failed}: {describe_http_error(exc)}") from exc
         for event in events:
             log.info("emitted %s id=%s resource=%s", event.event, event.id, event.resource.id)
 
@@ -153,27 +143,28 @@ class WebhookEmitter:
         self._headers = {"Content-Type": "application/json"}
         if api_key:  # webhooks bound to a service account require its key (Prefect Cloud Pro/Enterprise)
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._retrying = _retrying(max_attempts, backoff_initial_s, backoff_max_s)
+        self._retry = RetryPolicy(max_attempts=max_attempts, initial_s=backoff_initial_s, max_delay_s=backoff_max_s)
 
     def emit(self, events: Sequence[TollwatchEvent]) -> None:
         """Deliver every event (one request each); raise `EmitError` at the first one not confirmed."""
         for number, event in enumerate(events, start=1):
-            try:
-                self._retrying(self._post, event.to_prefect())
-            except httpx.HTTPError as exc:
+            failed = (
+                f"could not deliver event {number}/{len(events)} ({event.event} id={event.id}) to the Prefect "
+                "Cloud webhook"
+            )
+
+            def give_up(error: BaseException, why: str, failed: str = failed) -> NoReturn:
                 # `from None`: httpx errors carry the request URL, which is the webhook's secret.
-                raise EmitError(
-                    f"could not deliver event {number}/{len(events)} ({event.event} id={event.id}) to the Prefect "
-                    f"Cloud webhook: {_describe(exc)}"
-                ) from None
+                raise EmitError(f"{failed}: {describe_http_error(error)} ({why})") from None
+
+            try:
+                self._retry.call(
+                    self._post, event.to_prefect(), what="POST <Prefect Cloud webhook>", give_up=give_up, logger=log
+                )
+            except httpx.HTTPError as exc:  # a final answer (4xx): not retried
+                raise EmitError(f"{failed}: {describe_http_error(exc)}") from None
             log.info("emitted %s id=%s resource=%s via webhook", event.event, event.id, event.resource.id)
 
     def _post(self, body: dict[str, object]) -> None:
         response = self._http.post(self._url, json=body, headers=self._headers)
         response.raise_for_status()
-
-
-def _describe(exc: httpx.HTTPError) -> str:
-    if isinstance(exc, httpx.HTTPStatusError):
-        return f"HTTP {exc.response.status_code}: {exc.response.text[:300]}"
-    return f"{type(exc).__name__}: {exc}"

@@ -11,30 +11,31 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
-from email.utils import parsedate_to_datetime
+from typing import NoReturn
 
 import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
-from tenacity import (
-    RetryCallState,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_exponential_jitter,
-)
+
+from tollwatch.adapters.net import TRANSIENT_STATUS, RetryPolicy, retry_after_s
+from tollwatch.contract.errors import TollwatchError
 
 log = logging.getLogger(__name__)
 
-RETRYABLE_STATUS = frozenset({202, 408, 429, 500, 502, 503, 504})
+#: Socrata answers 202 while it is still preparing a result: worth asking again, like the usual transient answers.
+RETRYABLE_STATUS = TRANSIENT_STATUS | {202}
 
 
-class UpstreamError(RuntimeError):
+class UpstreamError(TollwatchError):
     """The upstream could not be read; the message says what was asked and what came back."""
+
+    status = 502
 
 
 class _Retryable(Exception):
     """A response or transport failure worth another try (carries the server's Retry-After, if any)."""
+
+    transient = True  # what tollwatch.adapters.net retries
 
     def __init__(self, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
@@ -91,19 +92,6 @@ def updated_between_where(after_epoch_s: int | None, through_epoch_s: int) -> st
     return f":updated_at >= '{socrata_timestamp(after_epoch_s + 1)}' AND {upper}"
 
 
-def _retry_after_seconds(value: str | None) -> float | None:
-    """Parse Retry-After (seconds or HTTP date)."""
-    if not value:
-        return None
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        try:
-            return max(0.0, (parsedate_to_datetime(value) - datetime.now(UTC)).total_seconds())
-        except (TypeError, ValueError):
-            return None
-
-
 class SocrataClient:
     """Reads one Socrata domain. Construct with an `httpx.Client` so tests and callers control transport."""
 
@@ -120,9 +108,9 @@ class SocrataClient:
         self._headers = {"Accept": "application/json"}
         if app_token:
             self._headers["X-App-Token"] = app_token
-        self._max_attempts = max_attempts
-        self._backoff_max_s = backoff_max_s
-        self._backoff_initial_s = backoff_initial_s
+        self._retry = RetryPolicy(
+            max_attempts=max_attempts, initial_s=backoff_initial_s, max_delay_s=backoff_max_s, statuses=frozenset()
+        )
 
     # ------------------------------------------------------------------ public API
 
@@ -196,45 +184,18 @@ class SocrataClient:
 
     # ------------------------------------------------------------------ transport
 
-    def _wait(self, state: RetryCallState) -> float:
-        """The server's Retry-After when it sends one, else exponential backoff with jitter.
-
-        Both are capped at `backoff_max_s`, so an absurd Retry-After cannot stall a run; the attempts run out instead.
-        """
-        backoff = wait_exponential_jitter(initial=self._backoff_initial_s, max=self._backoff_max_s)(state)
-        exc = state.outcome.exception() if state.outcome else None
-        retry_after = getattr(exc, "retry_after", None)
-        if retry_after is not None:
-            return min(max(retry_after, 0.0), self._backoff_max_s)
-        return backoff
-
     def _get(
         self, path: str, *, params: dict[str, str], expect_array: bool = False
     ) -> tuple[bytes, list[dict[str, str]] | None]:
-        """GET with retries; returns the raw body and, with `expect_array`, the parsed rows."""
+        """GET with the one retry policy (tollwatch.adapters.net); returns the raw body and, with `expect_array`,
+        the parsed rows."""
 
-        def before_sleep(state: RetryCallState) -> None:
-            exc = state.outcome.exception() if state.outcome else None
-            log.warning(
-                "GET %s attempt %d/%d failed (%s); retrying in %.1fs",
-                path,
-                state.attempt_number,
-                self._max_attempts,
-                exc,
-                state.upcoming_sleep,
-            )
+        def give_up(error: BaseException, why: str) -> NoReturn:
+            raise UpstreamError(f"GET {path} failed ({why}); last error: {error}") from error
 
-        retrying = Retrying(
-            stop=stop_after_attempt(self._max_attempts),
-            wait=self._wait,
-            retry=retry_if_exception_type(_Retryable),
-            before_sleep=before_sleep,
-            reraise=True,
+        return self._retry.call(
+            self._get_once, path, params, expect_array, what=f"GET {path}", give_up=give_up, logger=log
         )
-        try:
-            return retrying(self._get_once, path, params, expect_array)
-        except _Retryable as exc:
-            raise UpstreamError(f"GET {path} failed after {self._max_attempts} attempts; last error: {exc}") from exc
 
     def _get_once(
         self, path: str, params: dict[str, str], expect_array: bool
@@ -249,7 +210,7 @@ class SocrataClient:
         if response.status_code in RETRYABLE_STATUS:
             raise _Retryable(
                 f"HTTP {response.status_code} {response.reason_phrase}: {response.text[:200]}",
-                retry_after=_retry_after_seconds(response.headers.get("Retry-After")),
+                retry_after=retry_after_s(response.headers.get("Retry-After")),
             )
         if response.status_code >= 400:
             raise UpstreamError(f"GET {path} → HTTP {response.status_code}: {response.text[:500]}")

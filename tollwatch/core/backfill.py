@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from tollwatch.adapters.socrata import SocrataClient, window_where
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import DATASET_EPOCH, BackfillRequested, TollwatchEvent, Window, deterministic_id
 from tollwatch.contract.settings import Settings
 
@@ -161,8 +162,10 @@ class FieldProblem(BaseModel):
     reason: str
 
 
-class BackfillRejected(ValueError):
+class BackfillRejected(TollwatchError, ValueError):
     """The request is invalid; `problems` say which fields and why."""
+
+    status = 400
 
     def __init__(self, problems: list[FieldProblem]) -> None:
         super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
@@ -274,8 +277,10 @@ COUNT_CHUNK = Chunk.YEAR
 PLANNING_ATTEMPTS = 2
 
 
-class UpstreamCountsUnavailable(Exception):
+class UpstreamCountsUnavailable(TollwatchError):
     """The upstream's row counts could not be read, so no `auto` plan could be made (nothing was emitted)."""
+
+    status = 503
 
 
 def upstream_counts_by_day(socrata: SocrataClient, dataset_id: str, window: Window) -> dict[date, int]:

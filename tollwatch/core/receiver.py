@@ -45,6 +45,7 @@ from tollwatch.adapters.eventgrid_in import (
     screen,
 )
 from tollwatch.adapters.prefect_events import EmitError, EventSink
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import BlobRef, DatasetRefreshed, TollwatchEvent
 from tollwatch.contract.settings import Settings
 from tollwatch.contract.webio import InboundRequest, Reply
@@ -55,8 +56,10 @@ log = logging.getLogger(__name__)
 _MAX_WRITE_ROUNDS = 5
 
 
-class TransientFailure(RuntimeError):
+class TransientFailure(TollwatchError):
     """Storage or Prefect could not be reached: the delivery must be retried, and nothing was lost."""
+
+    status = 503
 
 
 # ---------------------------------------------------------------------------------------------- sequencers

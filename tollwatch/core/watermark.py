@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tollwatch.adapters.blob_state import JsonBlobStore, Versioned
 from tollwatch.adapters.prefect_events import EventSink
 from tollwatch.adapters.socrata import SocrataClient
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import DatasetRefreshed, TollwatchEvent
 
 log = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 _MAX_WRITE_ROUNDS = 5
 
 
-class WatermarkConflict(RuntimeError):
+class WatermarkConflict(TollwatchError):
     """The watermark kept changing under us; the invocation fails and the retry starts from a fresh read."""
 
 

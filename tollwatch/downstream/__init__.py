@@ -7,6 +7,7 @@ instead of a KeyError deep inside a flow run.
 
 from __future__ import annotations
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.downstream.daily_totals import daily_totals
 from tollwatch.downstream.models import JobResult, LocalJob, UpstreamNotFoundError, UpstreamRef
 
@@ -26,8 +27,10 @@ LOCAL_JOBS: dict[str, LocalJob] = {
 }
 
 
-class UnknownJobError(ValueError):
+class UnknownJobError(TollwatchError, ValueError):
     """No local job has that name; the message lists the ones that exist."""
+
+    status = 400
 
 
 def local_job(name: str) -> LocalJob:

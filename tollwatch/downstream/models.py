@@ -11,6 +11,7 @@ from typing import Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import Window
 from tollwatch.contract.settings import Settings
 
@@ -29,7 +30,7 @@ __all__ = [
 ]
 
 
-class UpstreamNotFoundError(LookupError):
+class UpstreamNotFoundError(TollwatchError, LookupError):
     """The upstream table or snapshot a job was asked to read does not exist (not loaded yet, or expired)."""
 
 

@@ -20,11 +20,13 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
+from tollwatch.contract.errors import TollwatchError
+
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 PREFECT_FILE = PROJECT_ROOT / "prefect.yaml"
 
 
-class DeployError(RuntimeError):
+class DeployError(TollwatchError):
     """Deploying failed; the message says which step and why."""
 
 
@@ -52,20 +54,21 @@ class WorkPoolSpec(BaseModel):
     description: str = ""
     concurrency_limit: int | None = Field(default=None, ge=1)
     git: GitSource | None = Field(default=None, description="None: workers run the checkout they were started in")
-    warm: bool = Field(
-        default=False,
-        description="start runs through tollwatch_dev.warm (a pre-imported process forks each run) instead of a cold "
-        "`python -m prefect.engine`; falls back to cold when no warm server is reachable",
+    run_module: str | None = Field(
+        default=None,
+        description="the module a worker runs for each flow run (`python -m <module> <flow-run-id>`) instead of "
+        "Prefect's `prefect.engine`; opt-in tuning such as the dev tools' warm runner (tollwatch_dev.warm.client)",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$",
     )
 
 
 def base_job_template(spec: WorkPoolSpec) -> dict[str, Any]:
-    """Prefect's process template; a warm pool defaults its `command` to the warm client."""
+    """Prefect's process template; a pool with a `run_module` defaults its `command` to that module."""
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
-    if spec.warm:
-        template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m tollwatch_dev.warm.client"
+    if spec.run_module:
+        template["variables"]["properties"]["command"]["default"] = f"{sys.executable} -m {spec.run_module}"
     return template
 
 

@@ -28,6 +28,8 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
+from tollwatch.contract.errors import TollwatchError
+
 if TYPE_CHECKING:
     from prefect.blocks.core import Block
     from prefect.client.schemas.objects import BlockDocument
@@ -48,7 +50,7 @@ ENGINE_MODULE = "prefect.engine"
 SLOT_LOST_MESSAGE = "Deployment concurrency slot lost during provisioning"
 
 
-class PrefectInternalsError(RuntimeError):
+class PrefectInternalsError(TollwatchError):
     """The installed Prefect is not one whose internals tollwatch was checked against."""
 
 

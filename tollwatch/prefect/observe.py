@@ -17,12 +17,12 @@ import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 from uuid import UUID
 
-import httpx
 from pydantic import BaseModel, ConfigDict
-from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from tollwatch.adapters.net import RetryPolicy
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -48,30 +48,16 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
-def _transient(error: BaseException) -> bool:
-    """A server error or a broken connection: worth asking again. A 4xx is the server meaning it."""
-    from prefect.exceptions import PrefectHTTPStatusError
-
-    if isinstance(error, PrefectHTTPStatusError | httpx.HTTPStatusError):
-        return error.response.status_code >= 500
-    return isinstance(error, httpx.TransportError)
-
-
 def _read(call: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
-    """One read from the Prefect API, retried on a transient failure (see _READ_ATTEMPTS)."""
-    retrying = Retrying(
-        retry=retry_if_exception(_transient),
-        stop=stop_after_attempt(_READ_ATTEMPTS),
-        wait=wait_exponential(multiplier=_READ_BACKOFF_S, max=8 * _READ_BACKOFF_S),
-        before_sleep=lambda state: log.warning(
-            "Prefect API read failed (%s); attempt %d of %d",
-            state.outcome.exception() if state.outcome else "?",
-            state.attempt_number,
-            _READ_ATTEMPTS,
-        ),
-        reraise=True,
-    )
-    return retrying(call, *args, **kwargs)
+    """One read from the Prefect API, retried by the outbound policy (tollwatch.adapters.net) on a transient failure
+    (see _READ_ATTEMPTS); when the tries run out the last error is raised as it is."""
+    policy = RetryPolicy(max_attempts=_READ_ATTEMPTS, initial_s=_READ_BACKOFF_S, max_delay_s=8 * _READ_BACKOFF_S)
+
+    def give_up(error: BaseException, why: str) -> NoReturn:
+        log.warning("Prefect API read failed (%s); %s", error, why)
+        raise error
+
+    return policy.call(call, *args, what="Prefect API read", give_up=give_up, logger=log, **kwargs)
 
 
 class ActionTaken(BaseModel):

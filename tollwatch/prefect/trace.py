@@ -12,6 +12,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.prefect.observe import PrefectObserver
 
 #: Events the flows announce; a run's first of these continues the chain.
@@ -24,7 +25,7 @@ ANNOUNCED = (
 _RUN_STATES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 
 
-class TraceError(ValueError):
+class TraceError(TollwatchError, ValueError):
     """The id is neither a stored event nor a flow run an automation started."""
 
 

@@ -30,6 +30,7 @@ from pydantic import (
     model_validator,
 )
 
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import INGESTION_LABELS, EventName, IngestionCompleted, IngestionFailed
 
 #: Every automation this project applies carries both tags; only `MANAGED_TAG` ones are ever pruned.
@@ -62,8 +63,10 @@ DeploymentRef = Annotated[str, StringConstraints(pattern=r"^[^/]+/[^/]+$")]
 LabelScalar = str | bool
 
 
-class AutomationsConfigError(ValueError):
+class AutomationsConfigError(TollwatchError, ValueError):
     """The automation files are wrong; one line per problem (`<file>: <field>: <message>`), nothing applied."""
+
+    status = 400
 
     def __init__(self, problems: Sequence[str]) -> None:
         self.problems = tuple(problems)

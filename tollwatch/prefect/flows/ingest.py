@@ -22,6 +22,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from tollwatch import resources
+from tollwatch.contract.errors import describe
 from tollwatch.contract.events import (
     BackfillRequested,
     DatasetRefreshed,
@@ -194,7 +195,7 @@ def emit_failure(flow: object, run: FlowRun, state: State) -> None:
         window=request.window if request else None,
         refresh_id=request.refresh_id if request else None,
         error_class=type(error).__name__ if isinstance(error, BaseException) else "Failed",
-        error_message=str(error)[:2000] if error else (state.message or ""),
+        error_message=describe(error) if isinstance(error, BaseException) else (state.message or ""),
         flow_run_id=str(run.id),
     )
     emit_quietly(settings, TollwatchEvent.of(payload, related=related(settings)), logger)

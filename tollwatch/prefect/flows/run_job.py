@@ -17,6 +17,7 @@ from prefect.runtime import flow_run
 from prefect.states import State
 
 from tollwatch.adapters.databricks_jobs import DatabricksRunFailed, RunOutcome, idempotency_token
+from tollwatch.contract.errors import describe
 from tollwatch.contract.events import (
     IngestionCompleted,
     JobFinished,
@@ -67,9 +68,7 @@ def emit_job_failed(flow: object, run: FlowRun, state: State) -> None:
         run_page_url=outcome.run_page_url if outcome else None,
         upstream_snapshot_id=completion.snapshot_id if completion else None,
         upstream_refresh_id=completion.refresh_id if completion else None,
-        error_message=(f"{type(error).__name__}: {error}" if isinstance(error, BaseException) else state.message or "")[
-            :2000
-        ],
+        error_message=describe(error) if isinstance(error, BaseException) else (state.message or ""),
         flow_run_id=str(run.id),
     )
     related = _related(completion) if completion else run_resources()
