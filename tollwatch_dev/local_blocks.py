@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 ALERTS_BLOCK = "tollwatch-alerts"
 DASHBOARD_WEBHOOK_BLOCK = "city-dashboard-webhook"
-#: The names `ensure_local_blocks` creates (so a "missing block" message can say how to get them locally).
+#: The names `ensure_local_blocks` creates.
 LOCAL_BLOCKS = frozenset({ALERTS_BLOCK, DASHBOARD_WEBHOOK_BLOCK})
 
 

@@ -44,6 +44,8 @@ from typing import Any
 
 import httpx
 
+from tollwatch.cli.common import LOCAL_STACK_FILE
+from tollwatch.contract.errors import TollwatchError
 from tollwatch_dev import postgres
 from tollwatch_dev.procs import ProcessRef, free_port, spawn, tail, terminate_group
 
@@ -74,14 +76,14 @@ AZURITE_ACCOUNT = "devstoreaccount1"
 # in every Azurite install. It only opens the local emulator: it is not a secret.
 AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
-STATE_FILE = "stack.json"
+STATE_FILE = LOCAL_STACK_FILE  # the product CLI reads its `env` (tollwatch.cli.common.local_stack_env)
 STATE_VERSION = 1
 STOP_TIMEOUT_S = 15.0
 _POLL_S = 0.2
 _PORT_RETRIES = 3
 
 
-class StackError(Exception):
+class StackError(TollwatchError):
     """A user-facing problem starting/stopping the stack (message is shown as-is)."""
 
 
@@ -978,6 +980,7 @@ class LocalStack:
             "version": STATE_VERSION,
             "services": {name: asdict(record) for name, record in records.items()},
             "endpoints": {key: str(value) for key, value in asdict(self._endpoints(records)).items() if value},
+            "env": self._endpoints(records).env(),
         }
         tmp = self._state_path().with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")

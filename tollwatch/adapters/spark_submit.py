@@ -12,12 +12,12 @@ reaches the driver through its environment.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import shutil
 import subprocess
 import sys
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -26,9 +26,8 @@ from pydantic import TypeAdapter
 
 from tollwatch.contract import compute
 from tollwatch.contract import table as contract
-from tollwatch.contract.events import Window
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.result import MergeResult
-from tollwatch.core.ingest import LoadResult
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +35,7 @@ log = logging.getLogger(__name__)
 REQUIRED_JARS = ("iceberg-spark-runtime-3.5_2.12-", "sqlite-jdbc-")
 
 
-class SparkEngineError(RuntimeError):
+class SparkEngineError(TollwatchError):
     """The Spark engine cannot run as configured, or the job failed (the message says which and why)."""
 
 
@@ -51,21 +50,6 @@ def read_result(text: str | None) -> MergeResult | None:
         if line.startswith(contract.RESULT_MARKER):
             found = _RESULT.validate_json(line[len(contract.RESULT_MARKER) :])
     return found
-
-
-def load_result(printed: MergeResult, rows_landed: int) -> LoadResult:
-    """The flow's LoadResult (Databricks and spark-submit alike); a replay reports the landing's rows as read."""
-    touched = contract.decode_days(printed.touched)
-    return LoadResult(
-        snapshot_id=printed.snapshot_id,
-        rows_read=rows_landed if printed.already_committed else printed.rows_read,
-        rows_written=printed.rows_written,
-        rows_rejected=printed.rows_rejected,
-        already_committed=printed.already_committed,
-        reject_reasons=Counter(printed.rejected_by_reason),
-        touched=Window(start=touched[0], stop=touched[1]) if touched else None,
-        committed_through=printed.committed_through,
-    )
 
 
 def find_jars(directory: Path) -> list[Path]:
@@ -119,15 +103,17 @@ def submit_command(
     spark_submit: str, master: str, jars: list[Path], conf: dict[str, str], argv: list[str]
 ) -> list[str]:
     """`spark-submit` of the merge entry point's module file (what `tollwatch-merge` runs) with `argv`."""
-    from tollwatch.spark import merge
-
+    # the module's file, found without importing it (importing it would need pyspark in this process)
+    spec = importlib.util.find_spec("tollwatch.spark.merge")
+    if spec is None or spec.origin is None:
+        raise SparkEngineError("tollwatch.spark.merge is not installed: reinstall tollwatch")
     command = [spark_submit_path(spark_submit), "--master", master, "--name", "tollwatch-merge"]
     if jars:
         classpath = os.pathsep.join(str(j) for j in jars)
         command += ["--jars", ",".join(str(j) for j in jars), "--driver-class-path", classpath]
     for key, value in sorted(conf.items()):
         command += ["--conf", f"{key}={value}"]
-    return [*command, str(Path(merge.__file__)), *argv]
+    return [*command, spec.origin, *argv]
 
 
 def run(command: list[str], env: dict[str, str], *, on_line: Callable[[str], None] | None = None) -> MergeResult:

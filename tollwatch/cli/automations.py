@@ -12,7 +12,8 @@ from typing import Annotated
 import httpx
 import typer
 
-from tollwatch.cli.common import fail
+from tollwatch.cli.common import LOCAL_STACK_FILE, fail, local_stack_env
+from tollwatch.contract.errors import ConfigurationError
 from tollwatch.contract.settings import DEFAULT_STATE_DIR
 from tollwatch.prefect.automations.models import AutomationsConfigError
 
@@ -37,12 +38,10 @@ def _api_url(local_stack: bool, state_dir: Path) -> str:
     configured = PREFECT_API_URL.value()
     if configured:
         return str(configured)
-    if local_stack and (state_dir / "stack.json").exists():
-        from tollwatch_dev.stack import LocalStack, StackError
-
+    if local_stack and (state_dir / LOCAL_STACK_FILE).exists():
         try:
-            url = LocalStack(state_dir).endpoints().prefect_api_url
-        except StackError as exc:
+            url = local_stack_env(state_dir).get("PREFECT_API_URL")
+        except ConfigurationError as exc:
             raise AutomationsConfigError([str(exc)]) from None
         if url:
             return url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -13,6 +14,9 @@ from typing import Annotated, ParamSpec, TypeVar
 import httpx
 import typer
 from pydantic import ValidationError
+
+from tollwatch.contract.errors import ConfigurationError, TollwatchError, describe
+from tollwatch.contract.settings import load_settings
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -26,30 +30,14 @@ def fail(message: str) -> None:
 
 
 def friendly(fn: Callable[P, R]) -> Callable[P, R]:
-    """Turn the errors a user can fix into one red line and exit code 1."""
+    """Turn the errors a user can fix into one red line (`tollwatch.contract.errors.describe`) and exit code 1."""
 
     @wraps(fn)
     def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        from tollwatch.adapters.prefect_events import EmitError
-        from tollwatch.adapters.socrata import UpstreamError
-        from tollwatch.prefect.deploy import DeployError
-        from tollwatch.resources import ConfigurationError
-        from tollwatch_dev.stack import StackError
-
         try:
             return fn(*args, **kwargs)
-        except ValidationError as exc:
-            fail("; ".join(f"{'.'.join(map(str, e['loc'])) or 'input'}: {e['msg']}" for e in exc.errors()))
-        except (
-            ConfigurationError,
-            DeployError,
-            StackError,
-            EmitError,
-            UpstreamError,
-            FileNotFoundError,
-            ValueError,
-        ) as exc:
-            fail(str(exc))
+        except (TollwatchError, ValidationError, FileNotFoundError, ValueError) as exc:
+            fail(describe(exc) if isinstance(exc, TollwatchError | ValidationError) else str(exc))
         except httpx.TransportError as exc:  # a server that is down or unreachable: Prefect's, most often
             fail(unreachable(exc))
         raise AssertionError("unreachable")
@@ -76,12 +64,33 @@ def unreachable(exc: httpx.TransportError) -> str:
     return f"could not reach {origin} ({exc})"
 
 
+#: What a running local stack (tollwatch_dev) records in its state dir; its `env` object is the environment that
+#: points tollwatch and prefect at it. The file is the whole contract between the two: the product reads it and
+#: never imports the dev tools.
+LOCAL_STACK_FILE = "stack.json"
+
+
+def local_stack_env(state_dir: Path) -> dict[str, str]:
+    """The environment a local stack under `state_dir` recorded; ConfigurationError when none is recorded."""
+    path = state_dir / LOCAL_STACK_FILE
+    try:
+        recorded = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigurationError(
+            f"no local stack is recorded in {state_dir}; run `tollwatch stack up` first (or pass --no-local-stack "
+            "and set PREFECT_API_URL and the TOLLWATCH_* settings)"
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise ConfigurationError(f"cannot read {path} ({exc}); stop the stack and start it again") from exc
+    env = recorded.get("env") if isinstance(recorded, dict) else None
+    if not isinstance(env, dict):
+        raise ConfigurationError(f"{path} records no environment; restart the stack (`tollwatch stack up`)")
+    return {str(key): str(value) for key, value in env.items()}
+
+
 def use_stack(state_dir: Path) -> None:
     """Point settings and prefect at the running local stack, unless the user configured them explicitly."""
-    from tollwatch_dev.stack import LocalStack
-
-    endpoints = LocalStack(state_dir).endpoints()
-    for key, value in endpoints.env().items():
+    for key, value in local_stack_env(state_dir).items():
         os.environ.setdefault(key, value)
 
 
@@ -91,3 +100,15 @@ def configure_logging(verbose: bool) -> None:
     )
     for noisy in ("azure", "httpx", "urllib3", "pyiceberg"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def print_table_info() -> None:
+    from tollwatch.resources import table_store
+
+    settings = load_settings()
+    for identifier in (settings.table, settings.daily_totals_table):
+        info = table_store(settings, identifier).info()
+        typer.echo(f"table    : {info.identifier}")
+        typer.echo(f"location : {info.location}")
+        typer.echo(f"rows     : {info.rows}")
+        typer.echo(f"snapshot : {info.snapshot_id} ({info.snapshots} snapshots)")

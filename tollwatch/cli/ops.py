@@ -13,7 +13,7 @@ from uuid import UUID
 
 import typer
 
-from tollwatch.cli.common import StateDir, configure_logging, fail, use_stack
+from tollwatch.cli.common import LOCAL_STACK_FILE, StateDir, configure_logging, fail, use_stack
 from tollwatch.contract.settings import DEFAULT_STATE_DIR, load_settings
 from tollwatch.prefect.observe import PrefectObserver, connect
 
@@ -33,7 +33,7 @@ LocalStackOption = Annotated[bool, typer.Option(help="use the running local stac
 
 
 def _maybe_stack(local_stack: bool, state_dir: StateDir) -> None:
-    if local_stack and (state_dir / "stack.json").exists():
+    if local_stack and (state_dir / LOCAL_STACK_FILE).exists():
         use_stack(state_dir)
 
 

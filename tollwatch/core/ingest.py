@@ -30,7 +30,9 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from tollwatch.adapters.socrata import SocrataClient, updated_between_where, window_where
 from tollwatch.contract import table as contract
+from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, Window
+from tollwatch.contract.result import MergeResult
 from tollwatch.core.landing import LandingManifest, LandingZone
 from tollwatch.core.schema import convert, dedupe_on_key, target_schema
 from tollwatch.core.table import TOUCHED, IcebergTableStore
@@ -155,7 +157,7 @@ def plan_fetch(request: IngestRequest, socrata: SocrataClient, committed_through
 # ----------------------------------------------------------------------------------------------- fetch
 
 
-class UnaccountedRowsError(RuntimeError):
+class UnaccountedRowsError(TollwatchError):
     """A fetch whose rows do not match the upstream's count(*) for the same query: nothing is committed."""
 
 
@@ -254,6 +256,22 @@ class LoadResult:
     touched: Window | None = None
     #: The ledger's high-water mark after this load (see tollwatch.core.table.COMMITTED_THROUGH).
     committed_through: int | None = None
+
+    @classmethod
+    def from_merge(cls, printed: MergeResult, rows_landed: int) -> Self:
+        """What a Spark merge reported (spark-submit and Databricks alike); a replay reports the landing's rows as
+        read."""
+        touched = contract.decode_days(printed.touched)
+        return cls(
+            snapshot_id=printed.snapshot_id,
+            rows_read=rows_landed if printed.already_committed else printed.rows_read,
+            rows_written=printed.rows_written,
+            rows_rejected=printed.rows_rejected,
+            already_committed=printed.already_committed,
+            reject_reasons=Counter(printed.rejected_by_reason),
+            touched=Window(start=touched[0], stop=touched[1]) if touched else None,
+            committed_through=printed.committed_through,
+        )
 
 
 def covered_load(store: IcebergTableStore) -> LoadResult:

@@ -1,9 +1,9 @@
 """Run Spark work on Databricks through prefect-databricks: one-time merge runs and downstream jobs.
 
 Every REST call is a prefect-databricks task (`jobs_runs_submit`, `jobs_run_now`, `jobs_runs_get`,
-`jobs_runs_get_output`, `jobs_runs_cancel`). A throttled (429), failing (5xx) or unreachable API is retried
-with exponential backoff, each attempt its own task run in the run's task list; a retry never comes sooner than
-the `Retry-After` the API sent (Prefect's task retries can only wait fixed delays: tenacity decides), and a
+`jobs_runs_get_output`, `jobs_runs_cancel`). A throttled (429), failing (5xx) or unreachable API is retried by
+the one outbound policy (`tollwatch.adapters.net`), each attempt its own task run in the run's task list; a retry
+never comes sooner than the `Retry-After` the API sent (Prefect's task retries can only wait fixed delays), and a
 call that fails through every retry ends in a `DatabricksApiError` naming the call, the last answer and the
 attempts. A retried submit carries the same idempotency token, so Databricks returns the run the first attempt
 started (also when that attempt's response was lost to a timeout after the request arrived).
@@ -13,9 +13,8 @@ keeps running (and billing) after we gave up on it.
 
 from __future__ import annotations
 
-import random
 import time
-from typing import Any
+from typing import Any, NoReturn
 
 import httpx
 from prefect import Task, get_run_logger, task
@@ -29,7 +28,6 @@ from prefect_databricks.jobs import (
 )
 from prefect_databricks.models.jobs import NewCluster, PythonWheelTask, RunSubmitTaskSettings
 from prefect_databricks.rest import HTTPMethod, execute_endpoint
-from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_any
 
 from tollwatch.adapters.databricks_jobs import (
     ComputeSpec,
@@ -38,31 +36,18 @@ from tollwatch.adapters.databricks_jobs import (
     MergeJobArgs,
     RunOutcome,
     idempotency_token,
-    retry_after_s,
 )
-from tollwatch.adapters.spark_submit import load_result, read_result
+from tollwatch.adapters.net import RetryPolicy
+from tollwatch.adapters.spark_submit import read_result
 from tollwatch.contract.result import MergeResult
 from tollwatch.contract.settings import Settings
 from tollwatch.core.ingest import IngestRequest, LoadResult
 from tollwatch.core.landing import LandingManifest
 
-TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 MERGE_TASK_KEY = "merge"
 #: The wheel's merge entry point (pyproject `[project.scripts]`), the same one spark-submit runs.
 PACKAGE = "tollwatch"
 MERGE_ENTRY_POINT = "tollwatch-merge"
-
-
-def is_transient(error: BaseException) -> bool:
-    """Throttling, server errors and broken connections are worth retrying; a 4xx the API meant is final."""
-    if isinstance(error, httpx.HTTPStatusError):
-        return error.response.status_code in TRANSIENT_STATUS
-    return isinstance(error, httpx.TransportError)
-
-
-def _failure(state: RetryCallState) -> BaseException:
-    error = state.outcome.exception() if state.outcome else None
-    return error if error is not None else RuntimeError("no outcome")
 
 
 def describe_failure(error: BaseException, call: str) -> str:
@@ -100,57 +85,25 @@ class DatabricksRunner:
         max_retry_delay_s: float = 120.0,
     ) -> None:
         self.credentials = credentials
-        self.retries = retries
-        self.backoff_s = backoff_s
+        self.policy = RetryPolicy(max_attempts=retries + 1, initial_s=backoff_s, max_delay_s=max_retry_delay_s)
         self.poll_s = poll_s
         self.max_wait_s = max_wait_s
-        self.max_retry_delay_s = max_retry_delay_s
-
-    def retry_delay(self, attempt: int, retry_after: float | None) -> float:
-        """Backoff with jitter (`backoff_s` doubling per attempt, times 0.5-1.5), never below `Retry-After`."""
-        backoff = self.backoff_s * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
-        return min(max(backoff, retry_after or 0.0), self.max_retry_delay_s)
 
     def _call(self, task: Task[..., Any], **kwargs: Any) -> Any:
-        """One Jobs API call: up to `retries` more attempts on a transient failure, each a task run of its own.
+        """One Jobs API call, each attempt a task run of its own, retried by the one outbound policy
+        (tollwatch.adapters.net): throttling, 5xx and broken connections, never sooner than `Retry-After`.
 
         Gives up with `DatabricksApiError` when the retries are spent, or at once when `Retry-After` asks for
         more than `max_retry_delay_s` (waiting less would only be refused again). A final 4xx is raised as is.
         """
-        attempts = self.retries + 1
 
-        def asked(state: RetryCallState) -> float | None:
-            error = state.outcome.exception() if state.outcome else None
-            response = error.response if isinstance(error, httpx.HTTPStatusError) else None
-            return retry_after_s(response.headers.get("Retry-After")) if response is not None else None
-
-        def asks_too_long(state: RetryCallState) -> bool:
-            wanted = asked(state)
-            return wanted is not None and wanted > self.max_retry_delay_s
-
-        def log_retry(state: RetryCallState) -> None:
-            what = describe_failure(_failure(state), task.name)
-            delay = state.next_action.sleep if state.next_action else 0.0
-            get_run_logger().warning("%s; attempt %d of %d, next in %.1fs", what, state.attempt_number, attempts, delay)
-
-        def give_up(state: RetryCallState) -> Any:
-            error, n = _failure(state), state.attempt_number
-            why = f"gave up after {n} attempts"
-            if asks_too_long(state):
-                why = (
-                    f"Retry-After {asked(state):.0f}s is longer than the {self.max_retry_delay_s:.0f}s we wait; "
-                    f"gave up after {n} attempt{'s' if n > 1 else ''}"
-                )
+        def give_up(error: BaseException, why: str) -> NoReturn:
             raise DatabricksApiError(f"{describe_failure(error, task.name)} ({why})") from error
 
-        retrying = Retrying(
-            retry=retry_if_exception(is_transient),
-            stop=stop_any(stop_after_attempt(attempts), asks_too_long),
-            wait=lambda state: self.retry_delay(state.attempt_number, asked(state)),
-            before_sleep=log_retry,
-            retry_error_callback=give_up,
-        )
-        return retrying(lambda: task.submit(databricks_credentials=self.credentials, **kwargs).result())
+        def attempt() -> Any:
+            return task.submit(databricks_credentials=self.credentials, **kwargs).result()
+
+        return self.policy.call(attempt, what=f"Databricks API {task.name}", give_up=give_up, logger=get_run_logger())
 
     # -- one-time merge run
 
@@ -335,6 +288,6 @@ def merge_on_databricks(
             f"Databricks run {outcome.run_page_url or ''} succeeded but printed no TOLLWATCH_RESULT line: "
             "is the task running tollwatch's `tollwatch-merge` entry point?"
         )
-    result = load_result(printed, manifest.rows)
+    result = LoadResult.from_merge(printed, manifest.rows)
     get_run_logger().info("merged on Databricks: %s", outcome.run_page_url)
     return result, outcome.run_page_url

@@ -40,7 +40,6 @@ from tollwatch.prefect.automations.models import (
     problem_line,
     subscription_automation_name,
 )
-from tollwatch_dev.local_blocks import LOCAL_BLOCKS
 
 if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
@@ -70,13 +69,11 @@ class Reference:
         """Why the apply cannot continue, and how to fix it."""
         if self.kind == "deployment":
             return f"deployment {self.name} does not exist on the Prefect server; deploy first: prefect deploy --all"
-        slug, _, block = self.name.partition("/")
-        local = ""
-        if block in LOCAL_BLOCKS:
-            local = " (for the local stack: python -m tollwatch_dev.local_blocks --inbox-url URL)"
+        slug = self.name.partition("/")[0]
         return (
             f"block {self.name} does not exist on the Prefect server; create it first: "
-            f"`prefect block create {slug}` or the UI's Blocks page{local}"
+            f"`prefect block create {slug}` or the UI's Blocks page (on the local stack, `tollwatch demo` creates "
+            "the blocks the example automations use)"
         )
 
 

@@ -51,4 +51,4 @@ def merge_with_spark(request: IngestRequest, manifest: LandingManifest, flow_run
         if " tollwatch.spark: " in line:
             logger.info("spark: %s", line.split(" tollwatch.spark: ", 1)[1])
 
-    return sparksubmit.load_result(sparksubmit.run(command, env, on_line=progress), manifest.rows)
+    return LoadResult.from_merge(sparksubmit.run(command, env, on_line=progress), manifest.rows)
