@@ -18,12 +18,17 @@ public equivalent lives here:
 - `flush_at_exit`: a forked child flushes its logs and events (Prefect's `atexit` handlers);
 - `block_schema_checksum`, `block_document`: save a block through a given client (`Block._calculate_schema_checksum`,
   `Block._to_block_document`);
-- `SLOT_LOST_MESSAGE`: recognise a run that lost its concurrency slot (`prefect.server.orchestration.core_policy`).
+- `SLOT_LOST_MESSAGE`: recognise a run that lost its concurrency slot (`prefect.server.orchestration.core_policy`);
+- `share_ca_bundle_contexts`: one parsed CA bundle for all of Prefect's HTTP clients in a process (a patch of
+  `ssl.create_default_context`, the one patch tollwatch makes; the warm runner applies it).
 """
 
 from __future__ import annotations
 
 import atexit
+import contextlib
+import os
+import ssl
 from functools import cache
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
@@ -129,3 +134,39 @@ def block_document(block: Block, *, name: str, block_schema_id: UUID, block_type
     return block._to_block_document(
         name=name, block_schema_id=block_schema_id, block_type_id=block_type_id, include_secrets=True
     )
+
+
+def share_ca_bundle_contexts() -> None:
+    """Make `ssl.create_default_context(cafile=F)` parse F once per process and return that context after.
+
+    A patch of the standard library made for Prefect: each of Prefect's HTTP clients builds its own context from
+    certifi's bundle (~20 ms of parsing every time), which dominated a warm child's start. The warm runner
+    (tollwatch_dev.warm.server) calls it once, before it forks.
+
+    Only that exact call shape is shared (server authentication from a CA file, nothing else): Prefect's
+    clients and httpx make it with certifi's bundle and never change the context afterwards; every other call
+    shape — including Prefect's insecure mode, which edits the context it gets — still gets a new context.
+    Warm children inherit the parsed contexts through the fork. The bundle file's mtime is part of the key.
+    """
+    require_checked("sharing parsed CA bundles between Prefect's HTTP clients (the warm runner)")
+    original = ssl.create_default_context
+    if getattr(original, "tollwatch_shared", False):
+        return
+    shared: dict[tuple[str, float], ssl.SSLContext] = {}
+
+    def create_default_context(
+        purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH, *, cafile: Any = None, capath: Any = None, cadata: Any = None
+    ) -> ssl.SSLContext:
+        if purpose is not ssl.Purpose.SERVER_AUTH or cafile is None or capath is not None or cadata is not None:
+            return original(purpose, cafile=cafile, capath=capath, cadata=cadata)
+        key = (os.fspath(cafile), os.stat(cafile).st_mtime)
+        if key not in shared:
+            shared[key] = original(purpose, cafile=cafile)
+        return shared[key]
+
+    create_default_context.tollwatch_shared = True  # type: ignore[attr-defined]
+    ssl.create_default_context = create_default_context  # type: ignore[assignment]
+    with contextlib.suppress(ImportError):  # parse certifi's bundle now, before any fork
+        import certifi
+
+        ssl.create_default_context(cafile=certifi.where())

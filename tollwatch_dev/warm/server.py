@@ -23,15 +23,13 @@ import runpy
 import selectors
 import signal
 import socket
-import ssl
 import sys
 import time
 import traceback
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
-from tollwatch.prefect.internals import ENGINE_MODULE
+from tollwatch.prefect.internals import ENGINE_MODULE, share_ca_bundle_contexts
 from tollwatch_dev.warm.protocol import receive_message, send_message
 
 #: What the first line of a flow run would otherwise wait for (measured: ~2.5 s on this machine).
@@ -58,37 +56,6 @@ def preload(modules: tuple[str, ...] = PRELOAD) -> float:
     for name in modules:
         importlib.import_module(name)
     return time.perf_counter() - started
-
-
-def share_ca_bundle_contexts() -> None:
-    """Make `ssl.create_default_context(cafile=F)` parse F once per process and return that context after.
-
-    Only that exact call shape is shared (server authentication from a CA file, nothing else): Prefect's
-    clients and httpx make it with certifi's bundle and never change the context afterwards; every other call
-    shape — including Prefect's insecure mode, which edits the context it gets — still gets a new context.
-    Warm children inherit the parsed contexts through the fork. The bundle file's mtime is part of the key.
-    """
-    original = ssl.create_default_context
-    if getattr(original, "tollwatch_shared", False):
-        return
-    shared: dict[tuple[str, float], ssl.SSLContext] = {}
-
-    def create_default_context(
-        purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH, *, cafile: Any = None, capath: Any = None, cadata: Any = None
-    ) -> ssl.SSLContext:
-        if purpose is not ssl.Purpose.SERVER_AUTH or cafile is None or capath is not None or cadata is not None:
-            return original(purpose, cafile=cafile, capath=capath, cadata=cadata)
-        key = (os.fspath(cafile), os.stat(cafile).st_mtime)
-        if key not in shared:
-            shared[key] = original(purpose, cafile=cafile)
-        return shared[key]
-
-    create_default_context.tollwatch_shared = True  # type: ignore[attr-defined]
-    ssl.create_default_context = create_default_context  # type: ignore[assignment]
-    with contextlib.suppress(ImportError):  # parse certifi's bundle now, before any fork
-        import certifi
-
-        ssl.create_default_context(cafile=certifi.where())
 
 
 def _settings_environment(environ: Mapping[str, str]) -> dict[str, str]:
