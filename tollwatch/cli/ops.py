@@ -49,9 +49,8 @@ def deploy(
     from tollwatch.prefect.deploy import deploy as run_deploy
 
     _maybe_stack(local_stack, state_dir)
-    output = run_deploy(target)
-    names = [line.split("'")[1] for line in output.splitlines() if "Deployment '" in line and "'" in line]
-    typer.echo(f"deployed {', '.join(dict.fromkeys(names)) or '(see prefect output)'} to target {target}")
+    deployed = run_deploy(target)
+    typer.echo(f"deployed {', '.join(d.name for d in deployed)} to target {target} (work pool {deployed[0].work_pool})")
 
 
 # ---------------------------------------------------------------------------------------------- backfill

@@ -1,4 +1,4 @@
-"""Deploy the project: create/update its work pool, then `prefect deploy --all` from `prefect.yaml`.
+"""Deploy the project: create/update its work pool, `prefect deploy --all` from `prefect.yaml`, read the result back.
 
 `prefect.yaml` declares the work pools under `definitions.work_pools` (`local`: a process pool on this
 machine running this checkout; `production`: a pool whose workers fetch the code from git for every run).
@@ -175,8 +175,25 @@ def _ensure_work_queue(client: Any, pool: str, queue: QueueSpec) -> None:
         client.update_work_queue(existing.id, concurrency_limit=queue.concurrency_limit, description=description)
 
 
-def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
-    """Ensure the target's work pool and deploy every deployment of prefect.yaml into it; returns Prefect's output."""
+class Deployed(BaseModel):
+    """One deployment as the Prefect server has it after a deploy (read back through the client API)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    id: str
+    work_pool: str | None
+
+
+def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> list[Deployed]:
+    """Ensure the target's work pool, apply prefect.yaml with Prefect's own `prefect deploy --all`, then read every
+    deployment it declares back from the server.
+
+    Why the CLI for the apply: prefect.yaml (triggers, pull steps, `{{ $VAR }}` templating, concurrency limits) is
+    Prefect's declarative interface and `prefect deploy` is the public way to apply it; Prefect's Python API
+    (`flow.deploy`) does not read it. Why the read-back: what was deployed is learned from the server, never by
+    parsing the command's text, and a deployment that did not land in the target's pool is an error.
+    """
     from prefect.settings import get_current_settings
 
     api_url = get_current_settings().api.url
@@ -195,7 +212,33 @@ def deploy(target: str, *, project_dir: Path = PROJECT_ROOT) -> str:
     )
     if result.returncode != 0:
         raise DeployError(f"prefect deploy failed (exit {result.returncode}):\n{result.stdout}\n{result.stderr}")
-    return result.stdout
+    return read_deployed(declared_deployments(project_dir / "prefect.yaml"), spec.name)
+
+
+def declared_deployments(prefect_file: Path = PREFECT_FILE) -> list[str]:
+    """The deployment names prefect.yaml declares, in its order."""
+    config = yaml.safe_load(prefect_file.read_text()) or {}
+    return [str(d["name"]) for d in config.get("deployments") or [] if isinstance(d, dict) and d.get("name")]
+
+
+def read_deployed(names: list[str], work_pool: str) -> list[Deployed]:
+    """The named deployments as the server has them; DeployError when one is missing or in another pool."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    with get_client(sync_client=True) as client:
+        found = client.read_deployments(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=names)))
+        flows = {flow.id: flow.name for flow in client.read_flows()} if found else {}
+    deployed = [
+        Deployed(name=f"{flows.get(d.flow_id, '?')}/{d.name}", id=str(d.id), work_pool=d.work_pool_name) for d in found
+    ]
+    missing = sorted(set(names) - {d.name.rpartition("/")[2] for d in deployed})
+    elsewhere = sorted(d.name for d in deployed if d.work_pool != work_pool)
+    if missing or elsewhere:
+        problems = [f"not on the server after the deploy: {', '.join(missing)}"] if missing else []
+        problems += [f"not in work pool {work_pool}: {', '.join(elsewhere)}"] if elsewhere else []
+        raise DeployError("prefect deploy reported success, but " + "; ".join(problems))
+    return sorted(deployed, key=lambda d: names.index(d.name.rpartition("/")[2]))
 
 
 # ------------------------------------------------------------------------------------------------ pull step
