@@ -2,6 +2,10 @@
 
 Everything else receives clients as arguments, so tests and the local stack swap endpoints by settings,
 never by patching, and production auth (DefaultAzureCredential, app tokens, API keys) lives here only.
+
+`Resources` is what a process (a flow run, a CLI command) holds: every client built once, on first use, from
+one `Settings`, sharing one credential, and closed together. The functions below build one client each, for
+callers whose lifetime is a single invocation (the Function handlers) and for `Resources` itself.
 """
 
 from __future__ import annotations
@@ -11,8 +15,9 @@ import os
 import sqlite3
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from azure.storage.blob import BlobServiceClient
@@ -30,27 +35,37 @@ from tollwatch.core.watermark import UpstreamWatcher, WatermarkStore
 
 if TYPE_CHECKING:
     from tollwatch.adapters.eventgrid_out import CompletionPublisher
+    from tollwatch.core.table import IcebergTableStore
 
 
-def blob_service(settings: Settings) -> BlobServiceClient:
-    """Azurite/key auth by connection string, or Entra ID (DefaultAzureCredential) by account URL."""
+def azure_credential() -> Any:
+    """Entra ID for every Azure client of a process: a managed/workload identity in Azure, the developer's login
+    elsewhere. One per `Resources`, so its tokens are fetched once and refreshed, not once per client."""
+    from azure.identity import DefaultAzureCredential  # imported lazily: slow, and only for Azure
+
+    return DefaultAzureCredential()
+
+
+def blob_service(settings: Settings, credential: Any = None) -> BlobServiceClient:
+    """Azurite/key auth by connection string, or Entra ID (`credential`, else a new DefaultAzureCredential) by
+    account URL."""
     retries = {"retry_total": settings.storage_retry_total}
     if settings.storage_connection_string:
         return BlobServiceClient.from_connection_string(
             settings.storage_connection_string.get_secret_value(), **retries
         )
     if settings.storage_account_url:
-        from azure.identity import DefaultAzureCredential  # imported lazily: slow, and only for Azure
-
-        return BlobServiceClient(str(settings.storage_account_url), credential=DefaultAzureCredential(), **retries)
+        return BlobServiceClient(
+            str(settings.storage_account_url), credential=credential or azure_credential(), **retries
+        )
     raise ConfigurationError(
         "no blob storage configured: set TOLLWATCH_STORAGE_CONNECTION_STRING (Azurite, or key auth) "
         "or TOLLWATCH_STORAGE_ACCOUNT_URL (Entra ID); `tollwatch stack up` prints the local values"
     )
 
 
-def landing_zone(settings: Settings) -> LandingZone:
-    return LandingZone(blob_service(settings).get_container_client(settings.storage_container))
+def landing_zone(settings: Settings, service: BlobServiceClient | None = None) -> LandingZone:
+    return LandingZone((service or blob_service(settings)).get_container_client(settings.storage_container))
 
 
 def socrata_client(settings: Settings, http: httpx.Client | None = None) -> SocrataClient:
@@ -174,7 +189,7 @@ def emitter_for_invocation(settings: Settings) -> Iterator[EventSink]:
         yield event_emitter(settings, http)
 
 
-def completion_publisher(settings: Settings) -> CompletionPublisher | None:
+def completion_publisher(settings: Settings, credential: Any = None) -> CompletionPublisher | None:
     """The Event Grid topic publisher, or None when no topic is configured (publishing is optional)."""
     if settings.eventgrid_topic_endpoint is None:
         return None
@@ -183,16 +198,13 @@ def completion_publisher(settings: Settings) -> CompletionPublisher | None:
 
     from tollwatch.adapters.eventgrid_out import CompletionPublisher
 
-    credential: object
     if settings.eventgrid_topic_key is not None:
         from azure.core.credentials import AzureKeyCredential
 
         credential = AzureKeyCredential(settings.eventgrid_topic_key.get_secret_value())
     else:
-        from azure.identity import DefaultAzureCredential  # imported lazily: slow, and only for Azure
-
-        credential = DefaultAzureCredential()
-    client = EventGridPublisherClient(str(settings.eventgrid_topic_endpoint), credential)  # type: ignore[arg-type]
+        credential = credential or azure_credential()
+    client = EventGridPublisherClient(str(settings.eventgrid_topic_endpoint), credential)
     return CompletionPublisher(client, source=settings.eventgrid_event_source)
 
 
@@ -203,3 +215,69 @@ def _secret(value: SecretStr | None) -> str | None:
 def _env_secret(name: str) -> str | None:
     value = os.environ.get(name)
     return value or None
+
+
+class Resources:
+    """Every client one process needs, built once from one `Settings` on first use, and closed together.
+
+    Why: each flow task used to load the settings and build its own clients, so a run opened a new connection
+    pool per task (never closed) and, on Azure, a DefaultAzureCredential per blob client, each fetching its
+    own token. A flow builds one `Resources` and hands it to its tasks; `with Resources(...)` closes the HTTP
+    pools, the blob service and the credential when the run ends.
+    """
+
+    def __init__(self, settings: Settings, *, events: EventSink | None = None) -> None:
+        self.settings = settings
+        self._events = events
+        self._closing = ExitStack()
+
+    @cached_property
+    def credential(self) -> Any:
+        """Entra ID, built only when an Azure client without a key or connection string asks for it."""
+        return self._closing.enter_context(azure_credential())
+
+    @cached_property
+    def blob_service(self) -> BlobServiceClient:
+        uses_identity = not self.settings.storage_connection_string and self.settings.storage_account_url
+        service = blob_service(self.settings, self.credential if uses_identity else None)
+        return self._closing.enter_context(service)
+
+    @cached_property
+    def landing(self) -> LandingZone:
+        return landing_zone(self.settings, self.blob_service)
+
+    @cached_property
+    def socrata(self) -> SocrataClient:
+        http = build_http_client(self.settings.upstream_url, self.settings.upstream_timeout_s)
+        return socrata_client(self.settings, self._closing.enter_context(http))
+
+    @cached_property
+    def events(self) -> EventSink:
+        if self._events is not None:
+            return self._events
+        return event_emitter(self.settings, self._closing.enter_context(emit_http_client(self.settings)))
+
+    @cached_property
+    def table(self) -> IcebergTableStore:
+        """The bronze table (its catalog is opened once per process)."""
+        return table_store(self.settings)
+
+    def table_named(self, identifier: str) -> IcebergTableStore:
+        """Another table in the same catalog (a downstream job's output)."""
+        return table_store(self.settings, identifier)
+
+    @cached_property
+    def completion_publisher(self) -> CompletionPublisher | None:
+        return completion_publisher(self.settings, self.credential if self._topic_uses_identity() else None)
+
+    def _topic_uses_identity(self) -> bool:
+        return self.settings.eventgrid_topic_endpoint is not None and self.settings.eventgrid_topic_key is None
+
+    def close(self) -> None:
+        self._closing.close()
+
+    def __enter__(self) -> Resources:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

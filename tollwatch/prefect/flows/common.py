@@ -10,11 +10,14 @@ from prefect.settings import get_current_settings
 from tollwatch import resources
 from tollwatch.adapters.prefect_events import EventSink
 from tollwatch.contract.events import Resource, TollwatchEvent, deployment_resource, flow_run_resource
-from tollwatch.contract.settings import Settings
+from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.resources import Resources
 
 
-def emitter(settings: Settings) -> EventSink:
-    """Events go to the Prefect API this flow run reports to (unless tollwatch settings say otherwise)."""
+def flow_settings(settings: Settings | None = None) -> Settings:
+    """tollwatch's settings for a flow run: its events go to the Prefect API the run reports to (unless tollwatch
+    settings name another)."""
+    settings = settings or load_settings()
     if settings.prefect_api_url is None:
         api = get_current_settings().api
         settings = settings.model_copy(
@@ -24,7 +27,17 @@ def emitter(settings: Settings) -> EventSink:
                 "prefect_api_auth_string": getattr(api, "auth_string", None),
             }
         )
-    return resources.event_emitter(settings)
+    return settings
+
+
+def flow_resources() -> Resources:
+    """The clients of one flow run, built once and handed to its tasks (`with flow_resources() as res:`)."""
+    return Resources(flow_settings())
+
+
+def emitter(settings: Settings) -> EventSink:
+    """An event sink for one-off announcements (failure hooks), to the flow run's Prefect API."""
+    return resources.event_emitter(flow_settings(settings))
 
 
 def run_resources(*extra: Resource) -> tuple[Resource, ...]:

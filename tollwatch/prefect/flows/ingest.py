@@ -21,7 +21,6 @@ from prefect.client.schemas.objects import FlowRun
 from prefect.runtime import flow_run
 from prefect.states import State
 
-from tollwatch import resources
 from tollwatch.contract.errors import describe
 from tollwatch.contract.events import (
     BackfillRequested,
@@ -48,8 +47,9 @@ from tollwatch.core.ingest import (
     previous_load,
 )
 from tollwatch.core.landing import LandingManifest
-from tollwatch.prefect.flows.common import emit_quietly, emitter, run_resources
+from tollwatch.prefect.flows.common import emit_quietly, flow_resources, run_resources
 from tollwatch.prefect.flows.report import ingest_report
+from tollwatch.resources import Resources
 
 
 def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestRequest:
@@ -85,47 +85,37 @@ def related(settings: Settings) -> tuple[Resource, ...]:
 
 
 @task(name="plan-fetch", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def plan(request: IngestRequest) -> FetchPlan:
+def plan(request: IngestRequest, res: Resources) -> FetchPlan:
     """What to ask the upstream for: a refresh starts where the table's ledger says it is committed through."""
-    settings = load_settings()
     # On Databricks the ledger lives in Spark's catalog, out of this process's reach: the event's previous publish
     # is the best floor there is (a known limit, see README). Locally both engines commit to one catalog.
-    mark = (
-        resources.table_store(settings).committed_through()
-        if settings.ledger_in_reach
-        else request.previous_rows_updated_at
-    )
-    return plan_fetch(request, resources.socrata_client(settings), mark)
+    mark = res.table.committed_through() if res.settings.ledger_in_reach else request.previous_rows_updated_at
+    return plan_fetch(request, res.socrata, mark)
 
 
 @task(name="fetch-and-land", cache_policy=NO_CACHE)
-def land(request: IngestRequest, fetch: FetchPlan) -> LandingManifest:
+def land(request: IngestRequest, fetch: FetchPlan, res: Resources) -> LandingManifest:
     """Stream the upstream into Blob and reconcile it with the upstream's count; each request retries itself."""
-    settings = load_settings()
     return fetch_and_land(
         request,
         fetch,
-        resources.socrata_client(settings),
-        resources.landing_zone(settings),
+        res.socrata,
+        res.landing,
         run_id=str(flow_run.id or "local"),
-        page_size=settings.upstream_page_size,
+        page_size=res.settings.upstream_page_size,
     )
 
 
 @task(name="load-into-table", cache_policy=NO_CACHE)
-def load(request: IngestRequest, manifest: LandingManifest) -> LoadResult:
+def load(request: IngestRequest, manifest: LandingManifest, res: Resources) -> LoadResult:
     """Commit the landing; a retry (e.g. after a concurrent commit) re-reads the same landed files."""
-    settings = load_settings()
-    return load_landing(
-        request, manifest, resources.landing_zone(settings), resources.table_store(settings), flow_run_id=flow_run.id
-    )
+    return load_landing(request, manifest, res.landing, res.table, flow_run_id=flow_run.id)
 
 
 @task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def committed_load(request: IngestRequest) -> LoadResult | None:
+def committed_load(request: IngestRequest, res: Resources) -> LoadResult | None:
     """The load that already holds this refresh: a replay is not fetched again (it commits nothing)."""
-    settings = load_settings()
-    previous = previous_load(request, resources.table_store(settings), resources.landing_zone(settings))
+    previous = previous_load(request, res.table, res.landing)
     if previous is not None:
         get_run_logger().info(
             "refresh %s already committed as snapshot %s: no-op%s",
@@ -137,33 +127,28 @@ def committed_load(request: IngestRequest) -> LoadResult | None:
 
 
 @task(name="announce", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
-def announce(event: TollwatchEvent, request: IngestRequest) -> None:
+def announce(event: TollwatchEvent, request: IngestRequest, res: Resources) -> None:
     """Tell Prefect (automations, subscriptions) and, when a topic is configured, Event Grid subscribers."""
-    settings = load_settings()
-    emitter(settings).emit([event])
-    publisher = resources.completion_publisher(settings)
+    res.events.emit([event])
+    publisher = res.completion_publisher
     if publisher is not None and event.event == EventName.INGESTION_COMPLETED:
         publisher.publish(event)  # same id as the Prefect event, so subscribers can dedupe across both
     try:  # after the announcement: a lost marker costs at most a second announcement (same event id) later
-        landing = resources.landing_zone(settings)
-        landing.mark_announced(request.landing_scope, str(event.id), event.payload["snapshot_id"])
+        res.landing.mark_announced(request.landing_scope, str(event.id), event.payload["snapshot_id"])
     except Exception as exc:
         get_run_logger().warning("announced, but could not record it (a re-run will announce again): %s", exc)
 
 
 @task(name="reconcile-touched-days", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
-def reconcile_touched(window: Window) -> Reconciliation | None:
+def reconcile_touched(window: Window, res: Resources) -> Reconciliation | None:
     """After the commit, the upstream's count(*) per day against the table's for the days this load touched.
 
     Information for the completion event and the artifact, not a gate (the gate is the count check before the
     commit): a publish since the fetch shows here as a difference the next refresh closes. `tollwatch audit`
     reconciles any range on demand. A reconciliation that cannot be made is logged, never fails a committed load.
     """
-    settings = load_settings()
     try:
-        counts = reconcile(
-            resources.socrata_client(settings), resources.table_store(settings), settings.upstream_dataset_id, window
-        )
+        counts = reconcile(res.socrata, res.table, res.settings.upstream_dataset_id, window)
     except Exception as exc:
         get_run_logger().warning("could not reconcile %s after the commit: %s", window, exc)
         return None
@@ -210,33 +195,39 @@ def ingest(
     request_id: str | None = None,
 ) -> IngestionCompleted:
     """Load one refresh or one window of MTA B&T hourly traffic into the bronze Iceberg table."""
+    with flow_resources() as res:
+        return _ingest(
+            res,
+            {
+                "rows_updated_at": rows_updated_at,
+                "previous_rows_updated_at": previous_rows_updated_at,
+                "start": start,
+                "stop": stop,
+                "request_id": request_id,
+            },
+        )
+
+
+def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted:
+    """The flow's steps, with the run's clients."""
     logger = get_run_logger()
-    settings = load_settings()
-    request = build_request(
-        settings,
-        {
-            "rows_updated_at": rows_updated_at,
-            "previous_rows_updated_at": previous_rows_updated_at,
-            "start": start,
-            "stop": stop,
-            "request_id": request_id,
-        },
-    )
+    settings = res.settings
+    request = build_request(settings, parameters)
     logger.info("ingest %s refresh_id=%s window=%s", request.mode, request.refresh_id, request.window)
 
     began = time.perf_counter()
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
     run_page_url = None
     # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
-    previous = committed_load(request) if settings.ledger_in_reach else None
-    fetch = plan(request) if previous is None else None
+    previous = committed_load(request, res) if settings.ledger_in_reach else None
+    fetch = plan(request, res) if previous is None else None
     if fetch is not None and fetch.covered:
         logger.info("refresh %s: a later load already committed its publish; nothing to fetch", request.refresh_id)
-        previous = covered_load(resources.table_store(settings))
+        previous = covered_load(res.table)
     if previous is None:
         assert fetch is not None
         logger.info("fetching %s (versions after %s, through %s)", fetch.where, fetch.after, fetch.through)
-        manifest = land.with_options(**retry)(request, fetch)
+        manifest = land.with_options(**retry)(request, fetch, res)
         fetched = time.perf_counter()
         if settings.engine == "databricks":
             from tollwatch.prefect.databricks_runner import merge_on_databricks
@@ -245,17 +236,17 @@ def ingest(
         elif settings.engine == "spark":
             from tollwatch.prefect.flows.merge_spark import merge_with_spark
 
-            result = merge_with_spark.with_options(**retry)(request, manifest, str(flow_run.id or "local"))
+            result = merge_with_spark.with_options(**retry)(request, manifest, str(flow_run.id or "local"), res)
         else:
-            result = load.with_options(**retry)(request, manifest)
-        rows_fetched, landing_uri = manifest.rows, resources.landing_zone(settings).uri(manifest.prefix)
+            result = load.with_options(**retry)(request, manifest, res)
+        rows_fetched, landing_uri = manifest.rows, res.landing.uri(manifest.prefix)
     else:
         fetched = time.perf_counter()
         result = previous
         rows_fetched, landing_uri = 0, ""
     loaded = time.perf_counter()
     touched = request.window or result.touched or _touched(result)
-    counts = reconcile_touched(touched) if touched is not None and settings.ledger_in_reach else None
+    counts = reconcile_touched(touched, res) if touched is not None and settings.ledger_in_reach else None
 
     completed = IngestionCompleted(
         table=settings.table,
@@ -280,7 +271,7 @@ def ingest(
     create_markdown_artifact(
         key="ingest-report", markdown=ingest_report(completed, result, counts), description="rows per day and plaza"
     )
-    announce(TollwatchEvent.of(completed, related=related(settings)), request)
+    announce(TollwatchEvent.of(completed, related=related(settings)), request, res)
     logger.info(
         "done: %d rows fetched, %d written, %d rejected, snapshot %s",
         completed.rows_fetched,

@@ -9,11 +9,11 @@ from __future__ import annotations
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
-from tollwatch import resources
 from tollwatch.adapters import spark_submit as sparksubmit
-from tollwatch.contract.settings import Settings, load_settings
+from tollwatch.contract.settings import Settings
 from tollwatch.core.ingest import IngestRequest, LoadResult
 from tollwatch.core.landing import LandingManifest
+from tollwatch.resources import Resources
 
 
 def spark_conf(settings: Settings) -> dict[str, str]:
@@ -25,12 +25,12 @@ def spark_conf(settings: Settings) -> dict[str, str]:
 
 
 @task(name="merge-with-spark", cache_policy=NO_CACHE)
-def merge_with_spark(request: IngestRequest, manifest: LandingManifest, flow_run_id: str) -> LoadResult:
+def merge_with_spark(request: IngestRequest, manifest: LandingManifest, flow_run_id: str, res: Resources) -> LoadResult:
     """Run the Spark merge of this landing and wait for it; a failed job fails the task with its last lines."""
-    settings = load_settings()
+    settings = res.settings
     logger = get_run_logger()
-    resources.table_store(settings)  # the catalog database exists, in WAL mode, before the driver opens it
-    landing_uri = resources.landing_zone(settings).uri(manifest.prefix)
+    _ = res.table  # the catalog database exists, in WAL mode, before the driver opens it
+    landing_uri = res.landing.uri(manifest.prefix)
     window = request.window
     argv = ["--landing", landing_uri, "--table", f"{settings.catalog_name}.{settings.table}"]
     argv += ["--mode", request.mode, "--refresh-id", request.refresh_id, "--flow-run-id", flow_run_id]
