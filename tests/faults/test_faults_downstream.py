@@ -1,7 +1,7 @@
 """Faults on the downstream side (issue 7, faults 13 and 14), on the real local stack: the Prefect server with its
 automation services, Azurite, the Socrata mirror, pyiceberg on disk and the loopback inbox. Only the Databricks
 workspace (Jobs API 2.1 and its Entra ID token endpoint) is mocked, at the HTTP layer with respx, by a stateful
-fake (`_downstream_support.FakeWorkspace`) that keeps runs, idempotency tokens and token lifetimes as the
+fake (`tests.support.databricks_workspace.FakeWorkspace`) that keeps runs, idempotency tokens and token lifetimes as the
 service does.
 
 13: a downstream job fails → `tollwatch.job.failed` (upstream ids, reason) and the on-call notification of the
@@ -25,9 +25,16 @@ import respx
 from prefect.flow_engine import run_flow
 from prefect.states import State
 
-import tests.test_automations as automations_tests
-import tests.test_databricks as databricks_tests
-from tests.faults._downstream_support import (
+from tests.support import payloads
+from tests.support.automations import (
+    DATABRICKS_SUBSCRIPTION,
+    GRACE_S,
+    cli_apply,
+    runs_of_deployment,
+    shipped_copy,
+    write,
+)
+from tests.support.databricks_workspace import (
     CANCEL,
     GET,
     RUN_NOW,
@@ -37,38 +44,23 @@ from tests.faults._downstream_support import (
     FakeRun,
     FakeWorkspace,
 )
-from tests.support import payloads
 from tests.support.prefect_events import wait_for_events
-from tests.test_automations import (
-    DATABRICKS_SUBSCRIPTION,
-    GRACE_S,
-    cli_apply,
-    runs_of_deployment,
-    shipped_copy,
-    write,
-)
-from tests.test_ingest_flow import ROWS_PER_DAY, table_rows
+from tests.support.tables import table_rows
 from tollwatch import resources
 from tollwatch.adapters.net import retry_after_s
 from tollwatch.contract.events import EventName, IngestionCompleted, Window
 from tollwatch.contract.settings import load_settings
 from tollwatch.prefect.flows.ingest import ingest
 from tollwatch.prefect.flows.run_job import run_job
+from tollwatch_dev.synthetic import ROWS_PER_DAY
 
 pytestmark = pytest.mark.stack
 
 JOB_ID = 987  # the Databricks job of DATABRICKS_SUBSCRIPTION (team finance)
 
-# Fixtures reused from the modules that define them (pytest finds fixtures by name in this module):
-# a loopback inbox, the dev blocks posting to it, a run-job deployment and a server cleared of tollwatch
-# automations before and after each test; the service-principal credentials and the Databricks blocks.
-api, inbox, server, client = (
-    automations_tests.api,
-    automations_tests.inbox,
-    automations_tests.server,
-    automations_tests.client,
-)
-credentials, databricks_blocks = databricks_tests.credentials, databricks_tests.databricks_blocks
+# Fixtures from tests/conftest.py: a loopback inbox (`inbox`), the dev blocks posting to it and a run-job deployment
+# (`server`), a client on a server cleared of tollwatch automations before and after each test (`client`); the
+# service-principal credentials and the Databricks blocks (`credentials`, `databricks_blocks`).
 
 
 # ------------------------------------------------------------------------------------------------ fixtures

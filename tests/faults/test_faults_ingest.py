@@ -4,7 +4,7 @@ Every test drives the real ingest flow (`tollwatch.prefect.flows.ingest.ingest`,
 where the
 fault is the process dying) against the session's Prefect server, Azurite, the Socrata mirror and a pyiceberg
 warehouse on disk (fixtures in tests/conftest.py). "Nothing lost" is checked the same way everywhere
-(`_ingest_support`): the table's rows for the affected window equal the mirror's rows for it (same natural
+(`tests.support.ingest_faults`): the table's rows for the affected window equal the mirror's rows for it (same natural
 keys, same values in the same columns, no key twice); or the run failed with a clear reason, announced
 `tollwatch.ingestion.failed`, and left the table exactly as it was (same snapshots).
 """
@@ -24,7 +24,7 @@ import httpx
 import orjson
 import pytest
 
-from tests.faults._ingest_support import (
+from tests.support.ingest_faults import (
     assert_same_rows,
     committing_runs,
     landings,

@@ -21,8 +21,23 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests import test_deployments
-from tests.faults._inputs_support import (
+from tests.support.funcapp import (
+    NEXT_SECRET,
+    SAMPLE_TOPIC,
+    SECRET,
+    blob_created,
+    body,
+    closed_port,
+    deliver,
+    expected_id,
+    json_of,
+    payload,
+    post_backfill,
+    recorded_sequencer,
+    settle,
+    tick,
+)
+from tests.support.input_faults import (
     Fault,
     FlakyPrefect,
     eventgrid_time,
@@ -35,12 +50,6 @@ from tests.faults._inputs_support import (
     table_rows,
     triggers_acted,
 )
-from tests.functions import conftest as function_app_fixtures
-from tests.functions.conftest import NEXT_SECRET, SAMPLE_TOPIC, SECRET
-from tests.functions.test_fn_backfill import post
-from tests.functions.test_fn_eventgrid import deliver, expected_id, recorded_sequencer
-from tests.functions.test_fn_watch import tick
-from tests.support.funcapp import blob_created, body, closed_port, json_of, payload, settle
 from tollwatch.adapters.prefect_events import EmitError
 from tollwatch.cli.main import app as cli_app
 from tollwatch.contract.events import DatasetRefreshed, EventName, Window, table_resource_id
@@ -50,12 +59,9 @@ from tollwatch_dev.mirror import MirrorServer
 
 pytestmark = pytest.mark.stack
 
-# Fixtures reused, not copied: the built Function app, this test's settings (own upstream domain, so own event
-# resource and ids), its watermark store, and prefect.yaml deployed into the session's server (its triggers).
-app = function_app_fixtures.app
-fenv = function_app_fixtures.fenv
-state = function_app_fixtures.state
-deployed = test_deployments.deployed
+# Fixtures from tests/conftest.py: the built Function app (`app`), this test's settings (`fenv`: own upstream domain,
+# so own event resource and ids), its watermark store (`state`), and prefect.yaml deployed into the session's server
+# (`deployed`: its triggers).
 
 
 @pytest.fixture(scope="module")
@@ -291,7 +297,9 @@ def test_backfill_route_rides_out_503s_and_stores_every_chunk_once(app, fenv, mo
     with FlakyPrefect(fenv.api_url) as proxy:
         monkeypatch.setenv("PREFECT_API_URL", proxy.api_url)
         proxy.inject(Fault.UNAVAILABLE, Fault.UNAVAILABLE, Fault.LOST_ANSWER, Fault.UNAVAILABLE)
-        response = post(app, {"start": "2024-01-01", "stop": "2024-04-01", "chunk": "week", "reason": "fault 4"})
+        response = post_backfill(
+            app, {"start": "2024-01-01", "stop": "2024-04-01", "chunk": "week", "reason": "fault 4"}
+        )
         outcomes = proxy.outcomes()
 
     assert response.status_code == 202, json_of(response)
@@ -316,8 +324,8 @@ def test_backfill_route_answers_503_when_prefect_stays_down_and_the_retry_stores
     with FlakyPrefect(fenv.api_url) as proxy:
         monkeypatch.setenv("PREFECT_API_URL", proxy.api_url)
         proxy.inject(Fault.UNAVAILABLE, Fault.LOST_ANSWER)
-        refused = post(app, request)
-        accepted = post(app, request)
+        refused = post_backfill(app, request)
+        accepted = post_backfill(app, request)
         outcomes = proxy.outcomes()
 
     assert refused.status_code == 503
@@ -590,7 +598,7 @@ def test_bad_backfill_requests_are_400_with_a_field_level_reason_and_emit_nothin
     Expected: 400 `{"error": "invalid backfill request", "problems": [{field, reason}]}` naming the field.
     Nothing emitted: no `tollwatch.backfill.requested` reaches the real Prefect server.
     """
-    response = post(app, request_body)
+    response = post_backfill(app, request_body)
 
     assert response.status_code == 400
     answer = json_of(response)

@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.faults._ingest_support import assert_same_rows, mirror_rows, snapshot_ids, table_rows_by_key
+from tests.support.ingest_faults import assert_same_rows, mirror_rows, snapshot_ids, table_rows_by_key
 from tests.support.prefect_events import wait_for_events
 from tollwatch import resources
 from tollwatch.adapters.socrata import SocrataClient

@@ -34,7 +34,7 @@ import pytest
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
-from tests.faults._ingest_support import assert_same_rows, committing_runs, mirror_rows, table_rows_by_key
+from tests.support.ingest_faults import assert_same_rows, committing_runs, mirror_rows, table_rows_by_key
 from tests.support.stacks import deployed_stack
 from tollwatch import resources
 from tollwatch.adapters.socrata import window_where

@@ -18,7 +18,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
-from tests.faults._ingest_support import assert_same_rows, table_rows_by_key, window_rows
+from tests.support.ingest_faults import assert_same_rows, table_rows_by_key, window_rows
 from tests.support.stacks import deployed_stack
 from tollwatch.contract.events import Window
 from tollwatch.prefect.observe import connect

@@ -7,7 +7,6 @@ from __future__ import annotations
 import shutil
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,16 +15,26 @@ import httpx
 import pytest
 import yaml
 from prefect.blocks.webhook import Webhook
-from prefect.client.orchestration import SyncPrefectClient, get_client
+from prefect.client.orchestration import SyncPrefectClient
 from prefect.events.actions import CallWebhook, DoNothing, RunDeployment, SendNotification
 from prefect.events.schemas.automations import Automation, AutomationCore, EventTrigger, Posture
 from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
-from typer.testing import CliRunner, Result
+from typer.testing import CliRunner
 
 from tests.support import payloads
+from tests.support.automations import (
+    DATABRICKS_SUBSCRIPTION,
+    GRACE_S,
+    HAND_MADE,
+    SHIPPED,
+    cli_apply,
+    runs_of_deployment,
+    shipped_copy,
+    write,
+)
 from tests.support.prefect_events import wait_for_events
-from tests.support.prefect_runs import read_runs, wait_for_runs
+from tests.support.prefect_runs import read_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.cli.automations import automations_app
 from tollwatch.contract.events import (
@@ -41,12 +50,10 @@ from tollwatch.prefect.automations.load import load_project
 from tollwatch.prefect.automations.models import MANAGED_TAG, PROJECT_TAG, AutomationsConfigError
 from tollwatch.prefect.observe import connect
 from tollwatch_dev.inbox import Inbox, Received
-from tollwatch_dev.local_blocks import ensure_local_blocks
 
 pytestmark = pytest.mark.stack
 
-ROOT = Path(__file__).resolve().parents[1]
-SHIPPED = ROOT / "automations"
+ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = Path(__file__).parent / "automations_fixtures"
 SHIPPED_NAMES = [
     "tollwatch-freshness-sla",
@@ -57,74 +64,11 @@ SHIPPED_NAMES = [
     "tollwatch/sub/city-dashboard/refresh-tiles",
     "tollwatch/sub/traffic-analytics/daily-totals",
 ]
-HAND_MADE = "tollwatch-test:hand-made"  # tag of automations a test creates by hand (cleaned up, never pruned)
-GRACE_S = 3  # after the expected delivery, how long a wrong extra one gets to show up before counting
 
 runner = CliRunner()
 
 
-# ------------------------------------------------------------------------------------------------ fixtures
-
-
-@pytest.fixture(scope="module")
-def inbox() -> Iterator[Inbox]:
-    with Inbox() as box:
-        yield box
-
-
-@pytest.fixture(scope="module")
-def api(stack) -> Iterator[str]:
-    with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        patch.setenv("PREFECT_API_URL", stack.prefect_api_url)
-        yield stack.prefect_api_url
-
-
-@pytest.fixture(scope="module")
-def server(api, inbox) -> dict[str, uuid.UUID]:
-    """What the shipped files name: the dev blocks (posting to the inbox) and the `run-job/run-job` and
-    `ingest/ingest` deployments (registered without a worker and without triggers: runs the automations create
-    stay scheduled, which is all these tests look at)."""
-    with get_client(sync_client=True) as client:
-        ids = ensure_local_blocks(inbox.url, client)
-        for name in ("run-job", "ingest"):
-            flow_id = client.create_flow_from_name(name)
-            ids[f"{name}/{name}"] = client.create_deployment(flow_id=flow_id, name=name)
-    return ids
-
-
-def _remove_test_automations(client: SyncPrefectClient) -> None:
-    for automation in client.read_automations():
-        if {MANAGED_TAG, HAND_MADE} & set(automation.tags):
-            client.delete_automation(automation.id)
-
-
-@pytest.fixture
-def client(server) -> Iterator[SyncPrefectClient]:
-    """A client on the stack; every test starts and ends without tollwatch automations on the server."""
-    with get_client(sync_client=True) as api_client:
-        _remove_test_automations(api_client)
-        yield api_client
-        _remove_test_automations(api_client)
-
-
 # ------------------------------------------------------------------------------------------------- helpers
-
-
-def cli_apply(directory: Path, *args: str) -> Result:
-    return runner.invoke(automations_app, ["apply", "--dir", str(directory), *args])
-
-
-def shipped_copy(tmp_path: Path) -> Path:
-    directory = tmp_path / "automations"
-    shutil.copytree(SHIPPED, directory)
-    return directory
-
-
-def write(directory: Path, relative: str, content: Any) -> Path:
-    path = directory / relative
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
-    return path
 
 
 def managed(client: SyncPrefectClient) -> dict[str, Automation]:
@@ -161,13 +105,6 @@ def webhook_to(inbox: Inbox, name: str) -> str:
 
 def call_webhook(name: str, block: str, **extra: Any) -> dict[str, Any]:
     return {"name": name, **extra, "action": {"type": "call-webhook", "block": block}}
-
-
-def runs_of_deployment(api: str, deployment_id: uuid.UUID, refresh_id: str, timeout_s: float = 30) -> list[dict]:
-    def ours(run: dict) -> bool:
-        return (run["parameters"].get("completion") or {}).get("refresh_id") == refresh_id
-
-    return wait_for_runs(api, ours, deployment_id=deployment_id, timeout_s=timeout_s)
 
 
 # ------------------------------------------------------------------------------------- loading, compiling
@@ -673,17 +610,6 @@ def test_freshness_sla_fires_when_no_refresh_arrives(client, inbox, tmp_path):
 
     print(f"freshness SLA (within=10s) fired {time.monotonic() - started:.1f}s after the apply")
     assert alert.json_body["body"].startswith("No tollwatch.dataset.refreshed event matched socrata.*")
-
-
-DATABRICKS_SUBSCRIPTION = """\
-team: finance
-subscriptions:
-  - name: revenue-model
-    action:
-      type: run-databricks-job
-      job_id: 987
-      parameters: {rows: "{{ event.payload.rows_written }}"}
-"""
 
 
 def test_run_databricks_job_subscription_starts_run_job_with_the_job_id(api, client, server, tmp_path):

@@ -2,9 +2,9 @@
 Azurite, the Socrata mirror and the loopback inbox — deployed from prefect.yaml and automations/ as shipped.
 
 This module's stack runs the Prefect server on PostgreSQL, as production does. The smoke test of the lighter
-`--db sqlite` option is tests/test_chain_sqlite.py: on SQLite, Prefect's trigger service sometimes acts on one
-firing twice or drops an event after retrying it at once ("database is locked"), so the exactly-once promises of
-this module are a PostgreSQL matter (seen here: two downstream runs for one completion on SQLite).
+`--db sqlite` option is tests/integration/test_chain_sqlite.py: on SQLite, Prefect's trigger service sometimes acts
+on one firing twice or drops an event after retrying it at once ("database is locked"), so the exactly-once
+promises of this module are a PostgreSQL matter (seen here: two downstream runs for one completion on SQLite).
 
 publish → watcher → tollwatch.dataset.refreshed → ingest run → tollwatch.ingestion.completed → subscriptions
 (run-job → tollwatch.job.completed; a team webhook) and failures → notification. Backfills go through the
@@ -34,7 +34,7 @@ from tollwatch.contract.events import EventName
 from tollwatch.prefect.observe import connect
 from tollwatch_dev.stack import LocalStack, StackEndpoints
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.stack
 
 SUBSCRIPTION_DISABLED = """\
@@ -48,7 +48,8 @@ subscriptions:
 """
 
 
-#: The Prefect server's database for this module: PostgreSQL, the local default (SQLite: tests/test_chain_sqlite.py).
+#: The Prefect server's database for this module: PostgreSQL, the local default
+#: (SQLite: tests/integration/test_chain_sqlite.py).
 CHAIN_DB = "postgres"
 
 FAIL_FAST = {

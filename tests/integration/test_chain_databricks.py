@@ -31,7 +31,7 @@ from tollwatch_dev.stack import LocalStack, StackEndpoints
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROWS_PER_DAY = 11 * 2 * 24
 DAILY_ROWS_PER_DAY = 11 * 2  # plazas x directions
 

@@ -1,10 +1,10 @@
 """The smoke test of `tollwatch stack up --db sqlite`: one publish through the real worker on a SQLite Prefect server.
 
 The full chain (subscriptions, repair automations, exactly-once downstream) is proven on PostgreSQL, the local
-default, in tests/test_chain.py. On SQLite the server's trigger service can act on one firing twice or drop an event
-after Prefect's in-memory messaging retried it 3 times at once ("database is locked"; README Known limits), so this
-module asks only what that option must keep doing: prefect.yaml deploys, the deployment's own trigger starts the
-ingest run for a published week, the run completes and the week is in the table.
+default, in tests/integration/test_chain.py. On SQLite the server's trigger service can act on one firing twice or
+drop an event after Prefect's in-memory messaging retried it 3 times at once ("database is locked"; README Known
+limits), so this module asks only what that option must keep doing: prefect.yaml deploys, the deployment's own
+trigger starts the ingest run for a published week, the run completes and the week is in the table.
 """
 
 from __future__ import annotations

@@ -16,9 +16,9 @@ import httpx
 import pytest
 import respx
 from prefect import flow
-from prefect_databricks import DatabricksCredentials
 from prefect_databricks.models.jobs import RunNowInput, RunSubmitSettings, RunSubmitTaskSettings
 
+from tests.support.databricks_api import API, RUN_PAGE, TOKEN_URL, WHEEL
 from tollwatch.adapters.databricks_jobs import (
     ComputeSpec,
     DatabricksRunFailed,
@@ -31,12 +31,6 @@ from tollwatch.prefect.databricks_runner import DatabricksRunner
 
 pytestmark = pytest.mark.stack
 
-HOST = "adb-1234567890123456.7.azuredatabricks.net"
-API = f"https://{HOST}/api/2.1/jobs"
-TENANT = "00000000-0000-0000-0000-000000000000"
-TOKEN_URL = f"https://login.microsoftonline.com/{TENANT}/oauth2/v2.0/token"
-RUN_PAGE = f"https://{HOST}/?o=1#job/0/run/42"
-WHEEL = "/Workspace/Shared/tollwatch/artifacts/.internal/tollwatch-0.1.0-py3-none-any.whl"
 ARGS = MergeJobArgs(
     landing="abfss://tollwatch@acct.dfs.core.windows.net/raw/qzve-kjga/window=2024-01-01_2024-02-01/",
     table="tollwatch.bronze.bnt_traffic_hourly",
@@ -55,14 +49,6 @@ def prefect_api(stack):
 
     with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
         yield stack.prefect_api_url
-
-
-@pytest.fixture
-def credentials() -> DatabricksCredentials:
-    """A service principal with a placeholder secret (the token endpoint is mocked; nothing real is used)."""
-    return DatabricksCredentials(
-        databricks_instance=HOST, client_id="tollwatch-sp", client_secret="placeholder", tenant_id=TENANT
-    )
 
 
 @pytest.fixture
@@ -249,29 +235,6 @@ def test_compute_specs_refuse_incomplete_settings():
 
 
 # ------------------------------------------------------------------------------------ flows on Databricks
-
-
-@pytest.fixture
-def databricks_blocks(env, credentials, monkeypatch):
-    """The blocks a production workspace would have, saved on the test server; the engine switched by setting."""
-    from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
-
-    credentials.save("tollwatch-databricks", overwrite=True)
-    DatabricksCompute(kind="existing_cluster", existing_cluster_id="0101-123456-abcdefgh").save(
-        "tollwatch", overwrite=True
-    )
-    AzureStorageLocation(account="tollwatchdata", container="tollwatch").save("tollwatch", overwrite=True)
-    SparkIcebergCatalog(kind="hadoop", warehouse="abfss://lake@tollwatchdata.dfs.core.windows.net/warehouse").save(
-        "tollwatch", overwrite=True
-    )
-    for key, value in {
-        "TOLLWATCH_ENGINE": "databricks",
-        "TOLLWATCH_DATABRICKS_POLL_S": "0",
-        "TOLLWATCH_DATABRICKS_API_BACKOFF_S": "0.01",
-        "TOLLWATCH_DATABRICKS_WHEEL": WHEEL,
-    }.items():
-        monkeypatch.setenv(key, value)
-    return env
 
 
 def test_ingest_merges_on_databricks_and_announces_the_run_page(databricks_blocks, api):

@@ -40,7 +40,7 @@ from tollwatch.contract.events import Window
 from tollwatch.contract.settings import load_settings
 from tollwatch.core.ingest import IngestRequest, fetch_and_land, plan_fetch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 JARS_DIR = ROOT / ".jars"
 PAT = PLACEHOLDER_PAT
 AZURITE = (

@@ -14,7 +14,7 @@ from tests.support.prefect_runs import wait_for_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.stack
 
 
@@ -36,20 +36,6 @@ def test_prefect_yaml_has_no_schedule_or_cron():
         "tollwatch.backfill.requested",
     }
     assert triggers["run-job"] == []
-
-
-@pytest.fixture(scope="module")
-def deployed(stack):
-    """`tollwatch deploy --target local` against the session's server (no worker: runs stay scheduled)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    from tollwatch.prefect.deploy import deploy
-
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
-        output = deploy("local")
-    assert "ingest/ingest" in output
-    assert "run-job/run-job" in output
-    return stack.prefect_api_url
 
 
 def test_deploy_creates_one_queue_per_deployment_with_its_concurrency_limit(deployed):

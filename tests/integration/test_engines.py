@@ -41,7 +41,7 @@ pytestmark = [pytest.mark.stack, pytest.mark.spark]
 DOMAIN = "data.ny.gov"
 DATASET = "qzve-kjga"
 ROWS_PER_DAY = 11 * 2 * 24
-JARS_DIR = Path(__file__).resolve().parents[1] / ".jars"
+JARS_DIR = Path(__file__).resolve().parents[2] / ".jars"
 #: Spark conf for the tests' small merges: no UI, loopback, few shuffle partitions (200 by default: a task each, for
 #: a few thousand rows) and the JVM's quick-start JIT; none of it changes what a merge writes.
 SMALL_JOB_CONF = {

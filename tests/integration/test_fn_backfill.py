@@ -1,136 +1,29 @@
-"""`request_backfill`: validation, calendar chunking, deterministic ids, and the events on the real server."""
+"""`request_backfill` on the real server: the events a request emits, their deterministic ids, its refusals and
+outages. The request rules and the chunking themselves are unit-tested (tests/unit/test_backfill_requests.py)."""
 
 from __future__ import annotations
 
-import json
-from datetime import UTC, date, datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import pytest
 
-from tests.functions.conftest import FUNCTION_KEY
-from tests.support.funcapp import closed_port, function, http_request, json_of, settle
-from tollwatch.contract.events import BackfillRequested, EventName, Window
-from tollwatch.core.backfill import BackfillLimits, BackfillRejected, Chunk, chunks, parse_backfill, validate_backfill
+from tests.support.funcapp import FUNCTION_KEY, closed_port, json_of, post_backfill, settle
+from tollwatch.contract.events import BackfillRequested, EventName
+
+pytestmark = pytest.mark.stack
 
 REQUESTED = EventName.BACKFILL_REQUESTED
 TODAY = datetime.now(UTC).date()
 
 
-def post(app, payload: object, *, raw: bytes | None = None):
-    data = raw if raw is not None else json.dumps(payload).encode()
-    return function(app, "request_backfill")(http_request("POST", "backfill", data))
-
-
-# ---------------------------------------------------------------------------------------------- pure: chunks
-
-
-def w(start: str, stop: str) -> Window:
-    return Window(start=date.fromisoformat(start), stop=date.fromisoformat(stop))
-
-
-@pytest.mark.parametrize(
-    ("start", "stop", "chunk", "expected"),
-    [
-        (
-            "2024-01-01",
-            "2024-04-01",
-            Chunk.MONTH,
-            [w("2024-01-01", "2024-02-01"), w("2024-02-01", "2024-03-01"), w("2024-03-01", "2024-04-01")],
-        ),
-        (
-            "2024-01-15",
-            "2024-03-10",
-            Chunk.MONTH,
-            [w("2024-01-15", "2024-02-01"), w("2024-02-01", "2024-03-01"), w("2024-03-01", "2024-03-10")],
-        ),
-        (
-            "2024-01-03",
-            "2024-01-20",
-            Chunk.WEEK,  # 2024-01-08 and 2024-01-15 are Mondays
-            [w("2024-01-03", "2024-01-08"), w("2024-01-08", "2024-01-15"), w("2024-01-15", "2024-01-20")],
-        ),
-        (
-            "2024-02-28",
-            "2024-03-02",
-            Chunk.DAY,
-            [w("2024-02-28", "2024-02-29"), w("2024-02-29", "2024-03-01"), w("2024-03-01", "2024-03-02")],
-        ),
-        (
-            "2023-12-03",
-            "2025-02-01",
-            Chunk.YEAR,
-            [w("2023-12-03", "2024-01-01"), w("2024-01-01", "2025-01-01"), w("2025-01-01", "2025-02-01")],
-        ),
-        ("2024-12-31", "2025-01-01", Chunk.MONTH, [w("2024-12-31", "2025-01-01")]),
-    ],
-)
-def test_chunks_align_to_calendar_boundaries(start, stop, chunk, expected):
-    assert chunks(date.fromisoformat(start), date.fromisoformat(stop), chunk) == expected
-
-
-LIMITS = BackfillLimits(today=date(2025, 6, 15), max_days=400, max_chunks=100)
-
-
-@pytest.mark.parametrize(
-    ("body", "field", "reason"),
-    [
-        pytest.param(b'{"start": "2024-04-01", "stop": "2024-01-01"}', "stop", "must be after start", id="stop<start"),
-        pytest.param(b'{"start": "2024-04-01", "stop": "2024-04-01"}', "stop", "stop is exclusive", id="stop=start"),
-        pytest.param(b'{"start": "2025-06-20", "stop": "2025-06-21"}', "start", "in the future", id="future-start"),
-        pytest.param(b'{"start": "2025-06-01", "stop": "2025-07-01"}', "stop", "in the future", id="future-stop"),
-        pytest.param(
-            b'{"start": "2009-12-01", "stop": "2010-02-01"}', "start", "before the dataset begins", id="before-2010"
-        ),
-        pytest.param(
-            b'{"start": "2020-01-01", "stop": "2024-01-01"}', "stop", "more than the maximum of 400", id="too-long"
-        ),
-        pytest.param(
-            b'{"start": "2024-01-01", "stop": "2024-12-01", "chunk": "day"}',
-            "chunk",
-            "more than 100",
-            id="too-many-chunks",
-        ),
-        pytest.param(
-            b'{"start": "2024-01-01", "stop": "2024-02-01", "priority": "high"}',
-            "priority",
-            "unknown field",
-            id="unknown-field",
-        ),
-        pytest.param(
-            b'{"start": "2024-01-01", "stop": "2024-02-01", "chunk": "fortnight"}', "chunk", "'month'", id="bad-chunk"
-        ),
-        pytest.param(b'{"start": "01/01/2024", "stop": "2024-02-01"}', "start", "YYYY-MM-DD", id="bad-date"),
-        pytest.param(b'{"start": 1704067200, "stop": "2024-02-01"}', "start", "YYYY-MM-DD", id="epoch-date"),
-        pytest.param(b'{"stop": "2024-02-01"}', "start", "Field required", id="missing-start"),
-        pytest.param(b"start=2024-01-01&stop=2024-02-01", "body", "not valid JSON", id="form-encoded"),
-        pytest.param(b"", "body", "not valid JSON", id="empty"),
-        pytest.param(b'["2024-01-01", "2024-02-01"]', "body", "must be a JSON object", id="array"),
-    ],
-)
-def test_invalid_requests_name_the_field_and_the_reason(body, field, reason):
-    with pytest.raises(BackfillRejected) as rejected:
-        parse_backfill(body, LIMITS)
-    problems = {p.field: p.reason for p in rejected.value.problems}
-    assert field in problems, problems
-    assert reason in problems[field]
-
-
-def test_the_last_allowed_stop_is_tomorrow_and_cli_values_go_through_the_same_rules():
-    ok = validate_backfill({"start": date(2025, 6, 1), "stop": date(2025, 6, 16), "chunk": "week"}, LIMITS)
-    assert ok.stop == LIMITS.today + timedelta(days=1)
-    with pytest.raises(BackfillRejected, match="stop"):
-        validate_backfill({"start": date(2025, 6, 1), "stop": date(2025, 6, 17)}, LIMITS)
-
-
 # ---------------------------------------------------------------------------------------------- the function
 
 
-@pytest.mark.stack
 def test_request_by_month_emits_one_event_per_chunk_with_deterministic_ids(app, fenv):
     request = {"start": "2024-01-01", "stop": "2024-04-01", "chunk": "month", "reason": "reprocess Q1"}
 
-    response = post(app, request)
+    response = post_backfill(app, request)
 
     assert response.status_code == 202
     answer = json_of(response)
@@ -163,13 +56,12 @@ def test_request_by_month_emits_one_event_per_chunk_with_deterministic_ids(app, 
     assert {e["payload"]["reason"] for e in events} == {"reprocess Q1"}
 
 
-@pytest.mark.stack
 def test_the_same_request_twice_has_the_same_ids_and_rerun_changes_them(app, fenv):
     request = {"start": "2024-01-01", "stop": "2024-04-01", "chunk": "month"}
 
-    first = json_of(post(app, request))
-    again = json_of(post(app, request))
-    rerun = json_of(post(app, {**request, "rerun": True}))
+    first = json_of(post_backfill(app, request))
+    again = json_of(post_backfill(app, request))
+    rerun = json_of(post_backfill(app, {**request, "rerun": True}))
 
     assert again == first
     assert rerun["chunks"] == first["chunks"]
@@ -179,7 +71,6 @@ def test_the_same_request_twice_has_the_same_ids_and_rerun_changes_them(app, fen
     assert sorted(e["id"] for e in events) == sorted(first["event_ids"] + rerun["event_ids"])  # 6, not 9
 
 
-@pytest.mark.stack
 @pytest.mark.parametrize(
     ("payload", "field"),
     [
@@ -191,7 +82,7 @@ def test_the_same_request_twice_has_the_same_ids_and_rerun_changes_them(app, fen
     ],
 )
 def test_invalid_request_is_400_with_field_problems_and_emits_nothing(app, fenv, payload, field):
-    response = post(app, payload)
+    response = post_backfill(app, payload)
 
     assert response.status_code == 400
     answer = json_of(response)
@@ -200,33 +91,30 @@ def test_invalid_request_is_400_with_field_problems_and_emits_nothing(app, fenv,
     assert settle(fenv.api_url, fenv.resource_id, REQUESTED) == []
 
 
-@pytest.mark.stack
 def test_non_json_is_400(app, fenv):
-    response = post(app, None, raw=b"<backfill start='2024-01-01'/>")
+    response = post_backfill(app, None, raw=b"<backfill start='2024-01-01'/>")
     assert response.status_code == 400
     assert json_of(response)["problems"][0]["field"] == "body"
 
 
-@pytest.mark.stack
 def test_max_days_comes_from_settings(app, fenv, monkeypatch):
     monkeypatch.setenv("TOLLWATCH_BACKFILL_MAX_DAYS", "31")
-    too_long = post(app, {"start": "2024-01-01", "stop": "2024-03-01"})
-    fits = post(app, {"start": "2024-01-01", "stop": "2024-02-01"})
+    too_long = post_backfill(app, {"start": "2024-01-01", "stop": "2024-03-01"})
+    fits = post_backfill(app, {"start": "2024-01-01", "stop": "2024-02-01"})
     assert too_long.status_code == 400
     assert "maximum of 31" in json_of(too_long)["problems"][0]["reason"]
     assert fits.status_code == 202
 
 
-@pytest.mark.stack
 def test_prefect_down_is_503_and_the_retry_succeeds_with_the_same_ids(app, fenv, monkeypatch):
     request = {"start": "2024-01-01", "stop": "2024-01-08", "chunk": "day"}
     with monkeypatch.context() as down:
         down.setenv("PREFECT_API_URL", f"http://127.0.0.1:{closed_port()}/api")
-        failed = post(app, request)
+        failed = post_backfill(app, request)
     assert failed.status_code == 503
     assert "retrying the same request is safe" in json_of(failed)["error"]
 
-    retried = post(app, request)
+    retried = post_backfill(app, request)
 
     assert retried.status_code == 202
     events = settle(fenv.api_url, fenv.resource_id, REQUESTED)
@@ -234,7 +122,6 @@ def test_prefect_down_is_503_and_the_retry_succeeds_with_the_same_ids(app, fenv,
     assert len(events) == 7
 
 
-@pytest.mark.stack
 def test_backfill_over_the_dev_host(devhost, fenv):
     url = f"{devhost.url}/api/backfill"
     request = {"start": "2024-01-01", "stop": "2024-04-01", "chunk": "month", "reason": "curl"}

@@ -13,8 +13,7 @@ import azure.functions as func
 import httpx
 import pytest
 
-from tests.functions.conftest import FUNCTION_KEY, SECRET
-from tests.support.funcapp import closed_port, payload
+from tests.support.funcapp import FUNCTION_KEY, SECRET, closed_port, payload
 from tollwatch_dev.funchost import FunctionHost, FunctionHostError, http_routes
 
 ROOT = Path(__file__).resolve().parents[2]

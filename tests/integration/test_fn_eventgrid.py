@@ -14,39 +14,30 @@ import pytest
 from azure.core.credentials import AzureKeyCredential
 from azure.eventgrid import EventGridEvent, EventGridPublisherClient
 
-from tests.functions.conftest import FUNCTION_KEY, NEXT_SECRET, SAMPLE_TOPIC, SECRET
-from tests.support.funcapp import blob_created, body, closed_port, function, http_request, json_of, payload, settle
-from tollwatch import resources
-from tollwatch.contract.events import BlobRef, DatasetRefreshed, EventName
-from tollwatch.core.receiver import SequencerStore
+from tests.support.funcapp import (
+    FUNCTION_KEY,
+    NEXT_SECRET,
+    SAMPLE_ETAG,
+    SAMPLE_TOPIC,
+    SAMPLE_URL,
+    SECRET,
+    blob_created,
+    body,
+    closed_port,
+    deliver,
+    expected_id,
+    function,
+    json_of,
+    payload,
+    recorded_sequencer,
+    settle,
+)
+from tollwatch.contract.events import EventName
 
 pytestmark = pytest.mark.stack
 
 REFRESHED = EventName.DATASET_REFRESHED
 SAMPLE = payload("blob-created.eventgrid.json")[0]
-SAMPLE_URL = SAMPLE["data"]["url"]
-SAMPLE_ETAG = SAMPLE["data"]["eTag"]
-
-
-def deliver(app, data: bytes, *, secret: str | None = SECRET, method: str = "POST", headers=None, params=None):
-    """Call the webhook handler the way the Functions host would, with the shared secret as a header."""
-    all_headers = {"content-type": "application/json", "aeg-event-type": "Notification", **(headers or {})}
-    if secret is not None:
-        all_headers["x-tollwatch-secret"] = secret
-    request = http_request(method, "eventgrid", data, headers=all_headers, params=params)
-    return function(app, "eventgrid_webhook")(request)
-
-
-def expected_id(fenv, url: str = SAMPLE_URL, etag: str = SAMPLE_ETAG, sequencer: str = "") -> str:
-    blob = BlobRef(url=url, etag=etag, sequencer=sequencer)
-    refreshed = DatasetRefreshed(domain=fenv.domain, dataset_id="qzve-kjga", rows_updated_at=0, blob=blob)
-    return str(refreshed.event_id())
-
-
-def recorded_sequencer(fenv, url: str = SAMPLE_URL) -> str | None:
-    settings = fenv.settings()
-    mark = SequencerStore(resources.state_blobs(settings), state_prefix=settings.state_prefix).read(url).value
-    return mark.sequencer if mark else None
 
 
 # ---------------------------------------------------------------------------------------------- handshakes

@@ -5,12 +5,10 @@ from __future__ import annotations
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import azure.functions as func
 import pytest
-from azure.functions.timer import TimerRequest
 from typer.testing import CliRunner
 
-from tests.support.funcapp import BarrierSink, closed_port, function, settle
+from tests.support.funcapp import BarrierSink, closed_port, settle, tick
 from tollwatch import resources
 from tollwatch.adapters.prefect_events import EmitError
 from tollwatch.cli.main import app as cli_app
@@ -21,10 +19,6 @@ from tollwatch_dev.mirror import MirrorServer
 pytestmark = pytest.mark.stack
 
 REFRESHED = EventName.DATASET_REFRESHED
-
-
-def tick(app: func.FunctionApp, *, past_due: bool = False) -> None:
-    function(app, "watch_upstream")(TimerRequest(past_due=past_due))
 
 
 def test_first_tick_announces_the_dataset_and_stores_the_watermark(app, fenv, state, mirror: MirrorServer):

@@ -15,7 +15,7 @@ import pytest
 
 from tollwatch_dev.inbox import Inbox, Received, log_name
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_records_method_path_headers_body_and_json(tmp_path):

@@ -10,6 +10,7 @@ import pyarrow.compute as pc
 import pytest
 
 from tests.support.prefect_events import wait_for_events
+from tests.support.tables import snapshot_ids, table_rows
 from tollwatch import resources
 from tollwatch.contract.events import EventName, Window
 from tollwatch.contract.settings import load_settings
@@ -20,15 +21,6 @@ JAN = Window(start=date(2024, 1, 1), stop=date(2024, 2, 1))
 ROWS_PER_DAY = 11 * 2 * 24
 
 pytestmark = pytest.mark.stack
-
-
-def table_rows(window: Window | None = None):
-    return resources.table_store(load_settings()).read(window)
-
-
-def snapshot_ids() -> list[int]:
-    table = resources.table_store(load_settings()).table()
-    return [s.snapshot_id for s in table.snapshots()] if table else []
 
 
 def test_window_ingested_twice_gives_an_identical_table(env):

@@ -41,7 +41,7 @@ VIEW = f"/api/views/{DATASET}.json"
 START = date(2024, 1, 1)
 THROUGH = date(2024, 1, 15)  # 14 days -> 7,392 rows: big enough to page, small enough to read whole
 TOTAL = 14 * ROWS_PER_DAY
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture

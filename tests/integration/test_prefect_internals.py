@@ -28,7 +28,7 @@ def test_an_unchecked_prefect_series_is_refused_with_what_to_do(version):
     message = str(refused.value)
     assert f"Prefect {version} is installed" in message
     assert "3.9.1" in message
-    assert "tests/test_prefect_internals.py" in message
+    assert "test_prefect_internals.py" in message  # where the accesses are checked
 
 
 def test_a_patch_release_of_a_checked_series_is_admitted():

@@ -939,14 +939,14 @@ def driver_error(stdout: list[str], stderr: list[str], code: int) -> tuple[str, 
 
 
 def bundle_jobs(tmp: Path, target: str = "dev", **variables: str) -> dict[str, dict[str, Any]]:
-    """The bundle's jobs as the Databricks CLI loads them (tests/test_bundle.py's loader), by resource key."""
-    from tests.test_bundle import load_resources
+    """The bundle's jobs as the Databricks CLI loads them (tests/support/bundle.py), by resource key."""
+    from tests.support.bundle import load_resources
 
     return load_resources(tmp, target, **variables)
 
 
 def save_workspace_blocks(double: DatabricksJobsDouble, container: str) -> None:
-    """The blocks a production workspace has (as tests/test_databricks.py saves them), pointing at the double:
+    """The blocks a production workspace has (as the `databricks_blocks` fixture saves them), pointing at the double:
     credentials with the placeholder PAT, an existing cluster, the Azurite account's container as the landing
     storage, and a Hadoop catalog on any abfss warehouse (the double's clusters use their own JDBC catalog conf)."""
     from prefect_databricks import DatabricksCredentials

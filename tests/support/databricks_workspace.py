@@ -1,5 +1,5 @@
 """A stateful Azure Databricks workspace for the downstream fault tests, served through respx at the HTTP layer
-(the only component these tests mock, as tests/test_databricks.py does; the Prefect server stays real).
+(the only component these tests mock, as tests/integration/test_databricks.py does; the Prefect server stays real).
 
 `FakeWorkspace` answers the Jobs API 2.1 calls tollwatch makes (runs/submit, run-now, runs/get, runs/get-output,
 runs/cancel) and the Entra ID token endpoint, keeping the state a real workspace keeps:
@@ -28,7 +28,7 @@ import httpx
 import respx
 from prefect_databricks.models.jobs import RunNowInput, RunSubmitSettings, RunSubmitTaskSettings
 
-from tests.test_databricks import HOST, TOKEN_URL
+from tests.support.databricks_api import HOST, TOKEN_URL
 
 JOBS = "/api/2.1/jobs"
 SUBMIT, RUN_NOW, GET, GET_OUTPUT, CANCEL = (

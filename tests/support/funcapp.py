@@ -1,5 +1,8 @@
 """Helpers for the Function app tests: invoke handlers, read events back, and stand-ins for *remote* endpoints.
 
+The settings the tests give the app (`SAMPLE_TOPIC`, the secrets, the function key; the `fenv` fixture in
+tests/conftest.py sets them) match Microsoft's sample payloads in tests/support/eventgrid_samples/.
+
 Only what cannot run here is emulated: an Azure Event Grid topic (a loopback receiver that records what the
 SDK sends) and a Prefect Cloud webhook (a loopback endpoint that renders the shipped template with Jinja2,
 as Prefect Cloud does, and forwards the result to the real local Prefect server). Everything else is real.
@@ -23,20 +26,45 @@ from typing import Any
 import azure.functions as func
 import httpx
 import yaml
+from azure.functions.timer import TimerRequest
 
 from tollwatch.adapters.prefect_events import EventSink
-from tollwatch.contract.events import TollwatchEvent
+from tollwatch.contract.events import BlobRef, DatasetRefreshed, TollwatchEvent
+from tollwatch.contract.settings import Settings, load_settings
 from tollwatch_dev.funchost import indexed_functions
 
-PAYLOADS = Path(__file__).resolve().parents[1] / "functions" / "payloads"
+PAYLOADS = Path(__file__).resolve().parent / "eventgrid_samples"
 SENTINEL = "tollwatch.test.sentinel"
+
+#: The `topic` / `source` of Microsoft's BlobCreated samples, accepted as-is.
+SAMPLE_TOPIC = (
+    "/subscriptions/{subscription-id}/resourceGroups/Storage/providers/Microsoft.Storage/storageAccounts/"
+    "my-storage-account"
+)
+#: The container of the samples' `subject` (what the receiver watches).
+SAMPLE_CONTAINER = "test-container"
+SECRET = "current-secret-0123456789"
+NEXT_SECRET = "next-secret-9876543210"
+FUNCTION_KEY = "local-function-key-abcdef"
+
+
+@dataclass(frozen=True)
+class FnEnv:
+    """What a Function app test needs to know about its environment (the `fenv` fixture)."""
+
+    api_url: str
+    domain: str
+    resource_id: str
+
+    def settings(self) -> Settings:
+        return load_settings()
 
 
 # ---------------------------------------------------------------------------------------------- payloads
 
 
 def payload(name: str) -> list[dict[str, Any]]:
-    """A Microsoft sample payload (tests/functions/payloads/README.md), as parsed JSON (a fresh copy)."""
+    """A Microsoft sample payload (tests/support/eventgrid_samples/README.md), as parsed JSON (a fresh copy)."""
     return json.loads((PAYLOADS / name).read_text())
 
 
@@ -85,6 +113,58 @@ def http_request(
 
 def json_of(response: func.HttpResponse) -> Any:
     return json.loads(response.get_body()) if response.get_body() else None
+
+
+def deliver(
+    app: func.FunctionApp,
+    data: bytes,
+    *,
+    secret: str | None = SECRET,
+    method: str = "POST",
+    headers: dict[str, str] | None = None,
+    params: dict[str, str] | None = None,
+) -> func.HttpResponse:
+    """Call the Event Grid webhook handler the way the Functions host would, with the shared secret as a header."""
+    all_headers = {"content-type": "application/json", "aeg-event-type": "Notification", **(headers or {})}
+    if secret is not None:
+        all_headers["x-tollwatch-secret"] = secret
+    request = http_request(method, "eventgrid", data, headers=all_headers, params=params)
+    return function(app, "eventgrid_webhook")(request)
+
+
+def post_backfill(app: func.FunctionApp, request: object, *, raw: bytes | None = None) -> func.HttpResponse:
+    """POST a backfill request (`request` as JSON, or `raw` bytes as they are) to the `request_backfill` handler."""
+    data = raw if raw is not None else json.dumps(request).encode()
+    return function(app, "request_backfill")(http_request("POST", "backfill", data))
+
+
+def tick(app: func.FunctionApp, *, past_due: bool = False) -> None:
+    """One timer invocation of the `watch_upstream` handler."""
+    function(app, "watch_upstream")(TimerRequest(past_due=past_due))
+
+
+# ---------------------------------------------------------------------------------------------- expectations
+
+_SAMPLE = payload("blob-created.eventgrid.json")[0]
+SAMPLE_URL: str = _SAMPLE["data"]["url"]
+SAMPLE_ETAG: str = _SAMPLE["data"]["eTag"]
+
+
+def expected_id(fenv: FnEnv, url: str = SAMPLE_URL, etag: str = SAMPLE_ETAG, sequencer: str = "") -> str:
+    """The id of the refresh a BlobCreated of `url` at `etag` announces (it does not depend on the sequencer)."""
+    blob = BlobRef(url=url, etag=etag, sequencer=sequencer)
+    refreshed = DatasetRefreshed(domain=fenv.domain, dataset_id="qzve-kjga", rows_updated_at=0, blob=blob)
+    return str(refreshed.event_id())
+
+
+def recorded_sequencer(fenv: FnEnv, url: str = SAMPLE_URL) -> str | None:
+    """The sequencer the receiver recorded for `url` in the test's state container (Azurite), if any."""
+    from tollwatch import resources
+    from tollwatch.core.receiver import SequencerStore
+
+    settings = fenv.settings()
+    mark = SequencerStore(resources.state_blobs(settings), state_prefix=settings.state_prefix).read(url).value
+    return mark.sequencer if mark else None
 
 
 # ---------------------------------------------------------------------------------------------- prefect

@@ -1,7 +1,7 @@
 """A local stack of a test module's own, started, pointed at and deployed into (tests that need real runs).
 
 Stacks run the Prefect server on PostgreSQL unless the module asks for `LocalStack(..., db="sqlite")` (only
-tests/test_chain.py does, as the smoke test of that option)."""
+tests/integration/test_chain.py does, as the smoke test of that option)."""
 
 from __future__ import annotations
 

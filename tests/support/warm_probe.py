@@ -1,4 +1,4 @@
-"""Run by the warm server's children in tests/test_warm.py instead of Prefect's engine: shows what a child
+"""Run by the warm server's children in tests/integration/test_warm.py instead of Prefect's engine: shows what a child
 sees (argv, environment, working directory, stdio) and how it ends (exit code, signals)."""
 
 import os

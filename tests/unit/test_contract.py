@@ -12,7 +12,7 @@ from tollwatch.contract import compute
 from tollwatch.contract import table as contract
 from tollwatch.core import schema
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_every_check_names_a_column_of_the_table_and_every_required_column_is_checked():

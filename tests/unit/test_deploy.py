@@ -10,7 +10,7 @@ import yaml
 
 from tollwatch.prefect.deploy import DeployError, checkout, deploy_environment, deployment_queues, work_pool_spec
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_prefect_yaml_defines_a_local_process_pool_and_a_git_backed_production_pool():

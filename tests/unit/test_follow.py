@@ -1,5 +1,5 @@
 """How `tollwatch backfill --wait` classifies chunks from the server's records (a recorded observer stands in
-for the Prefect API here; tests/test_chain.py runs the same code against a real server)."""
+for the Prefect API here; tests/integration/test_chain.py runs the same code against a real server)."""
 
 from __future__ import annotations
 
