@@ -13,14 +13,18 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict
 
 from tollwatch.contract.errors import TollwatchError
+from tollwatch.contract.events import EventName
 from tollwatch.prefect.observe import PrefectObserver
 
 #: Events the flows announce; a run's first of these continues the chain.
-ANNOUNCED = (
-    "tollwatch.ingestion.completed",
-    "tollwatch.ingestion.failed",
-    "tollwatch.job.completed",
-    "tollwatch.job.failed",
+ANNOUNCED = tuple(
+    name.value
+    for name in (
+        EventName.INGESTION_COMPLETED,
+        EventName.INGESTION_FAILED,
+        EventName.JOB_COMPLETED,
+        EventName.JOB_FAILED,
+    )
 )
 _RUN_STATES = ("SCHEDULED", "PENDING", "RUNNING", "COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 

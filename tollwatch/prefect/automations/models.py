@@ -53,6 +53,8 @@ SUBSCRIBABLE_PAYLOADS: dict[str, type[BaseModel]] = {
     EventName.INGESTION_FAILED.value: IngestionFailed,
 }
 
+#: The names above as a type for a subscription's `on:` (a Literal spells its values, so YAML authors read them in
+#: errors; tests/unit/test_facts_once.py keeps it equal to SUBSCRIBABLE_PAYLOADS' keys).
 SubscribableEvent = Literal["tollwatch.ingestion.completed", "tollwatch.ingestion.failed"]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
 TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")]
