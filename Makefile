@@ -16,8 +16,11 @@ JARS_STAMP := $(JARS)/.fetched
 demo: bootstrap
 	TOLLWATCH_ENGINE=$(ENGINE) TOLLWATCH_SPARK_JARS_DIR=$(CURDIR)/$(JARS) $(BIN)/tollwatch demo --state-dir $(STATE_DIR)
 
-## test: set everything up and run the whole test suite against real local services
+## test: set everything up, check the code (ruff lint + format) and run the whole test suite against real local
+## services (this is what CI runs: .ci/run)
 test: bootstrap
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
 
 ## faults: only the fault suite (tests/faults/, ~4 min; it is also part of `make test`)
