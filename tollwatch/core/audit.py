@@ -31,7 +31,7 @@ from tollwatch.contract.events import TollwatchEvent, Window, deterministic_id
 from tollwatch.core.backfill import Chunk, chunk_event, chunks, upstream_counts_by_day
 
 if TYPE_CHECKING:
-    from tollwatch.adapters.socrata import SocrataClient
+    from tollwatch.core.ports import UpstreamCounts
     from tollwatch.core.table import IcebergTableStore
 
 #: Differing days are repaired at most one month per ingest run.
@@ -135,7 +135,7 @@ def empty_ranges(days: set[date] | dict[date, int]) -> list[Window]:
 # ---------------------------------------------------------------------------------------------- reconcile
 
 
-def reconcile(socrata: SocrataClient, store: IcebergTableStore, dataset_id: str, window: Window) -> Reconciliation:
+def reconcile(socrata: UpstreamCounts, store: IcebergTableStore, dataset_id: str, window: Window) -> Reconciliation:
     """Per day of `window`, the upstream's row count against the table's; days with 0 on both sides are not listed.
 
     The table is read first, then the upstream: a publish or a commit while the audit runs can show as a

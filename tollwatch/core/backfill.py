@@ -31,10 +31,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from tollwatch.adapters.socrata import SocrataClient, window_where
+from tollwatch.adapters.socrata import window_where
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import DATASET_EPOCH, BackfillRequested, TollwatchEvent, Window, deterministic_id
 from tollwatch.contract.settings import Settings
+from tollwatch.core.ports import UpstreamCounts
 
 
 class Chunk(StrEnum):
@@ -283,7 +284,7 @@ class UpstreamCountsUnavailable(TollwatchError):
     status = 503
 
 
-def upstream_counts_by_day(socrata: SocrataClient, dataset_id: str, window: Window) -> dict[date, int]:
+def upstream_counts_by_day(socrata: UpstreamCounts, dataset_id: str, window: Window) -> dict[date, int]:
     """The upstream's rows per day of `window`: one grouped count query per calendar year; empty days absent."""
     counts: dict[date, int] = {}
     for part in chunks(window.start, window.stop, COUNT_CHUNK):
@@ -293,7 +294,7 @@ def upstream_counts_by_day(socrata: SocrataClient, dataset_id: str, window: Wind
     return counts
 
 
-def read_upstream_counts(socrata: SocrataClient, dataset_id: str, window: Window) -> dict[date, int]:
+def read_upstream_counts(socrata: UpstreamCounts, dataset_id: str, window: Window) -> dict[date, int]:
     """`upstream_counts_by_day` for a planner someone waits on (`resources.planning_socrata` gives a client that
     tries each query at most PLANNING_ATTEMPTS times).
 

@@ -1,8 +1,7 @@
 """The ingest pipeline without the orchestration: fetch → land → load, each a plain function.
 
 `tollwatch/prefect/flows/ingest.py` wraps these in Prefect tasks (retries, logs, artifacts). Keeping the logic here
-means it
-is typed, testable without a flow run, and the flow stays a readable list of steps.
+means it is typed, testable without a flow run, and the flow stays a readable list of steps.
 
 Memory is bounded by one page (fetch, land, convert) plus one month of rows (the commit): pages stream from
 the upstream to Blob, then from Blob through a local parquet spool split by month, then month by month
@@ -28,14 +27,15 @@ from pydantic import BaseModel, ConfigDict, model_validator
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
-from tollwatch.adapters.socrata import SocrataClient, updated_between_where, window_where
+from tollwatch.adapters.socrata import updated_between_where, window_where
 from tollwatch.contract import table as contract
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.contract.result import MergeResult
 from tollwatch.core.landing import LandingManifest, LandingZone
+from tollwatch.core.ports import Landing, TableStore, UpstreamMetadata, UpstreamRows
 from tollwatch.core.schema import convert, dedupe_on_key, target_schema
-from tollwatch.core.table import TOUCHED, IcebergTableStore
+from tollwatch.core.table import TOUCHED
 
 log = logging.getLogger(__name__)
 
@@ -126,7 +126,7 @@ class FetchPlan(BaseModel):
     covered: bool = False
 
 
-def plan_fetch(request: IngestRequest, socrata: SocrataClient, committed_through: int | None) -> FetchPlan:
+def plan_fetch(request: IngestRequest, socrata: UpstreamMetadata, committed_through: int | None) -> FetchPlan:
     """The upstream query for `request`, given the ledger's mark (`IcebergTableStore.committed_through`)."""
     if request.mode == "window":
         through = socrata.metadata(request.dataset_id).rows_updated_at
@@ -168,8 +168,8 @@ FETCH_ATTEMPTS = 3
 def fetch_and_land(
     request: IngestRequest,
     plan: FetchPlan,
-    socrata: SocrataClient,
-    landing: LandingZone,
+    socrata: UpstreamRows,
+    landing: Landing,
     *,
     run_id: str,
     page_size: int,
@@ -274,14 +274,14 @@ class LoadResult:
         )
 
 
-def covered_load(store: IcebergTableStore) -> LoadResult:
+def covered_load(store: TableStore) -> LoadResult:
     """A refresh whose publish a later load already committed: nothing to fetch or commit, and nothing new for
     subscribers (announced as already committed, at the table's current snapshot)."""
     info = store.info()
     return LoadResult(info.snapshot_id, 0, 0, 0, already_committed=True, committed_through=store.committed_through())
 
 
-def previous_load(request: IngestRequest, store: IcebergTableStore, landing: LandingZone) -> LoadResult | None:
+def previous_load(request: IngestRequest, store: TableStore, landing: Landing) -> LoadResult | None:
     """The load of this refresh already in the table, if any: a re-run commits nothing.
 
     `already_committed` is False only for a load with days to recompute whose completion was never announced:
@@ -348,8 +348,8 @@ class _MonthSpool:
 def load_landing(
     request: IngestRequest,
     manifest: LandingManifest,
-    landing: LandingZone,
-    store: IcebergTableStore,
+    landing: Landing,
+    store: TableStore,
     *,
     flow_run_id: str | None,
 ) -> LoadResult:
@@ -406,7 +406,7 @@ COMMIT_ATTEMPTS = 6
 
 
 def _commit(
-    store: IcebergTableStore,
+    store: TableStore,
     request: IngestRequest,
     spool: _MonthSpool,
     schema: pa.Schema,

@@ -31,7 +31,7 @@ from typing import Any
 from azure.core.exceptions import AzureError
 from pydantic import BaseModel, ConfigDict, Field
 
-from tollwatch.adapters.blob_state import JsonBlobStore, Versioned
+from tollwatch.adapters.blob_state import Versioned
 from tollwatch.adapters.eventgrid_in import (
     SUBSCRIPTION_HEADER,
     BlobCreated,
@@ -44,11 +44,12 @@ from tollwatch.adapters.eventgrid_in import (
     parse_body,
     screen,
 )
-from tollwatch.adapters.prefect_events import EmitError, EventSink
+from tollwatch.adapters.prefect_events import EmitError
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import BlobRef, DatasetRefreshed, TollwatchEvent
 from tollwatch.contract.settings import Settings
 from tollwatch.contract.webio import InboundRequest, Reply
+from tollwatch.core.ports import EventSink, JsonState
 from tollwatch.core.watermark import WatermarkStore
 
 log = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ class SequencerMark(BaseModel):
 class SequencerStore:
     """Last seen `sequencer` per blob, one small blob each: `<prefix>/eventgrid/sequencer/<sha256(url)>.json`."""
 
-    def __init__(self, blobs: JsonBlobStore, *, state_prefix: str = "state") -> None:
+    def __init__(self, blobs: JsonState, *, state_prefix: str = "state") -> None:
         self._blobs = blobs
         self._prefix = f"{state_prefix.strip('/')}/eventgrid/sequencer"
 

@@ -23,11 +23,10 @@ from enum import StrEnum
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tollwatch.adapters.blob_state import JsonBlobStore, Versioned
-from tollwatch.adapters.prefect_events import EventSink
-from tollwatch.adapters.socrata import SocrataClient
+from tollwatch.adapters.blob_state import Versioned
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import DatasetRefreshed, TollwatchEvent
+from tollwatch.core.ports import EventSink, JsonState, UpstreamMetadata
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +53,7 @@ class Watermark(BaseModel):
 class WatermarkStore:
     """One watermark blob per dataset: `<state_prefix>/watermark/<domain>/<dataset_id>.json`."""
 
-    def __init__(self, blobs: JsonBlobStore, *, domain: str, dataset_id: str, state_prefix: str = "state") -> None:
+    def __init__(self, blobs: JsonState, *, domain: str, dataset_id: str, state_prefix: str = "state") -> None:
         self._blobs = blobs
         self.domain = domain
         self.dataset_id = dataset_id
@@ -120,7 +119,7 @@ class WatchResult(BaseModel):
 class UpstreamWatcher:
     """Announces each upstream publish exactly once (in effect), whatever the number of watchers or retries."""
 
-    def __init__(self, socrata: SocrataClient, watermarks: WatermarkStore, emitter: EventSink) -> None:
+    def __init__(self, socrata: UpstreamMetadata, watermarks: WatermarkStore, emitter: EventSink) -> None:
         self._socrata = socrata
         self._watermarks = watermarks
         self._emitter = emitter
