@@ -13,9 +13,9 @@ What is measured, over the same mirror and the same dates:
   into parquet (typed by `tollwatch.core.schema.convert`), no Blob, no Iceberg, no Prefect. No complete pipeline
   moving the same columns can beat it here, so "production within 3x of FLOOR" bounds what orchestration and
   landing cost. On the local mirror it is upstream-bound (the mirror renders rows in Python).
-* production — `tollwatch.prefect.flows.ingest.ingest` called directly in a fresh process against the stack's Prefect
-server,
-  for windows of a day, a week, a month, a year and four years (figure 5: cost must not grow with the window).
+* production — `tollwatch.prefect.flows.ingest.ingest` called directly in a fresh process against the stack's
+  Prefect server, for windows of a day, a week, a month, a year and four years (figure 5: cost must not grow with
+  the window).
 
 Run standalone (starts its own Azurite + Prefect + mirror)::
 

@@ -54,8 +54,7 @@ MERGE_FLAGS = {
     "flow_run_id": "--flow-run-id",
 }
 #: Daily-totals job parameters: the names `tollwatch/prefect/flows/run_job.py` sends with run-now for a completion
-#: event. Those that
-#: the entry point reads map to its flag; the others are defined so that run-now accepts them.
+#: event. Those that the entry point reads map to its flag; the others are defined so that run-now accepts them.
 DAILY_TOTALS_FLAGS = {
     "upstream_table": "--table",
     "upstream_snapshot_id": "--snapshot-id",

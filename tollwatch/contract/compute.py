@@ -1,9 +1,9 @@
 """Where tollwatch's Spark jobs run unless told otherwise: compute and Iceberg-catalog defaults, stated once.
 
-The Prefect blocks (`DatabricksCompute`, `SparkIcebergCatalog`), the core model
-(`tollwatch.adapters.databricks_jobs.ComputeSpec`)
-and the Databricks bundle's Python resources (`resources/`) all take their defaults from here, so none of them
-restates another's. Standard library only, like the rest of `tollwatch.contract`: a cluster imports it beside pyspark.
+The Prefect blocks (`DatabricksCompute`, `SparkIcebergCatalog`), the Jobs API model
+(`tollwatch.adapters.databricks_jobs.ComputeSpec`) and the Databricks bundle's Python resources (`resources/`) all
+take their defaults from here, so none of them restates another's. Standard library only, like the rest of
+`tollwatch.contract`: a cluster imports it beside pyspark.
 """
 
 from __future__ import annotations

@@ -2,8 +2,7 @@
 
 `tollwatch-merge` fills it on the cluster and prints it as the `TOLLWATCH_RESULT=<json>` line; the flow reads that
 line back (`tollwatch.adapters.spark_submit.read_result`, validated by pydantic against this same dataclass). Standard
-library
-only, like the rest of the contract.
+library only, like the rest of the contract.
 """
 
 from __future__ import annotations
