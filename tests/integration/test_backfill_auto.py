@@ -147,18 +147,6 @@ def test_days_deleted_upstream_are_still_covered():
     assert auto_chunks(inside.start, inside.stop, counts_inside, 100_000) == [SizedChunk(window=inside, rows=0)]
 
 
-def test_auto_requests_pass_validation_and_calendar_sizes_still_plan_calendar_chunks():
-    limits = BackfillLimits(today=date(2025, 6, 15), max_days=400, max_chunks=3)
-    auto = validate_backfill({"start": "2024-01-01", "stop": "2024-12-01", "chunk": "auto"}, limits)
-    month = validate_backfill({"start": "2024-01-01", "stop": "2024-03-15", "chunk": "month"}, limits)
-
-    with pytest.raises(ValueError, match="counts"):
-        plan_backfill(auto, domain="d", dataset_id="qzve-kjga", requested_by="test")
-    plan = plan_backfill(month, domain="d", dataset_id="qzve-kjga", requested_by="test")
-    assert plan.chunks == chunks(date(2024, 1, 1), date(2024, 3, 15), Chunk.MONTH)
-    assert plan.rows is None
-
-
 # ---------------------------------------------------------------------------------------------- CLI and route
 
 
