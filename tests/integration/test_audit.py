@@ -24,7 +24,7 @@ from tests.support.prefect_events import read_events, wait_for_events
 from tollwatch import resources
 from tollwatch.contract.events import DatasetRefreshed, EventName, Window
 from tollwatch.contract.settings import load_settings
-from tollwatch.core.audit import DayCount, Reconciliation, reconcile, repair_events, repair_windows
+from tollwatch.core.audit import reconcile
 from tollwatch.prefect.flows.ingest import ingest
 from tollwatch_dev.mirror import MirrorServer
 from tollwatch_dev.synthetic import ROWS_PER_DAY
@@ -247,34 +247,6 @@ def test_days_deleted_upstream_are_found_as_extra_rows_and_a_window_load_removes
     assert date(2024, 1, 14) not in days
     assert date(2024, 1, 15) not in days
     assert sum(days.values()) == 29 * ROWS_PER_DAY
-
-
-def test_repair_windows_join_contiguous_days_and_split_them_at_month_boundaries() -> None:
-    """The grouping alone: contiguous differing days are one window, cut where a month ends; one request id for
-    all of one audit's events, derived from its findings and the snapshot it read."""
-    days = [date(2024, 1, 30), date(2024, 1, 31), date(2024, 2, 1), date(2024, 2, 3), date(2024, 3, 10)]
-    found = Reconciliation(
-        window=Window(start=date(2024, 1, 1), stop=date(2024, 4, 1)),
-        upstream_rows=5 * ROWS_PER_DAY,
-        table_rows=0,
-        differing_days=[DayCount(day=d, upstream=ROWS_PER_DAY, table=0) for d in days],
-        table_snapshot_id=7,
-    )
-
-    assert [str(w) for w in repair_windows(found)] == [
-        "[2024-01-30, 2024-02-01)",
-        "[2024-02-01, 2024-02-02)",
-        "[2024-02-03, 2024-02-04)",
-        "[2024-03-10, 2024-03-11)",
-    ]
-    events = repair_events(found, "data.ny.gov", DATASET, requested_by="test")
-    assert len({e.payload["request_id"] for e in events}) == 1
-    assert [e.id for e in events] == [e.id for e in repair_events(found, "data.ny.gov", DATASET, requested_by="x")]
-    other_snapshot = found.model_copy(update={"table_snapshot_id": 8})
-    assert {e.id for e in repair_events(other_snapshot, "data.ny.gov", DATASET, "test")}.isdisjoint(
-        e.id for e in events
-    )
-    assert repair_events(found.model_copy(update={"differing_days": []}), "data.ny.gov", DATASET, "test") == []
 
 
 def test_reconcile_of_an_empty_table_lists_every_upstream_day_as_missing(
