@@ -9,7 +9,7 @@ ENGINE ?= $(or $(TOLLWATCH_ENGINE),local)
 JARS := .jars
 JARS_STAMP := $(JARS)/.fetched
 
-.PHONY: demo test faults lint bootstrap jars up down status bench clean
+.PHONY: demo test unit faults lint bootstrap jars up down status bench clean
 
 ## demo: set everything up, start the local stack and ingest the sample through a Prefect flow run
 ## (ENGINE=spark: the merge runs in Spark, spark-submit of the wheel's tollwatch-merge on local[*])
@@ -22,6 +22,11 @@ test: bootstrap
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest
+
+## unit: only the unit layer (tests/unit/: no services, in-memory fakes of the core's ports; under 30 s; also part
+## of `make test`)
+unit: bootstrap
+	$(BIN)/python -m pytest tests/unit
 
 ## faults: only the fault suite (tests/faults/, ~4 min; it is also part of `make test`)
 faults: bootstrap
