@@ -113,7 +113,7 @@ def test_429_5xx_truncated_body_and_202_mid_paging_are_retried_and_the_window_lo
     assert asked[-1] == (200, "count"), "the count after paging reconciles the fetch"
     throttled = [r.getMessage() for r in caplog.records if "HTTP 429" in r.getMessage()]
     assert len(throttled) == 1
-    assert throttled[0].endswith("retrying in 0.1s")  # the server's Retry-After, not the 0.2 s backoff cap
+    assert throttled[0].endswith("next in 0.1s")  # the server's Retry-After, not the 0.2 s backoff cap
     expected = window_rows(mirror, JAN)
     assert len(expected) == 31 * ROWS_PER_DAY
     assert result.rows_fetched == result.rows_written == len(expected)

@@ -65,10 +65,14 @@ def test_a_final_answer_is_not_retried():
     assert len(seen) == 1
 
 
-def test_the_pause_is_never_shorter_than_retry_after(sleeps):
-    client, _ = server(httpx.Response(429, headers={"Retry-After": "3"}), httpx.Response(200))
-    RetryPolicy(initial_s=0.01, max_delay_s=10).call(get, client, what="GET /x", give_up=give_up, logger=log)
-    assert sleeps == [3.0]
+def test_the_pause_is_what_retry_after_asks_longer_or_shorter_than_the_backoff(sleeps):
+    client, _ = server(
+        httpx.Response(429, headers={"Retry-After": "3"}),
+        httpx.Response(503, headers={"Retry-After": "0.1"}),
+        httpx.Response(200),
+    )
+    RetryPolicy(initial_s=1.0, max_delay_s=10).call(get, client, what="GET /x", give_up=give_up, logger=log)
+    assert sleeps == [3.0, 0.1]
 
 
 def test_a_retry_after_longer_than_the_longest_wait_ends_the_retries_at_once(sleeps):

@@ -6,9 +6,10 @@ so the same 429 was waited out differently depending on who got it. The rules, f
 - **What is retried**: a broken connection, and an answer whose status is in the policy's `statuses`
   (`TRANSIENT_STATUS` by default; a client may add its own, e.g. Socrata's "still processing" 202). Any other
   answer is final: repeating a request the server refused cannot succeed.
-- **How long to wait**: exponential backoff from `initial_s`, doubling per attempt, with jitter (times 0.5 to 1.5) so
-  that many clients throttled at once do not come back at once, capped at `max_delay_s` — and never sooner
-  than the server's `Retry-After` (delta-seconds or an HTTP-date, RFC 9110 §10.2.3).
+- **How long to wait**: what the server's `Retry-After` asks for (delta-seconds or an HTTP-date, RFC 9110
+  §10.2.3) — no sooner, and no later either: the server said when it can answer. Without one, exponential
+  backoff from `initial_s`, doubling per attempt, with jitter (times 0.5 to 1.5) so that many clients throttled
+  at once do not come back at once, capped at `max_delay_s`.
 - **When to stop**: after `max_attempts`, or at once when `Retry-After` asks for more than `max_delay_s`
   (waiting less would be refused again, waiting longer would stall the caller). The caller turns the last
   failure into its own error, with the attempts and the reason.
@@ -78,10 +79,13 @@ def retry_after_of(error: BaseException) -> float | None:
 
 
 def describe_http_error(error: BaseException) -> str:
-    """`HTTP 503: <first 300 characters of the body>`, or the transport error's class and message."""
+    """`HTTP 503: <first 300 characters of the body>`, a transport error's class and message, or a client's own
+    error's message (it already says what happened)."""
     if isinstance(error, httpx.HTTPStatusError):
         return f"HTTP {error.response.status_code}: {error.response.text[:300]}"
-    return f"{type(error).__name__}: {error}"
+    if isinstance(error, httpx.HTTPError) or not str(error):
+        return f"{type(error).__name__}: {error}"
+    return str(error)
 
 
 @dataclass(frozen=True)
@@ -101,9 +105,12 @@ class RetryPolicy:
         return status is not None and status in self.statuses
 
     def delay(self, attempt: int, retry_after: float | None) -> float:
-        """The pause after failed attempt `attempt` (1-based): jittered backoff, never below `retry_after`."""
+        """The pause after failed attempt `attempt` (1-based): what the server's `Retry-After` asked for, else
+        jittered exponential backoff; never more than `max_delay_s`."""
+        if retry_after is not None:
+            return min(retry_after, self.max_delay_s)
         backoff = min(self.initial_s * 2 ** (attempt - 1), self.max_delay_s) * random.uniform(0.5, 1.5)
-        return min(max(backoff, retry_after or 0.0), self.max_delay_s)
+        return min(backoff, self.max_delay_s)
 
     def asks_too_long(self, error: BaseException | None) -> bool:
         wanted = retry_after_of(error) if error is not None else None
