@@ -18,16 +18,18 @@ from prefect.blocks.webhook import Webhook
 from prefect.client.orchestration import SyncPrefectClient
 from prefect.events.actions import CallWebhook, DoNothing, RunDeployment, SendNotification
 from prefect.events.schemas.automations import Automation, AutomationCore, EventTrigger, Posture
-from prefect.settings import PREFECT_API_URL, temporary_settings
 from pydantic import SecretStr
 from typer.testing import CliRunner
 
 from tests.support import payloads
 from tests.support.automations import (
+    BAD_FILES,
     DATABRICKS_SUBSCRIPTION,
+    FIXTURES,
     GRACE_S,
     HAND_MADE,
     SHIPPED,
+    call_webhook,
     cli_apply,
     runs_of_deployment,
     shipped_copy,
@@ -36,15 +38,13 @@ from tests.support.automations import (
 from tests.support.prefect_events import wait_for_events
 from tests.support.prefect_runs import read_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
-from tollwatch.cli.automations import automations_app
 from tollwatch.contract.events import (
-    REFRESH_ID_LABEL,
     DatasetRefreshed,
     IngestionCompleted,
     IngestionFailed,
     TollwatchEvent,
 )
-from tollwatch.prefect.automations.apply import normalised, plan
+from tollwatch.prefect.automations.apply import normalised
 from tollwatch.prefect.automations.compile import DEFAULT_WEBHOOK_PAYLOAD, PrefectResolver, compile_project
 from tollwatch.prefect.automations.load import load_project
 from tollwatch.prefect.automations.models import MANAGED_TAG, PROJECT_TAG, AutomationsConfigError
@@ -53,8 +53,6 @@ from tollwatch_dev.inbox import Inbox, Received
 
 pytestmark = pytest.mark.stack
 
-ROOT = Path(__file__).resolve().parents[2]
-FIXTURES = Path(__file__).parent / "automations_fixtures"
 SHIPPED_NAMES = [
     "tollwatch-freshness-sla",
     "tollwatch-ingest-failed",
@@ -103,10 +101,6 @@ def webhook_to(inbox: Inbox, name: str) -> str:
     return f"/{name}"
 
 
-def call_webhook(name: str, block: str, **extra: Any) -> dict[str, Any]:
-    return {"name": name, **extra, "action": {"type": "call-webhook", "block": block}}
-
-
 # ------------------------------------------------------------------------------------- loading, compiling
 
 
@@ -148,67 +142,6 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     assert hook.payload == DEFAULT_WEBHOOK_PAYLOAD
 
 
-class _Names:
-    """A resolver that knows every name (compiling without a server)."""
-
-    def block_document_id(self, type_slug: str, name: str) -> uuid.UUID:
-        return uuid.uuid5(uuid.NAMESPACE_URL, f"block/{type_slug}/{name}")
-
-    def deployment_id(self, name: str) -> uuid.UUID:
-        return uuid.uuid5(uuid.NAMESPACE_URL, f"deployment/{name}")
-
-
-def _repair_automations(environ: dict[str, str]) -> dict[str, AutomationCore]:
-    compiled = compile_project(load_project(SHIPPED, environ=environ), _Names())
-    return {a.name: a for a in compiled if a.name.startswith("tollwatch-repair-")}
-
-
-def _deployment_trigger_parameters() -> dict[str, dict[str, Any]]:
-    """The parameters of ingest/ingest's own triggers in prefect.yaml, by the event each one expects."""
-    [ingest] = [d for d in yaml.safe_load((ROOT / "prefect.yaml").read_text())["deployments"] if d["name"] == "ingest"]
-    return {trigger["expect"][0]: trigger["parameters"] for trigger in ingest["triggers"]}
-
-
-@pytest.mark.parametrize(
-    ("name", "announcement", "default_s"),
-    [
-        ("tollwatch-repair-refresh", "tollwatch.dataset.refreshed", 3600),
-        ("tollwatch-repair-backfill", "tollwatch.backfill.requested", 21600),
-    ],
-)
-def test_a_repair_file_compiles_to_a_proactive_trigger_pairing_announcement_and_completion_per_load(
-    name, announcement, default_s
-):
-    repair = _repair_automations({})[name]
-
-    trigger = repair.trigger
-    assert isinstance(trigger, EventTrigger)
-    assert trigger.posture == Posture.Proactive
-    assert (trigger.after, trigger.expect) == ({announcement}, {"tollwatch.ingestion.completed"})
-    assert trigger.for_each == {REFRESH_ID_LABEL}  # the label both the announcement and the completion carry
-    assert trigger.match.root == {"prefect.resource.id": ["socrata.*", "iceberg.*"]}  # type: ignore[union-attr]
-    assert (trigger.threshold, trigger.within) == (1, timedelta(seconds=default_s))
-    run, notify = repair.actions
-    assert isinstance(run, RunDeployment)
-    assert (run.source, run.deployment_id) == ("selected", _Names().deployment_id("ingest/ingest"))
-    assert run.parameters == _deployment_trigger_parameters()[announcement]  # the same run as the first one
-    assert isinstance(notify, SendNotification)
-    assert notify.block_document_id == _Names().block_document_id("custom-webhook", "tollwatch-alerts")
-    assert "event.resource['tollwatch.refresh-id']" in notify.body  # names the load
-
-
-def test_the_repair_times_are_read_from_the_environment_when_the_files_are_loaded():
-    repairs = _repair_automations(
-        {"TOLLWATCH_REPAIR_REFRESH_AFTER_S": "12", "TOLLWATCH_REPAIR_BACKFILL_AFTER_S": " 45 "}
-    )
-
-    assert repairs["tollwatch-repair-refresh"].trigger.within == timedelta(seconds=12)  # type: ignore[union-attr]
-    assert repairs["tollwatch-repair-backfill"].trigger.within == timedelta(seconds=45)  # type: ignore[union-attr]
-    # an empty variable is unset: the file's default
-    empty = _repair_automations({"TOLLWATCH_REPAIR_REFRESH_AFTER_S": ""})
-    assert empty["tollwatch-repair-refresh"].trigger.within == timedelta(seconds=3600)  # type: ignore[union-attr]
-
-
 @pytest.mark.parametrize(
     ("value", "expected"),
     [
@@ -244,73 +177,6 @@ def test_a_bad_repair_time_is_named_with_its_variable_and_nothing_is_applied(
     assert managed(client) == {}
 
 
-def test_environment_references_are_limited_to_tollwatch_settings_and_text_takes_them_verbatim(tmp_path):
-    directory = tmp_path / "automations"
-    notify = {"type": "send-notification", "block": "custom-webhook/tollwatch-alerts", "body": "x"}
-    trigger = {"type": "event", "posture": "Reactive", "expect": ["tollwatch.ingestion.failed"]}
-    write(
-        directory,
-        "texts.yaml",
-        {
-            "name": "texts",
-            "trigger": {**trigger, "threshold": "${TOLLWATCH_TEST_THRESHOLD:-3}"},
-            "actions": [{**notify, "body": "for ${TOLLWATCH_TEST_TEAM:-nobody} (${TOLLWATCH_TEST_THRESHOLD:-3})"}],
-        },
-    )
-
-    project = load_project(directory, environ={"TOLLWATCH_TEST_TEAM": "ops", "HOME": "/root"})
-    [texts] = project.automations
-    assert texts.spec.trigger["threshold"] == 3  # a whole value: an int, from the default
-    assert texts.spec.actions[0].model_extra == {"body": "for ops (3)"}  # inside text: the text
-
-    secret = {"name": "secret", "trigger": trigger, "actions": [{**notify, "body": "${HOME}"}]}
-    unset = {"name": "unset", "trigger": {**trigger, "threshold": "${TOLLWATCH_TEST_N}"}, "actions": [notify]}
-    write(directory, "secret.yaml", secret)
-    write(directory, "unset.yaml", unset)
-    with pytest.raises(AutomationsConfigError) as caught:
-        load_project(directory, environ={"HOME": "/root"})
-    assert str(caught.value).splitlines() == [
-        "automations/secret.yaml: actions[0].body: ${HOME}: only TOLLWATCH_* environment variables can be named",
-        "automations/unset.yaml: trigger.threshold: TOLLWATCH_TEST_N is not set and has no default (write "
-        "${TOLLWATCH_TEST_N:-<default>})",
-    ]
-
-
-BAD_FILES = [
-    (
-        "subscriptions/missing-job.yaml",
-        "automations/subscriptions/missing-job.yaml: subscriptions[0].action.job: Field required",
-    ),
-    (
-        "subscriptions/unknown-key.yaml",
-        "automations/subscriptions/unknown-key.yaml: subscriptions[0].colour: Extra inputs are not permitted",
-    ),
-    (
-        "subscriptions/bad-event.yaml",
-        "automations/subscriptions/bad-event.yaml: subscriptions[0].events[0]: Input should be "
-        "'tollwatch.ingestion.completed' or 'tollwatch.ingestion.failed'",
-    ),
-    (
-        "subscriptions/bad-when.yaml",
-        "automations/subscriptions/bad-when.yaml: subscriptions[0].when: unknown condition 'status'; "
-        "allowed: mode, already_committed",
-    ),
-    (
-        "subscriptions/bad-template.yaml",
-        "automations/subscriptions/bad-template.yaml: subscriptions[0].action.payload: 'payload' is not a valid "
-        "template",
-    ),
-    (
-        "subscriptions/syntax-error.yaml",
-        "automations/subscriptions/syntax-error.yaml: YAML syntax error at line 5, column 1",
-    ),
-    (
-        "unknown-trigger-key.yaml",
-        "automations/unknown-trigger-key.yaml: trigger.expct: Extra inputs are not permitted",
-    ),
-]
-
-
 @pytest.mark.parametrize(("bad_file", "expected"), BAD_FILES, ids=[Path(f).stem for f, _ in BAD_FILES])
 def test_a_bad_file_is_named_with_its_field_and_nothing_is_applied(client, tmp_path, bad_file, expected):
     directory = tmp_path / "automations"
@@ -331,25 +197,6 @@ def test_a_bad_file_is_named_with_its_field_and_nothing_is_applied(client, tmp_p
         "+ create tollwatch/sub/good-team/notify",
         "1 created, 0 updated, 0 unchanged, 0 deleted",
     ]
-
-
-def test_every_problem_of_every_file_is_reported_in_one_error(tmp_path):
-    directory = tmp_path / "automations"
-    shutil.copytree(FIXTURES / "good", directory)
-    shutil.copytree(FIXTURES / "bad", directory, dirs_exist_ok=True)
-    write(directory, "subscriptions/twice.yaml", {"team": "twice", "subscriptions": [call_webhook("a", "x")] * 2})
-
-    with pytest.raises(AutomationsConfigError) as caught:
-        load_project(directory)
-
-    lines = str(caught.value).splitlines()
-    for _, expected in BAD_FILES:
-        assert any(line.startswith(expected) for line in lines), expected
-    assert (
-        "automations/subscriptions/twice.yaml: subscriptions[1].name: 'tollwatch/sub/twice/a' is already declared "
-        "in automations/subscriptions/twice.yaml"
-    ) in lines
-    assert len(lines) == len(BAD_FILES) + 1
 
 
 def test_missing_block_and_deployment_are_named_with_how_to_create_them(client, tmp_path):
@@ -377,17 +224,6 @@ def test_missing_block_and_deployment_are_named_with_how_to_create_them(client, 
         "exist on the Prefect server; create it first: `prefect block create webhook`"
     ) in result.stderr
     assert managed(client) == {}
-
-
-def test_without_a_prefect_api_the_cli_says_how_to_get_one(tmp_path, monkeypatch):
-    monkeypatch.delenv("PREFECT_API_URL", raising=False)
-    with temporary_settings(restore_defaults={PREFECT_API_URL}):
-        result = runner.invoke(automations_app, ["apply", "--dir", str(SHIPPED), "--state-dir", str(tmp_path)])
-
-    assert result.exit_code == 1
-    assert result.stderr == (
-        "error: PREFECT_API_URL is not set and no local stack is running: set it, or start one (`tollwatch stack up`)\n"
-    )
 
 
 # ---------------------------------------------------------------------------------------------- applying
@@ -472,24 +308,6 @@ def test_a_name_held_twice_on_the_server_updates_the_oldest_and_reports_the_rest
     assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 6 unchanged, 0 deleted"
     assert client.read_automation(original.id).description.startswith("Page")  # type: ignore[union-attr]
     assert client.read_automation(copy).description.startswith("Tell")  # type: ignore[union-attr]
-
-
-def test_plan_ignores_set_order_and_server_ids():
-    trigger = {"type": "event", "posture": "Reactive", "expect": ["b.x", "a.x", "c.x"], "within": 0}
-    declared = AutomationCore.model_validate({"name": "n", "trigger": trigger, "actions": [{"type": "do-nothing"}]})
-    server_copy = Automation.model_validate(
-        {
-            **declared.model_dump(mode="json"),
-            "id": str(uuid.uuid4()),
-            "trigger": {**trigger, "expect": ["c.x", "a.x", "b.x"]},
-        }
-    )
-    changed = Automation.model_validate({**server_copy.model_dump(mode="json"), "description": "edited in the UI"})
-
-    assert [c.kind for c in plan([declared], [server_copy]).changes] == ["unchanged"]
-    [update] = plan([declared], [changed]).changes
-    assert update.kind == "update"
-    assert "-description: edited in the UI" in update.diff.splitlines()
 
 
 # ----------------------------------------------------------------------- behaviour on the server's services

@@ -228,12 +228,6 @@ def test_serverless_submits_an_environment_for_its_task(api, credentials):
     assert "existing_cluster_id" not in body["tasks"][0]
 
 
-def test_compute_specs_refuse_incomplete_settings():
-    with pytest.raises(ValueError, match="existing_cluster_id"):
-        ComputeSpec(kind="existing_cluster")
-    assert ComputeSpec(kind="existing_cluster", existing_cluster_id="0101-abc").existing_cluster_id == "0101-abc"
-
-
 # ------------------------------------------------------------------------------------ flows on Databricks
 
 

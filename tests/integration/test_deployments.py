@@ -8,7 +8,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import yaml
 
 from tests.support.prefect_runs import wait_for_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
@@ -16,26 +15,6 @@ from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, Tollw
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.stack
-
-
-def _keys(node: object) -> set[str]:
-    if isinstance(node, dict):
-        return set(node) | {k for v in node.values() for k in _keys(v)}
-    if isinstance(node, list):
-        return {k for v in node for k in _keys(v)}
-    return set()
-
-
-def test_prefect_yaml_has_no_schedule_or_cron():
-    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    assert not {"schedule", "schedules", "cron", "rrule", "interval"} & _keys(config)
-    triggers = {d["name"]: d.get("triggers", []) for d in config["deployments"]}
-    # ingest is started by events; run-job only by the subscription automations (tollwatch automations apply)
-    assert {t["expect"][0] for t in triggers["ingest"]} == {
-        "tollwatch.dataset.refreshed",
-        "tollwatch.backfill.requested",
-    }
-    assert triggers["run-job"] == []
 
 
 def test_deploy_creates_one_queue_per_deployment_with_its_concurrency_limit(deployed):

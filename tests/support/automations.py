@@ -1,6 +1,7 @@
-"""Helpers for tests that apply automation files to the real Prefect server (tests/integration/test_automations.py,
-the downstream fault tests): the shipped directory, writing files, `tollwatch automations apply`, reading the runs
-an automation started. The server-side fixtures (`inbox`, `api`, `server`, `client`) are in tests/conftest.py.
+"""Helpers for the automation files' tests (tests/unit/test_automations_compile.py, tests/integration/
+test_automations.py, the downstream fault tests): the shipped directory and the hand-written fixtures, writing
+files, `tollwatch automations apply`, reading the runs an automation started. The server-side fixtures (`inbox`,
+`api`, `server`, `client`) are in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ if TYPE_CHECKING:
 
 ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = ROOT / "automations"
+#: Hand-written automation files: a valid project (good/) and one mistake per file (bad/).
+FIXTURES = Path(__file__).resolve().parent / "automations_fixtures"
 HAND_MADE = "tollwatch-test:hand-made"  # tag of automations a test creates by hand (cleaned up, never pruned)
 GRACE_S = 3  # after the expected delivery, how long a wrong extra one gets to show up before counting
 
@@ -33,6 +36,41 @@ subscriptions:
       job_id: 987
       parameters: {rows: "{{ event.payload.rows_written }}"}
 """
+
+#: Each bad file of FIXTURES and the line `tollwatch automations apply` must report for it.
+BAD_FILES = [
+    (
+        "subscriptions/missing-job.yaml",
+        "automations/subscriptions/missing-job.yaml: subscriptions[0].action.job: Field required",
+    ),
+    (
+        "subscriptions/unknown-key.yaml",
+        "automations/subscriptions/unknown-key.yaml: subscriptions[0].colour: Extra inputs are not permitted",
+    ),
+    (
+        "subscriptions/bad-event.yaml",
+        "automations/subscriptions/bad-event.yaml: subscriptions[0].events[0]: Input should be "
+        "'tollwatch.ingestion.completed' or 'tollwatch.ingestion.failed'",
+    ),
+    (
+        "subscriptions/bad-when.yaml",
+        "automations/subscriptions/bad-when.yaml: subscriptions[0].when: unknown condition 'status'; "
+        "allowed: mode, already_committed",
+    ),
+    (
+        "subscriptions/bad-template.yaml",
+        "automations/subscriptions/bad-template.yaml: subscriptions[0].action.payload: 'payload' is not a valid "
+        "template",
+    ),
+    (
+        "subscriptions/syntax-error.yaml",
+        "automations/subscriptions/syntax-error.yaml: YAML syntax error at line 5, column 1",
+    ),
+    (
+        "unknown-trigger-key.yaml",
+        "automations/unknown-trigger-key.yaml: trigger.expct: Extra inputs are not permitted",
+    ),
+]
 
 _runner = CliRunner()
 
@@ -57,6 +95,11 @@ def write(directory: Path, relative: str, content: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(content if isinstance(content, str) else yaml.safe_dump(content, sort_keys=False))
     return path
+
+
+def call_webhook(name: str, block: str, **extra: Any) -> dict[str, Any]:
+    """A subscription entry that calls the `webhook` block named `block`."""
+    return {"name": name, **extra, "action": {"type": "call-webhook", "block": block}}
 
 
 def runs_of_deployment(api: str, deployment_id: uuid.UUID, refresh_id: str, timeout_s: float = 30) -> list[dict]:

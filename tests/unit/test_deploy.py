@@ -104,3 +104,23 @@ def test_two_limited_deployments_cannot_share_a_queue(tmp_path):
     )
     with pytest.raises(DeployError, match="a and b share work queue 'q'"):
         deployment_queues(tmp_path / "prefect.yaml")
+
+
+def _keys(node: object) -> set[str]:
+    if isinstance(node, dict):
+        return set(node) | {k for v in node.values() for k in _keys(v)}
+    if isinstance(node, list):
+        return {k for v in node for k in _keys(v)}
+    return set()
+
+
+def test_prefect_yaml_has_no_schedule_or_cron():
+    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    assert not {"schedule", "schedules", "cron", "rrule", "interval"} & _keys(config)
+    triggers = {d["name"]: d.get("triggers", []) for d in config["deployments"]}
+    # ingest is started by events; run-job only by the subscription automations (tollwatch automations apply)
+    assert {t["expect"][0] for t in triggers["ingest"]} == {
+        "tollwatch.dataset.refreshed",
+        "tollwatch.backfill.requested",
+    }
+    assert triggers["run-job"] == []
