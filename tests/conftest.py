@@ -12,6 +12,7 @@ Heavy imports (the stack, Prefect) happen inside the fixtures, so collecting the
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Iterator
@@ -153,8 +154,14 @@ def state(fenv: FnEnv) -> WatermarkStore:
 
 
 @pytest.fixture(scope="module")
-def deployed(stack: StackEndpoints) -> str:
-    """`tollwatch deploy --target local` against the session's server (no worker: runs stay scheduled)."""
+def deployed(stack: StackEndpoints) -> Iterator[str]:
+    """`tollwatch deploy --target local` against the session's server (no worker: runs stay scheduled).
+
+    Afterwards the deployments go again, with their trigger automations: events that later modules send to the
+    shared server start no runs, whatever order the modules run in.
+    """
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     from tollwatch.prefect.deploy import deploy
@@ -164,7 +171,12 @@ def deployed(stack: StackEndpoints) -> str:
     # read back from the server, not parsed from prefect's output: every deployment prefect.yaml declares
     assert [d.name for d in deployments] == ["ingest/ingest", "run-job/run-job"]
     assert {d.work_pool for d in deployments} == {"tollwatch-local"}
-    return stack.prefect_api_url
+    yield stack.prefect_api_url
+    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}), get_client(sync_client=True) as client:
+        for deployment in deployments:
+            client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
+            with contextlib.suppress(ObjectNotFound):  # a module may have removed it already
+                client.delete_deployment(uuid.UUID(deployment.id))
 
 
 # ---------------------------------------------------------------------------------------------- automations
