@@ -230,7 +230,9 @@ def test_trace_by_flow_run_id_finds_the_same_chain(chain):
     with connect() as obs:
         job_run = next(r for r in obs.latest_runs("run-job", limit=20) if r.state and r.state.is_completed())
         trace = build_trace(obs, job_run.id)
-        assert "tollwatch.dataset.refreshed" in trace.hops[0].what or "tollwatch.core.backfill" in trace.hops[0].what
+        # the chain starts at the announcement: a publish, or a backfill request
+        announcements = (EventName.DATASET_REFRESHED, EventName.BACKFILL_REQUESTED)
+        assert any(str(name) in trace.hops[0].what for name in announcements)
         assert any(str(job_run.id) in hop.what for hop in trace.hops)
         assert isinstance(trace.origin_event_id, UUID)
 
