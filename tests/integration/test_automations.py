@@ -128,7 +128,7 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     assert isinstance(daily.trigger, EventTrigger)
     assert daily.trigger.match.root == {  # type: ignore[union-attr]
         "prefect.resource.id": "iceberg.*",
-        "tollwatch.core.table": "bronze.bnt_traffic_hourly",
+        "tollwatch.table": "bronze.bnt_traffic_hourly",
         "tollwatch.already-committed": "false",
     }
     [run] = daily.actions

@@ -90,6 +90,6 @@ def test_completion_resource_names_the_table_and_id_follows_the_refresh():
     assert event.payload["window"] == {"start": "2024-01-01", "stop": "2024-01-02"}
     # Triggers match resource labels only: the fields subscriptions filter on are copied there.
     labels = event.to_prefect()["resource"]
-    assert labels["tollwatch.core.table"] == "bronze.bnt_traffic_hourly"
+    assert labels["tollwatch.table"] == "bronze.bnt_traffic_hourly"
     assert labels["tollwatch.mode"] == "window"
     assert labels["tollwatch.already-committed"] == "false"

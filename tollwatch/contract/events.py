@@ -56,7 +56,7 @@ def table_resource_id(catalog: str, table: str) -> str:
 #: Payload fields of the ingestion events that are copied onto the event's resource as labels, so a trigger
 #: (which can only match resource labels) can select on them: subscription `when:` conditions use these keys.
 INGESTION_LABELS: dict[str, str] = {
-    "table": "tollwatch.core.table",
+    "table": "tollwatch.table",
     "mode": "tollwatch.mode",
     "already_committed": "tollwatch.already-committed",
 }
