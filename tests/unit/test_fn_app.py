@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import os
 import re
@@ -21,7 +22,14 @@ HEAVY = ("prefect", "pyarrow", "pyiceberg", "typer", "fastapi", "sqlalchemy")
 
 
 def _import_in_fresh_interpreter(extra_env: dict[str, str] | None = None) -> dict[str, object]:
-    """Import function_app like the Python worker does (cwd = app root) and report what got loaded."""
+    """Import function_app like the Python worker does (cwd = app root) and report what got loaded.
+
+    One interpreter per distinct `extra_env` for the session (a fresh import reports the same thing every time)."""
+    return _fresh_import(tuple(sorted((extra_env or {}).items())))
+
+
+@functools.cache
+def _fresh_import(extra_env: tuple[tuple[str, str], ...]) -> dict[str, object]:
     probe = (
         "import json, sys\n"
         "import function_app\n"
@@ -29,7 +37,7 @@ def _import_in_fresh_interpreter(extra_env: dict[str, str] | None = None) -> dic
         "print(json.dumps({'modules': sorted(sys.modules), 'functions': fns}))\n"
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLWATCH_", "PREFECT_"))}
-    env |= extra_env or {}
+    env |= dict(extra_env)
     out = subprocess.run(
         [sys.executable, "-c", probe], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120, check=True
     )
