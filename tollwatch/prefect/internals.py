@@ -1,12 +1,12 @@
 """The one door to Prefect's internals: everything private or server-side that tollwatch relies on.
 
 Why one module: a Prefect minor release may rename or reshape anything below its public client API. Each
-access here names what it relies on, `tests/test_prefect_internals.py` checks each one against the installed
+access here names what it relies on, `tests/integration/test_prefect_internals.py` checks each one against the installed
 Prefect, and every access first asks `require_checked()`, which refuses a Prefect series nobody checked with
 a sentence saying what to do — instead of an AttributeError deep inside a flow run or the warm server.
 
 Checked on Prefect 3.9.1 (see CHECKED_ON). To admit a new release: install it, run
-`pytest tests/test_prefect_internals.py`, and add its version here when every access passes.
+`pytest tests/integration/test_prefect_internals.py`, and add its version here when every access passes.
 
 Public APIs are used directly elsewhere (clients, schemas, settings, `prefect deploy`); only what has no
 public equivalent lives here:
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
     from prefect.client.schemas.objects import BlockDocument
     from pydantic import BaseModel
 
-#: Every Prefect release the accesses below were checked against (tests/test_prefect_internals.py passed).
+#: Every Prefect release the accesses below were checked against (tests/integration/test_prefect_internals.py passed).
 CHECKED_ON: tuple[str, ...] = ("3.9.1",)
 #: The release series admitted: a patch release of a checked series keeps its internals (Prefect's own policy
 #: for patch releases), a new minor one must be checked first.
@@ -73,7 +73,7 @@ def require_checked(access: str, version: str | None = None) -> None:
         raise PrefectInternalsError(
             f"{access} relies on Prefect internals checked on Prefect {', '.join(CHECKED_ON)}, but Prefect "
             f"{version} is installed: install a checked version (pyproject.toml pins one), or run "
-            "`pytest tests/test_prefect_internals.py` against this one and add it to CHECKED_ON in "
+            "`pytest tests/integration/test_prefect_internals.py` against this one and add it to CHECKED_ON in "
             "tollwatch/prefect/internals.py"
         )
 
