@@ -27,7 +27,8 @@ from tollwatch.contract.events import (
 )
 from tollwatch.contract.settings import load_settings
 from tollwatch.downstream import JobResult, UpstreamRef, local_job
-from tollwatch.prefect.flows.common import emit_quietly, emitter, run_resources
+from tollwatch.prefect.flows.common import emit_quietly, flow_resources, run_resources
+from tollwatch.resources import Resources
 
 
 def _related(completion: IngestionCompleted) -> tuple[Resource, ...]:
@@ -35,19 +36,19 @@ def _related(completion: IngestionCompleted) -> tuple[Resource, ...]:
 
 
 @task(name="run-local-job", cache_policy=NO_CACHE)
-def run_local(job: str, completion: IngestionCompleted) -> JobResult | None:
+def run_local(job: str, completion: IngestionCompleted, res: Resources) -> JobResult | None:
     """Run the named job over the days the load touched (nothing to do when it touched none)."""
     logger = get_run_logger()
     if completion.window is None:
         logger.info("the load touched no days: nothing for %s to do", job)
         return None
     upstream = UpstreamRef(table=completion.table, snapshot_id=completion.snapshot_id, refresh_id=completion.refresh_id)
-    return local_job(job)(load_settings(), completion.window, upstream)
+    return local_job(job)(res.settings, completion.window, upstream)
 
 
 @task(name="announce-job", retries=3, retry_delay_seconds=[1, 5, 15], cache_policy=NO_CACHE)
-def announce(event: TollwatchEvent) -> None:
-    emitter(load_settings()).emit([event])
+def announce(event: TollwatchEvent, res: Resources) -> None:
+    res.events.emit([event])
 
 
 def emit_job_failed(flow: object, run: FlowRun, state: State) -> None:
@@ -87,6 +88,14 @@ def run_job(
     A local job (by name, `tollwatch.downstream`) runs here; with `databricks_job_id` the Databricks job runs
     (run-now, job parameters from the completion and the subscription's `parameters`) and this run waits for it.
     """
+    with flow_resources() as res:
+        return _run_job(res, job, completion, parameters or {}, databricks_job_id)
+
+
+def _run_job(
+    res: Resources, job: str, completion: IngestionCompleted, parameters: dict[str, Any], databricks_job_id: int | None
+) -> JobFinished:
+    """The flow's steps, with the run's clients."""
     logger = get_run_logger()
     logger.info(
         "job %s for refresh %s (snapshot %s, window %s); parameters %s",
@@ -94,15 +103,15 @@ def run_job(
         completion.refresh_id,
         completion.snapshot_id,
         completion.window,
-        parameters or {},
+        parameters,
     )
     run_id, run_page_url = (str(flow_run.id) if flow_run.id else None), None
     if databricks_job_id is not None:
-        outcome = run_on_databricks(databricks_job_id, completion, parameters or {})
+        outcome = run_on_databricks(databricks_job_id, completion, parameters, res)
         run_id, run_page_url = str(outcome.run_id), outcome.run_page_url
     else:
         local_job(job)  # an unknown job fails here, before any work, with the names that exist
-        result = run_local(job, completion)
+        result = run_local(job, completion, res)
         if result is not None:
             logger.info(
                 "%s: %d rows written to %s over %d days, snapshot %s",
@@ -122,7 +131,7 @@ def run_job(
         upstream_refresh_id=completion.refresh_id,
         flow_run_id=str(flow_run.id) if flow_run.id else None,
     )
-    announce(TollwatchEvent.of(payload, related=_related(completion)))
+    announce(TollwatchEvent.of(payload, related=_related(completion)), res)
     return payload
 
 
@@ -140,9 +149,9 @@ def job_parameters(completion: IngestionCompleted, extra: dict[str, Any]) -> dic
     return {key: "" if value is None else str(value) for key, value in values.items()}
 
 
-def run_on_databricks(job_id: int, completion: IngestionCompleted, extra: dict[str, Any]) -> RunOutcome:
+def run_on_databricks(job_id: int, completion: IngestionCompleted, extra: dict[str, Any], res: Resources) -> RunOutcome:
     """run-now with a token derived from this flow run: a retried call cannot start the job twice."""
     from tollwatch.prefect.databricks_runner import runner_for
 
     token = idempotency_token("run-now", str(flow_run.id or "local"), job_id, completion.refresh_id)
-    return runner_for(load_settings()).run_now(job_id, job_parameters(completion, extra), token=token)
+    return runner_for(res.settings).run_now(job_id, job_parameters(completion, extra), token=token)
