@@ -1,1 +1,3 @@
-"""Local development helpers: the Socrata mirror, synthetic data and managed processes."""
+"""tollwatch's development tools: the Socrata mirror, the local stack, the dev Functions host, the warm runner,
+the demo, and their `tollwatch` commands (a CLI plugin). The product never imports this package
+(tests/unit/test_import_rules.py)."""
