@@ -226,9 +226,8 @@ class Resources:
     pools, the blob service and the credential when the run ends.
     """
 
-    def __init__(self, settings: Settings, *, events: EventSink | None = None) -> None:
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self._events = events
         self._closing = ExitStack()
 
     @cached_property
@@ -253,8 +252,6 @@ class Resources:
 
     @cached_property
     def events(self) -> EventSink:
-        if self._events is not None:
-            return self._events
         return event_emitter(self.settings, self._closing.enter_context(emit_http_client(self.settings)))
 
     @cached_property
