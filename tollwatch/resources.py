@@ -27,6 +27,7 @@ from tollwatch.adapters.blob_state import JsonBlobStore
 from tollwatch.adapters.prefect_events import EventSink, PrefectEventsEmitter, WebhookEmitter
 from tollwatch.adapters.socrata import SocrataClient, build_http_client
 from tollwatch.contract.errors import ConfigurationError
+from tollwatch.contract.quality import QualitySpec, load_spec
 from tollwatch.contract.settings import Settings
 from tollwatch.core.backfill import PLANNING_ATTEMPTS
 from tollwatch.core.landing import LandingZone
@@ -35,6 +36,7 @@ from tollwatch.core.watermark import UpstreamWatcher, WatermarkStore
 
 if TYPE_CHECKING:
     from tollwatch.adapters.eventgrid_out import CompletionPublisher
+    from tollwatch.core.branches import Branches
     from tollwatch.core.table import IcebergTableStore
 
 
@@ -258,6 +260,18 @@ class Resources:
     def table(self) -> IcebergTableStore:
         """The bronze table (its catalog is opened once per process)."""
         return table_store(self.settings)
+
+    @cached_property
+    def branches(self) -> Branches:
+        """The bronze table's audit branches and held loads (write-audit-publish)."""
+        from tollwatch.core.branches import Branches
+
+        return Branches(self.table)
+
+    @cached_property
+    def quality_spec(self) -> QualitySpec:
+        """The checks every load is audited by (read once per run, so every attempt is judged alike)."""
+        return load_spec(self.settings.quality_spec)
 
     def table_named(self, identifier: str) -> IcebergTableStore:
         """Another table in the same catalog (a downstream job's output)."""

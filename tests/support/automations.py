@@ -50,7 +50,7 @@ BAD_FILES = [
     (
         "subscriptions/bad-event.yaml",
         "automations/subscriptions/bad-event.yaml: subscriptions[0].events[0]: Input should be "
-        "'tollwatch.ingestion.completed' or 'tollwatch.ingestion.failed'",
+        "'tollwatch.ingestion.completed', 'tollwatch.ingestion.failed' or 'tollwatch.ingestion.held'",
     ),
     (
         "subscriptions/bad-when.yaml",

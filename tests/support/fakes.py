@@ -306,6 +306,7 @@ class Commit:
     window: Window | None = None
     through: int | None = None
     months: list[str] = field(default_factory=list)
+    branch: str = contract.MAIN
 
 
 class FakeTableStore:
@@ -352,8 +353,8 @@ class FakeTableStore:
         load = self.committed_load(refresh_id)
         return None if load is None else load.snapshot_id
 
-    def committed_load(self, refresh_id: str) -> CommittedLoad | None:
-        found = [c for c in self.commits if c.properties.get(contract.REFRESH_ID) == refresh_id]
+    def committed_load(self, refresh_id: str, ref: str = contract.MAIN) -> CommittedLoad | None:
+        found = [c for c in self.commits if c.properties.get(contract.REFRESH_ID) == refresh_id and c.branch == ref]
         if not found:
             return None
         latest = found[-1]
@@ -364,7 +365,7 @@ class FakeTableStore:
             touched=Window(start=touched[0], stop=touched[1]) if touched else None,
         )
 
-    def committed_through(self) -> int | None:
+    def committed_through(self, table: object = None, ref: str = contract.MAIN) -> int | None:
         for commit in reversed(self.commits):
             if commit.properties.get(contract.COMMITTED_THROUGH):
                 return int(commit.properties[contract.COMMITTED_THROUGH])
@@ -378,13 +379,20 @@ class FakeTableStore:
         properties: dict[str, str],
         *,
         fetched_through: int,
+        branch: str = contract.MAIN,
     ) -> int:
-        return self._commit("window", months, properties, window=window, through=fetched_through)
+        return self._commit("window", months, properties, window=window, through=fetched_through, branch=branch)
 
     def commit_merge(
-        self, months: Iterable[tuple[str, pa.Table]], schema: pa.Schema, properties: dict[str, str], *, through: int
+        self,
+        months: Iterable[tuple[str, pa.Table]],
+        schema: pa.Schema,
+        properties: dict[str, str],
+        *,
+        through: int,
+        branch: str = contract.MAIN,
     ) -> int:
-        return self._commit("merge", months, properties, through=through)
+        return self._commit("merge", months, properties, through=through, branch=branch)
 
     # ------------------------------------------------------------------ internals
 
@@ -403,6 +411,7 @@ class FakeTableStore:
         *,
         window: Window | None = None,
         through: int,
+        branch: str = contract.MAIN,
     ) -> int:
         self.attempts += 1
         consumed = list(months)
@@ -414,7 +423,14 @@ class FakeTableStore:
         tables = [t for _, t in consumed]
         rows = pa.concat_tables(tables, promote_options="default") if tables else None
         commit = Commit(
-            next(self._ids), kind, props, rows, window=window, through=through, months=[m for m, _ in consumed]
+            next(self._ids),
+            kind,
+            props,
+            rows,
+            window=window,
+            through=through,
+            months=[m for m, _ in consumed],
+            branch=branch,
         )
         self.commits.append(commit)
         return commit.snapshot_id

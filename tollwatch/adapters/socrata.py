@@ -174,10 +174,14 @@ class SocrataClient:
             rows = parsed or []
             for row in rows:
                 try:
-                    day = date.fromisoformat(str(row["date"])[:10])
-                    counts[day] = counts.get(day, 0) + int(row["n"])
+                    n = int(row["n"])
                 except (KeyError, TypeError, ValueError) as exc:
                     raise UpstreamError(f"count(*) per date for {dataset_id} answered {row!r}") from exc
+                day = _calendar_day(row.get("date"))
+                if day is None:  # rows no writer keeps (typing rejects them): no day of the table to compare with
+                    log.info("count(*) per date: %d upstream rows without a calendar date (%r)", n, row.get("date"))
+                    continue
+                counts[day] = counts.get(day, 0) + n
             if len(rows) < page_size:
                 return counts
             offset += len(rows)
@@ -235,3 +239,11 @@ def build_http_client(base_url: str, timeout_s: float) -> httpx.Client:
         follow_redirects=True,
         headers={"User-Agent": "tollwatch/0.1"},
     )
+
+
+def _calendar_day(value: object) -> date | None:
+    """The day of a Socrata date (`2024-01-03T00:00:00.000`), None for a missing or malformed one."""
+    try:
+        return date.fromisoformat(str(value)[:10]) if value is not None else None
+    except ValueError:
+        return None

@@ -31,6 +31,9 @@ class EventName(StrEnum):
     BACKFILL_REQUESTED = "tollwatch.backfill.requested"
     INGESTION_COMPLETED = "tollwatch.ingestion.completed"
     INGESTION_FAILED = "tollwatch.ingestion.failed"
+    INGESTION_HELD = "tollwatch.ingestion.held"
+    INGESTION_PUBLISHED = "tollwatch.ingestion.published"
+    INGESTION_DISCARDED = "tollwatch.ingestion.discarded"
     JOB_COMPLETED = "tollwatch.job.completed"
     JOB_FAILED = "tollwatch.job.failed"
 
@@ -59,7 +62,16 @@ INGESTION_LABELS: dict[str, str] = {
     "table": "tollwatch.table",
     "mode": "tollwatch.mode",
     "already_committed": "tollwatch.already-committed",
+    "quality": "tollwatch.quality",
 }
+
+#: What a load's audit concluded, as its events say it (`quality.verdict`, and the `tollwatch.quality` label):
+#: `passed`; `warned` (published with a failing `warn` check); `overridden` (held, then published by an operator);
+#: `held` (not published); `unaudited` (committed before write-audit-publish, or merged where the flow cannot read
+#: the table, see README).
+QualityVerdict = Literal["passed", "warned", "overridden", "held", "unaudited"]
+#: Labels whose value is not the payload field itself: what a `when:` condition on them is validated against.
+LABEL_VALUE_TYPES: dict[str, Any] = {"quality": QualityVerdict}
 
 #: The label every event about one load carries on its resource (requested, refreshed, completed, failed): a
 #: proactive trigger pairs "announced" with "completed" per load by it (`for_each`), which is how a load that
@@ -77,7 +89,7 @@ def ingestion_labels(payload: BaseModel) -> tuple[tuple[str, str], ...]:
     labels = tuple(
         (label, label_value(getattr(payload, field)))
         for field, label in INGESTION_LABELS.items()
-        if hasattr(payload, field)
+        if getattr(payload, field, None) is not None
     )
     refresh_id = getattr(payload, "refresh_id", None)
     return (*labels, (REFRESH_ID_LABEL, refresh_id)) if refresh_id else labels
@@ -237,6 +249,21 @@ class BackfillRequested(_Payload):
         )
 
 
+class QualityOutcome(_Payload):
+    """The audit of a load as its events carry it: the verdict, each check's outcome, and any override."""
+
+    verdict: QualityVerdict
+    checks: list[dict[str, Any]] = Field(default_factory=list, description="name, severity, passed, value, …")
+    warnings: list[str] = Field(default_factory=list, description="failing `warn` checks (published anyway)")
+    failing: list[str] = Field(default_factory=list, description="failing `error` checks (why it was held)")
+    overridden_by: str | None = None
+    override_reason: str | None = None
+
+    def __str__(self) -> str:
+        """The label value (`tollwatch.quality`): the verdict."""
+        return self.verdict
+
+
 class Durations(_Payload):
     """Wall-clock seconds per stage of an ingest run."""
 
@@ -272,6 +299,7 @@ class IngestionCompleted(_Payload):
         default=None, description="after the commit: the upstream's row count for the days this load touched"
     )
     table_rows: int | None = Field(default=None, description="after the commit: the table's rows for those days")
+    quality: QualityOutcome | None = Field(default=None, description="what the audit of this load found")
 
     def event_id(self) -> uuid.UUID:
         """One completion per refresh: a retried emit or a replayed run cannot announce it twice."""
@@ -303,6 +331,50 @@ class IngestionFailed(_Payload):
         return Resource(id=table_resource_id(self.catalog, self.table), role="table", labels=ingestion_labels(self))
 
 
+class IngestionHeld(_Payload):
+    """A load failed an `error` check: it stays on its audit branch, `main` and subscribers are untouched."""
+
+    table: str
+    catalog: str
+    mode: Literal["refresh", "window"]
+    window: Window | None
+    refresh_id: str
+    branch: str = Field(description="the audit branch holding the load")
+    snapshot_id: int = Field(description="the branch's head: the load as it was audited")
+    quality: QualityOutcome
+    flow_run_id: str | None = None
+
+    def event_id(self) -> uuid.UUID:
+        """One hold per refresh: a replayed run that finds the load still held repeats the same event."""
+        return deterministic_id("event", EventName.INGESTION_HELD, self.refresh_id)
+
+    def resource(self) -> Resource:
+        return Resource(id=table_resource_id(self.catalog, self.table), role="table", labels=ingestion_labels(self))
+
+
+class LoadSettled(_Payload):
+    """An operator settled a held load: published it (an override) or discarded it."""
+
+    table: str
+    catalog: str
+    refresh_id: str
+    action: Literal["published", "discarded"]
+    by: str
+    reason: str
+    snapshot_id: int | None = None
+
+    @property
+    def name(self) -> EventName:
+        return EventName.INGESTION_PUBLISHED if self.action == "published" else EventName.INGESTION_DISCARDED
+
+    def event_id(self) -> uuid.UUID:
+        """One settlement per refresh: repeating the command repeats the same event."""
+        return deterministic_id("event", self.name, self.refresh_id)
+
+    def resource(self) -> Resource:
+        return Resource(id=table_resource_id(self.catalog, self.table), role="table", labels=ingestion_labels(self))
+
+
 class JobFinished(_Payload):
     """A downstream job ended (the event name says how)."""
 
@@ -329,13 +401,22 @@ class JobFinished(_Payload):
 
 # --------------------------------------------------------------------------------------------- envelope
 
-AnyPayload = DatasetRefreshed | BackfillRequested | IngestionCompleted | IngestionFailed | JobFinished
+AnyPayload = (
+    DatasetRefreshed
+    | BackfillRequested
+    | IngestionCompleted
+    | IngestionFailed
+    | IngestionHeld
+    | LoadSettled
+    | JobFinished
+)
 
 _NAMES: dict[type[BaseModel], EventName] = {
     DatasetRefreshed: EventName.DATASET_REFRESHED,
     BackfillRequested: EventName.BACKFILL_REQUESTED,
     IngestionCompleted: EventName.INGESTION_COMPLETED,
     IngestionFailed: EventName.INGESTION_FAILED,
+    IngestionHeld: EventName.INGESTION_HELD,
 }
 
 
@@ -356,7 +437,7 @@ class TollwatchEvent(BaseModel):
         cls, payload: AnyPayload, *, related: tuple[Resource, ...] = (), occurred: datetime | None = None
     ) -> TollwatchEvent:
         """Wrap a payload model in its envelope with its deterministic id and resource."""
-        name = payload.name if isinstance(payload, JobFinished) else _NAMES[type(payload)]
+        name = payload.name if isinstance(payload, JobFinished | LoadSettled) else _NAMES[type(payload)]
         return cls(
             id=payload.event_id(),
             event=name,

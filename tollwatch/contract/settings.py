@@ -107,6 +107,11 @@ class Settings(BaseSettings):
     databricks_api_retries: int = Field(4, ge=0, le=10, description="retries of each Jobs API call on 429/5xx")
     databricks_api_backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each retry")
 
+    # write-audit-publish (tollwatch.contract.quality)
+    quality_spec: Path | None = Field(
+        None, description="the load checks' YAML (thresholds, severities); unset: the BNT defaults in the package"
+    )
+
     # flow task retries (on top of the per-request retries of each client)
     task_retries: int = Field(2, ge=0, le=10, description="retries of each ingest task")
     task_retry_delay_s: float = Field(10.0, ge=0, description="seconds between task retries")

@@ -183,6 +183,23 @@ def load_properties(
     return properties
 
 
+# ----------------------------------------------------------------------------------------- write-audit-publish
+
+#: The branch readers read: a load reaches it only by a fast-forward after its audit passed.
+MAIN = "main"
+#: Prefix of a load's audit branch (one per refresh, so concurrent loads never write to each other's branch).
+AUDIT_BRANCH_PREFIX = "audit_"
+#: Table properties: a held load's record (`<prefix><refresh id>` → JSON), and how an operator settled one.
+HELD_PREFIX = "tollwatch.held."
+SETTLED_PREFIX = "tollwatch.settled."
+
+
+def audit_branch(refresh_id: str) -> str:
+    """The audit branch of a load: `audit_` + the refresh id with every character outside [A-Za-z0-9] as `_`, so
+    the name is also a plain Spark identifier part (`<table>.branch_audit_…`)."""
+    return AUDIT_BRANCH_PREFIX + "".join(ch if ch.isascii() and ch.isalnum() else "_" for ch in refresh_id)
+
+
 # Lineage of a downstream table: the snapshot summary of each output commit names the load it was computed from.
 JOB = "tollwatch.job"
 UPSTREAM_TABLE = "tollwatch.upstream-table"

@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, model_validator
 from pyiceberg.exceptions import CommitFailedException, ValidationException
-from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
 
 from tollwatch.adapters.socrata import updated_between_where, window_where
 from tollwatch.contract import table as contract
@@ -35,7 +35,7 @@ from tollwatch.contract.result import MergeResult
 from tollwatch.core.landing import LandingManifest, LandingZone
 from tollwatch.core.ports import Landing, TableStore, UpstreamMetadata, UpstreamRows
 from tollwatch.core.schema import convert, dedupe_on_key, target_schema
-from tollwatch.core.table import TOUCHED
+from tollwatch.core.table import MAIN, TOUCHED
 
 log = logging.getLogger(__name__)
 
@@ -352,12 +352,22 @@ def load_landing(
     store: TableStore,
     *,
     flow_run_id: str | None,
+    branch: str = MAIN,
 ) -> LoadResult:
-    """Type, quarantine and commit a sealed landing in one Iceberg commit; a replayed refresh is a no-op."""
-    previous = store.committed(request.refresh_id)
+    """Type, quarantine and commit a sealed landing in one Iceberg commit to `branch` (a load's audit branch, see
+    `tollwatch.core.wap`); a replayed refresh is a no-op, and a load a crashed run left on its branch is kept."""
+    previous = store.committed_load(request.refresh_id, branch)
     if previous is not None:
-        log.info("refresh %s already committed as snapshot %s: nothing to do", request.refresh_id, previous)
-        return LoadResult(previous, manifest.rows, 0, 0, already_committed=True)
+        log.info("refresh %s already on %s as snapshot %s", request.refresh_id, branch, previous.snapshot_id)
+        return LoadResult(
+            previous.snapshot_id,
+            manifest.rows,
+            0,
+            0,
+            already_committed=branch == MAIN,
+            touched=previous.touched,
+            committed_through=store.committed_through(ref=branch),
+        )
 
     schema = target_schema(manifest.columns)
     result = LoadResult(snapshot_id=0, rows_read=0, rows_written=0, rows_rejected=0)
@@ -376,13 +386,15 @@ def load_landing(
         result.touched = request.window or spool.touched  # a window load replaces all its days, even emptied ones
         if result.touched:
             props[TOUCHED] = contract.encode_days(result.touched.start, result.touched.stop)
-        result.snapshot_id = _commit(store, request, spool, schema, props, result, _fetched_through(request, manifest))
+        through = _fetched_through(request, manifest)
+        result.snapshot_id = _commit(store, request, spool, schema, props, result, through, branch)
     if result.rows_rejected:
         log.warning("quarantined %d rows: %s", result.rows_rejected, dict(result.reject_reasons))
-    result.committed_through = store.committed_through()
+    result.committed_through = store.committed_through(ref=branch)
     log.info(
-        "committed snapshot %s: %d rows written; the table is committed through rowsUpdatedAt %s",
+        "committed snapshot %s to %s: %d rows written; committed through rowsUpdatedAt %s",
         result.snapshot_id,
+        branch,
         result.rows_written,
         result.committed_through,
     )
@@ -403,6 +415,15 @@ def _fetched_through(request: IngestRequest, manifest: LandingManifest) -> int:
 #: would hide files the other commit just added to the same partition (ValidationException).
 COMMIT_CONFLICTS = (CommitFailedException, ValidationException)
 COMMIT_ATTEMPTS = 6
+#: A commit to an audit branch races a commit to another branch (another load publishing) without a failed ref
+#: requirement: pyiceberg (checked on 0.12.0) then refuses the snapshot it built on the old metadata with this
+#: ValueError instead of CommitFailedException. It is the same conflict, and the same rebuild answers it.
+STALE_SEQUENCE = "older than last sequence number"
+
+
+def is_commit_conflict(error: BaseException) -> bool:
+    """Whether a commit failed because another commit landed first (rebuild it on the new table state)."""
+    return isinstance(error, COMMIT_CONFLICTS) or (isinstance(error, ValueError) and STALE_SEQUENCE in str(error))
 
 
 def _commit(
@@ -413,6 +434,7 @@ def _commit(
     props: dict[str, str],
     result: LoadResult,
     through: int,
+    branch: str,
 ) -> int:
     """One Iceberg commit; after a conflict with a concurrent load, rebuild it on the new table state.
 
@@ -422,7 +444,7 @@ def _commit(
     for attempt in Retrying(
         stop=stop_after_attempt(COMMIT_ATTEMPTS),
         wait=wait_random_exponential(multiplier=0.2, max=5),
-        retry=retry_if_exception_type(COMMIT_CONFLICTS),
+        retry=retry_if_exception(is_commit_conflict),
         before_sleep=lambda state: log.warning(
             "commit conflicted with a concurrent load (%s); retrying on the new table state", state.outcome.exception()
         ),
@@ -433,8 +455,10 @@ def _commit(
             result.rows_per_day_plaza.clear()
             written = _Counted(spool.months(), result)
             if request.mode == "window" and request.window:
-                return store.commit_window(request.window, written, schema, props, fetched_through=through)
-            return store.commit_merge(written, schema, props, through=through)
+                return store.commit_window(
+                    request.window, written, schema, props, fetched_through=through, branch=branch
+                )
+            return store.commit_merge(written, schema, props, through=through, branch=branch)
     raise AssertionError("unreachable: Retrying re-raises the last conflict")
 
 

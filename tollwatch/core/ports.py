@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from datetime import date
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
@@ -114,9 +114,9 @@ class TableStore(Protocol):
 
     def committed(self, refresh_id: str) -> int | None: ...
 
-    def committed_load(self, refresh_id: str) -> CommittedLoad | None: ...
+    def committed_load(self, refresh_id: str, ref: str = ...) -> CommittedLoad | None: ...
 
-    def committed_through(self) -> int | None: ...
+    def committed_through(self, table: Any = None, ref: str = ...) -> int | None: ...
 
     def commit_window(
         self,
@@ -126,10 +126,17 @@ class TableStore(Protocol):
         properties: dict[str, str],
         *,
         fetched_through: int,
+        branch: str = ...,
     ) -> int: ...
 
     def commit_merge(
-        self, months: Iterable[tuple[str, pa.Table]], schema: pa.Schema, properties: dict[str, str], *, through: int
+        self,
+        months: Iterable[tuple[str, pa.Table]],
+        schema: pa.Schema,
+        properties: dict[str, str],
+        *,
+        through: int,
+        branch: str = ...,
     ) -> int: ...
 
 

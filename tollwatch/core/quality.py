@@ -190,7 +190,7 @@ def audit(
     plaza_days = _plaza_days(spec, loaded, history, days)
     checks: list[CheckResult] = []
     if spec.reconciliation.enabled:
-        checks.append(_reconciliation(spec.reconciliation, loaded, upstream_by_day))
+        checks.append(_reconciliation(spec.reconciliation, loaded, upstream_by_day, rows_rejected))
     if spec.completeness.enabled:
         checks.append(_completeness(spec.completeness, plaza_days))
     if spec.volume.enabled:
@@ -265,9 +265,15 @@ def _plaza_days(spec: QualitySpec, loaded: Profile, history: Profile, days: list
     return judged
 
 
-def _reconciliation(spec: ReconciliationSpec, loaded: Profile, upstream_by_day: dict[date, int] | None) -> CheckResult:
+def _reconciliation(
+    spec: ReconciliationSpec, loaded: Profile, upstream_by_day: dict[date, int] | None, rows_rejected: int = 0
+) -> CheckResult:
     """Rows per day against the upstream's count(*): a load copies the upstream, so a difference is a lost or a
-    duplicated row. Every day either side has is compared (a day only the upstream has was not loaded at all)."""
+    duplicated row. Every day either side has is compared (a day only the upstream has was not loaded at all).
+
+    Rows the typing rejected are short on their day by design (they are quarantined, and `reject_rate` judges
+    them): a shortfall is explained up to the load's rejected rows, so one bad row is not held twice. Extra rows
+    in the table are never explained that way."""
     limit = spec.max_differing_rows_per_day
     threshold = "= 0 rows/day differing" if limit == 0 else f"{_AT_MOST} {limit:,} rows/day differing"
     if upstream_by_day is None:
@@ -283,7 +289,12 @@ def _reconciliation(spec: ReconciliationSpec, loaded: Profile, upstream_by_day: 
     days = sorted(set(table) | set(upstream_by_day))
     counts = [(day, table.get(day, 0), upstream_by_day.get(day, 0)) for day in days]
     differing = sum(abs(rows - upstream) for _, rows, upstream in counts)
-    over = [(day, rows, upstream) for day, rows, upstream in counts if abs(rows - upstream) > limit]
+    unexplained, budget = [], rows_rejected
+    for day, rows, upstream in counts:
+        explained = min(budget, max(upstream - rows, 0))
+        budget -= explained
+        unexplained.append((day, rows, upstream, abs(rows + explained - upstream)))
+    over = [(day, rows, upstream) for day, rows, upstream, left in unexplained if left > limit]
     if not days:
         detail = "No day to compare: neither the load nor the upstream has rows."
     elif over:

@@ -24,6 +24,7 @@ from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, NoSuchTableError, TableAlreadyExistsError
 from pyiceberg.expressions import And, BooleanExpression, GreaterThanOrEqual, In, LessThan
 from pyiceberg.table import Table
+from pyiceberg.table.snapshots import Snapshot
 from pyiceberg.transforms import MonthTransform
 
 from tollwatch.contract import table as contract
@@ -42,6 +43,25 @@ MODE = contract.MODE
 FLOW_RUN_ID = contract.FLOW_RUN_ID
 TOUCHED = contract.TOUCHED
 COMMITTED_THROUGH = contract.COMMITTED_THROUGH
+MAIN = contract.MAIN
+
+
+def head(table: Table, ref: str = MAIN) -> Snapshot | None:
+    """The snapshot a branch points at (None: no such branch, or `main` of a table without a snapshot)."""
+    found = table.metadata.refs.get(ref)
+    return table.snapshot_by_id(found.snapshot_id) if found is not None else None
+
+
+def lineage(table: Table, ref: str = MAIN) -> Iterator[Snapshot]:
+    """A branch's snapshots, newest first: what a reader of that branch sees the history of.
+
+    The ledger reads `main`'s lineage only: a load committed to an audit branch is not in the table until it is
+    published, and a discarded branch's snapshots (kept until they expire) are in no lineage at all.
+    """
+    snapshot = head(table, ref)
+    while snapshot is not None:
+        yield snapshot
+        snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
 
 
 @dataclass(frozen=True)
@@ -126,15 +146,17 @@ class IcebergTableStore:
         load = self.committed_load(refresh_id)
         return None if load is None else load.snapshot_id
 
-    def committed_load(self, refresh_id: str) -> CommittedLoad | None:
-        """The ledger entry of this refresh (from its latest snapshot), or None if it was never committed."""
+    def committed_load(self, refresh_id: str, ref: str = MAIN) -> CommittedLoad | None:
+        """The ledger entry of this refresh on `ref` (from its latest snapshot there), or None if it is not on it.
+
+        On `main` this is a published load; on a load's audit branch, a load committed but not yet published.
+        """
         table = self.table()
         if table is None:
             return None
-        found = None
-        for snapshot in table.snapshots():
-            if snapshot.summary is not None and snapshot.summary[REFRESH_ID] == refresh_id:
-                found = snapshot
+        found = next(
+            (s for s in lineage(table, ref) if s.summary is not None and s.summary[REFRESH_ID] == refresh_id), None
+        )
         if found is None or found.summary is None:
             return None
         touched = contract.decode_days(found.summary[TOUCHED])
@@ -144,21 +166,20 @@ class IcebergTableStore:
             touched=Window(start=touched[0], stop=touched[1]) if touched else None,
         )
 
-    def committed_through(self, table: Table | None = None) -> int | None:
-        """The ledger's high-water mark (see COMMITTED_THROUGH) on `main`, or None when no refresh ever committed.
+    def committed_through(self, table: Table | None = None, ref: str = MAIN) -> int | None:
+        """The ledger's high-water mark (see COMMITTED_THROUGH) on `ref` (`main`: what is published), or None when
+        no refresh ever committed there.
 
-        Read from the newest snapshot of the current lineage that records it, so a snapshot written by another tool
+        Read from the newest snapshot of the branch's lineage that records it, so a snapshot written by another tool
         (compaction, a manual fix) neither hides nor moves it.
         """
         table = table if table is not None else self.table()
         if table is None:
             return None
-        snapshot = table.current_snapshot()
-        while snapshot is not None:
+        for snapshot in lineage(table, ref):
             value = snapshot.summary[COMMITTED_THROUGH] if snapshot.summary is not None else None
             if value:
                 return int(value)
-            snapshot = table.snapshot_by_id(snapshot.parent_snapshot_id) if snapshot.parent_snapshot_id else None
         return None
 
     # ------------------------------------------------------------------ writes
@@ -171,6 +192,7 @@ class IcebergTableStore:
         properties: dict[str, str],
         *,
         fetched_through: int,
+        branch: str = MAIN,
     ) -> int:
         """Make the table's `window` what the upstream held at `fetched_through`, in one commit; versions only move
         forward.
@@ -179,64 +201,77 @@ class IcebergTableStore:
         newer of its stored and fetched versions; a stored key the fetch did not return is a row deleted upstream when
         its version is one the fetch would have returned (stamped at or before `fetched_through`) and is removed, but
         kept when it is newer than the fetch (a refresh committed it after this window was fetched). The ledger's
-        high-water mark is carried forward unchanged: a window says nothing about other days.
+        high-water mark is carried forward unchanged: a window says nothing about other days. The commit goes to
+        `branch` (a load's audit branch; see `tollwatch.core.branches`) and reads the rows it merges from there.
         """
         table = self.ensure(schema)
         fetched = dict(months)
+        base = head(table, branch)
         with table.transaction() as txn:
             self.evolve(txn, table, schema)
-            self._carry_mark(table, properties, None)
+            self._carry_mark(table, properties, None, branch)
             target = txn.table_metadata.schema().as_arrow()
             wrote = False
             for month, part in _months_of(window):
                 incoming = conform(fetched.get(month, target.empty_table()), target)
-                stored = conform(table.scan(row_filter=window_filter(part)).to_arrow(), target)
+                stored = conform(_scan(table, window_filter(part), base), target)
                 if incoming.num_rows == 0 and stored.num_rows == 0:
                     continue
                 merged = newest_per_key(stored, incoming, drop_absent_through=fetched_through)
                 with warnings.catch_warnings():  # "did not match any records" is expected on a first load
                     warnings.simplefilter("ignore", UserWarning)
-                    txn.overwrite(merged, overwrite_filter=window_filter(part), snapshot_properties=properties)
+                    txn.overwrite(
+                        merged, overwrite_filter=window_filter(part), snapshot_properties=properties, branch=branch
+                    )
                 wrote = True
             if not wrote:
-                self._record_empty_load(txn, target, properties)
-        return self._snapshot_for(properties[REFRESH_ID])
+                self._record_empty_load(txn, target, properties, branch)
+        return self._snapshot_for(properties[REFRESH_ID], branch)
 
     def commit_merge(
-        self, months: Iterable[tuple[str, pa.Table]], schema: pa.Schema, properties: dict[str, str], *, through: int
+        self,
+        months: Iterable[tuple[str, pa.Table]],
+        schema: pa.Schema,
+        properties: dict[str, str],
+        *,
+        through: int,
+        branch: str = MAIN,
     ) -> int:
         """Merge a refresh (every upstream version published after the ledger's mark and through `through`) in one
         commit: per month, the touched days are overwritten with, per key, the newer of the stored and fetched
         versions, so a refresh committing after a newer one cannot put an older version back. The ledger's mark
-        moves to `through` (never back).
+        moves to `through` (never back). The commit goes to `branch`, as `commit_window`'s.
         """
         table = self.ensure(schema)
+        base = head(table, branch)
         with table.transaction() as txn:
             self.evolve(txn, table, schema)
-            self._carry_mark(table, properties, through)
+            self._carry_mark(table, properties, through, branch)
             target = txn.table_metadata.schema().as_arrow()
             wrote = False
             for _, batch in months:
                 if not batch.num_rows:
                     continue
                 days = set(pc.unique(batch["date"]).to_pylist())
-                existing = table.scan(row_filter=days_filter(days)).to_arrow()
+                existing = _scan(table, days_filter(days), base)
                 merged = newest_per_key(conform(existing, target), conform(batch, target))
                 with warnings.catch_warnings():  # new days match nothing yet: expected
                     warnings.simplefilter("ignore", UserWarning)
-                    txn.overwrite(merged, overwrite_filter=days_filter(days), snapshot_properties=properties)
+                    txn.overwrite(
+                        merged, overwrite_filter=days_filter(days), snapshot_properties=properties, branch=branch
+                    )
                 wrote = True
             if not wrote:
-                self._record_empty_load(txn, target, properties)
-        return self._snapshot_for(properties[REFRESH_ID])
+                self._record_empty_load(txn, target, properties, branch)
+        return self._snapshot_for(properties[REFRESH_ID], branch)
 
-    def _carry_mark(self, table: Table, properties: dict[str, str], through: int | None) -> None:
+    def _carry_mark(self, table: Table, properties: dict[str, str], through: int | None, branch: str) -> None:
         """Set the ledger's high-water mark this commit records: the table's current one, raised to `through`.
 
         Computed from the table state this attempt builds on; a concurrent commit fails ours (optimistic
         concurrency) and the retry recomputes it, so the mark recorded is never one the table has already passed.
         """
-        current = self.committed_through(table)
+        current = self.committed_through(table, branch)
         marks = [m for m in (current, through) if m is not None]
         if marks:
             properties[COMMITTED_THROUGH] = str(max(marks))
@@ -244,10 +279,10 @@ class IcebergTableStore:
             properties.pop(COMMITTED_THROUGH, None)
 
     @staticmethod
-    def _record_empty_load(txn: object, target: pa.Schema, properties: dict[str, str]) -> None:
+    def _record_empty_load(txn: object, target: pa.Schema, properties: dict[str, str], branch: str) -> None:
         """A load that changed no row still commits a (data-less) snapshot: it is the ledger entry that makes a
         replay a no-op and, for a refresh, the record that the mark moved (a publish can change nothing we keep)."""
-        txn.append(target.empty_table(), snapshot_properties=properties)  # type: ignore[attr-defined]
+        txn.append(target.empty_table(), snapshot_properties=properties, branch=branch)  # type: ignore[attr-defined]
 
     @staticmethod
     def evolve(txn: object, table: Table, schema: pa.Schema) -> None:
@@ -259,15 +294,11 @@ class IcebergTableStore:
                 update.union_by_name(pa.schema(f.with_nullable(True) for f in new))
             log.info("evolved %s: added columns %s", table.name(), [f.name for f in new])
 
-    def _snapshot_for(self, refresh_id: str) -> int:
-        snapshot_id = self.committed(refresh_id)
-        if snapshot_id is None:
-            table = self.table()
-            current = table.current_snapshot() if table else None
-            if current is None:
-                raise RuntimeError(f"commit of refresh {refresh_id} left no snapshot in {self.identifier}")
-            return current.snapshot_id
-        return snapshot_id
+    def _snapshot_for(self, refresh_id: str, branch: str) -> int:
+        load = self.committed_load(refresh_id, branch)
+        if load is None:
+            raise RuntimeError(f"commit of refresh {refresh_id} left no snapshot on {self.identifier}@{branch}")
+        return load.snapshot_id
 
     # ------------------------------------------------------------------ reads
 
@@ -294,6 +325,13 @@ class IcebergTableStore:
         scan = table.scan(row_filter=window_filter(window)) if window else table.scan()
         data = scan.to_arrow()
         return data.sort_by([(k, "ascending") for k in KEY])
+
+
+def _scan(table: Table, row_filter: BooleanExpression, at: Snapshot | None) -> pa.Table:
+    """The rows matching `row_filter` at a snapshot (a branch's head); none when there is no snapshot yet."""
+    if at is None:
+        return table.schema().as_arrow().empty_table()
+    return table.scan(row_filter=row_filter, snapshot_id=at.snapshot_id).to_arrow()
 
 
 #: Sort rank of a row without a version (older tollwatch rows, a malformed `:updated_at`): older than any version.

@@ -142,11 +142,21 @@ def conform(df: DataFrame, schema: T.StructType) -> DataFrame:
 
 
 class IcebergTable:
-    """One Iceberg table in the session's catalog (`catalog.namespace.table`)."""
+    """One Iceberg table in the session's catalog (`catalog.namespace.table`), seen through one branch.
 
-    def __init__(self, spark: SparkSession, name: str) -> None:
+    `branch` is `main` or a load's audit branch (write-audit-publish: the flow cuts the branch, the merge writes to
+    it, the flow audits and publishes it). The ledger reads and the rewrite all go through that branch's lineage.
+    """
+
+    def __init__(self, spark: SparkSession, name: str, branch: str = contract.MAIN) -> None:
         self.spark = spark
         self.name = name
+        self.branch = branch
+
+    @property
+    def target(self) -> str:
+        """What writes go to: the table, or `<table>.branch_<branch>` (Iceberg's Spark identifier of a branch)."""
+        return self.name if self.branch == contract.MAIN else f"{self.name}.branch_{self.branch}"
 
     def exists(self) -> bool:
         return bool(self.spark.catalog.tableExists(self.name))
@@ -162,21 +172,35 @@ class IcebergTable:
         """
         if not self.exists():
             return None
-        found = (
-            self._snapshots()
+        found = {
+            int(row["snapshot_id"]): row["touched"]
+            for row in self._snapshots()
             .where(F.col("summary").getItem(contract.REFRESH_ID) == F.lit(refresh_id))
             .select("snapshot_id", F.col("summary").getItem(contract.TOUCHED).alias("touched"))
             .collect()
-        )
-        if not found:
-            return None
-        return Committed(int(found[-1]["snapshot_id"]), contract.decode_days(found[-1]["touched"]))
+        }
+        for snapshot_id in reversed(self._lineage()):
+            if snapshot_id in found:
+                return Committed(snapshot_id, contract.decode_days(found[snapshot_id]))
+        return None
 
     def _lineage(self) -> list[int]:
-        """Snapshot ids of the current state's ancestry, oldest first (the `history` metadata table is in log order;
-        timestamps can tie within one commit, so its order, not `made_current_at`, decides)."""
-        history = self.spark.read.table(f"{self.name}.history").where("is_current_ancestor").select("snapshot_id")
-        return [int(row["snapshot_id"]) for row in history.collect()]
+        """Snapshot ids of the branch's ancestry, oldest first: from the branch's head (the `refs` metadata table)
+        through each snapshot's parent. A snapshot outside it (a dropped audit branch's) is in no ledger."""
+        refs = self.spark.read.table(f"{self.name}.refs").where(F.col("name") == F.lit(self.branch)).collect()
+        if not refs:
+            return []
+        parents = {
+            int(row["snapshot_id"]): row["parent_id"]
+            for row in self._snapshots().select("snapshot_id", "parent_id").collect()
+        }
+        lineage: list[int] = []
+        current: int | None = int(refs[0]["snapshot_id"])
+        while current is not None:
+            lineage.append(current)
+            parent = parents.get(current)
+            current = int(parent) if parent is not None else None
+        return lineage[::-1]
 
     def snapshot_ids(self) -> set[int]:
         return {int(row["snapshot_id"]) for row in self._snapshots().select("snapshot_id").collect()}
@@ -218,6 +242,7 @@ class IcebergTable:
         return current
 
     def read(self, snapshot: int | None = None) -> DataFrame:
+        """The table at a snapshot (a branch's head), or as `main` is now."""
         reader = self.spark.read if snapshot is None else self.spark.read.option("snapshot-id", str(snapshot))
         return reader.table(self.name)
 
@@ -234,14 +259,14 @@ class IcebergTable:
             # A table without a snapshot has nothing to validate from, and Iceberg then validates against whatever
             # is current when it commits: a load committed meanwhile would be overwritten unseen. An empty first
             # snapshot gives this write a base (a replay of it is harmless: it adds nothing).
-            self.spark.createDataFrame([], self.spark.read.table(self.name).schema).writeTo(self.name).append()
+            self.spark.createDataFrame([], self.spark.read.table(self.name).schema).writeTo(self.target).append()
             base = self.current_snapshot()
         existing = self.read(base).where(in_months(months))
-        writer = content(existing).writeTo(self.name).options(**write_options(properties, base))
+        writer = content(existing).writeTo(self.target).options(**write_options(properties, base))
         writer.overwrite(in_months(months))
 
     def record_empty(self, schema: T.StructType, properties: dict[str, str]) -> None:
         """A load that changed no row still commits a (data-less) snapshot: the ledger entry that makes a replay a
         no-op and, for a refresh, the record that the mark moved."""
         empty = self.spark.createDataFrame([], schema)
-        empty.writeTo(self.name).options(**write_options(properties, None)).append()
+        empty.writeTo(self.target).options(**write_options(properties, None)).append()

@@ -57,6 +57,8 @@ class Args:
     start: date | None
     stop: date | None
     flow_run_id: str | None
+    #: The load's audit branch (the flow cut it from `main` and publishes it after the audit); `main` writes directly.
+    branch: str = contract.MAIN
 
     @property
     def window(self) -> tuple[date, date] | None:
@@ -81,6 +83,7 @@ def parse_args(argv: Sequence[str]) -> Args:
     parser.add_argument("--stop", type=_optional_date, help="day after the window (exclusive)")
     parser.add_argument("--refresh-id", required=True)
     parser.add_argument("--flow-run-id", help="the Prefect flow run the load belongs to")
+    parser.add_argument("--branch", default=contract.MAIN, help="the audit branch to commit to (default: main)")
     ns = parser.parse_args(list(argv))
     if (ns.start is None) != (ns.stop is None):
         parser.error("--start and --stop go together")
@@ -92,7 +95,9 @@ def parse_args(argv: Sequence[str]) -> Args:
         parser.error(f"--table {ns.table!r} is not a [catalog.]namespace.table name")
     if not ns.refresh_id.strip():
         parser.error("--refresh-id must not be empty")
-    return Args(ns.landing, ns.table, ns.mode, ns.refresh_id, ns.start, ns.stop, ns.flow_run_id or None)
+    if not re.fullmatch(r"[A-Za-z_]\w*", ns.branch or ""):
+        parser.error(f"--branch {ns.branch!r} is not a branch name of letters, digits and _")
+    return Args(ns.landing, ns.table, ns.mode, ns.refresh_id, ns.start, ns.stop, ns.flow_run_id or None, ns.branch)
 
 
 def merged(
@@ -154,13 +159,14 @@ def _touched(new: DataFrame, args: Args) -> tuple[date, date] | None:
 def load(spark: SparkSession, args: Args) -> MergeResult:
     """Ledger check, then read, type, dedupe and commit: the whole merge of one landing."""
     result = MergeResult(args.table, args.mode, args.refresh_id, args.properties().get(contract.WINDOW))
-    table = IcebergTable(spark, args.table)
+    table = IcebergTable(spark, args.table, args.branch)
     previous = table.committed(args.refresh_id)
     if previous is not None:
-        result.already_committed, result.snapshot_id = True, previous.snapshot_id
+        # on main: a replay; on its audit branch: a load a crashed run left unpublished (news once published)
+        result.already_committed, result.snapshot_id = args.branch == contract.MAIN, previous.snapshot_id
         result.touched = contract.encode_days(*previous.touched) if previous.touched else None
         result.committed_through = table.committed_through()
-        log.info("refresh %s already committed in %s: nothing to do", args.refresh_id, args.table)
+        log.info("refresh %s already committed in %s@%s: nothing to do", args.refresh_id, args.table, args.branch)
         return result
     with readable(args.landing) as landing:
         manifest = read_manifest(spark, landing)

@@ -31,7 +31,14 @@ from pydantic import (
 )
 
 from tollwatch.contract.errors import TollwatchError
-from tollwatch.contract.events import INGESTION_LABELS, EventName, IngestionCompleted, IngestionFailed
+from tollwatch.contract.events import (
+    INGESTION_LABELS,
+    LABEL_VALUE_TYPES,
+    EventName,
+    IngestionCompleted,
+    IngestionFailed,
+    IngestionHeld,
+)
 
 #: Every automation this project applies carries both tags; only `MANAGED_TAG` ones are ever pruned.
 PROJECT_TAG = "tollwatch"
@@ -51,11 +58,12 @@ DEFAULT_TABLE = "bronze.bnt_traffic_hourly"
 SUBSCRIBABLE_PAYLOADS: dict[str, type[BaseModel]] = {
     EventName.INGESTION_COMPLETED.value: IngestionCompleted,
     EventName.INGESTION_FAILED.value: IngestionFailed,
+    EventName.INGESTION_HELD.value: IngestionHeld,
 }
 
 #: The names above as a type for a subscription's `on:` (a Literal spells its values, so YAML authors read them in
 #: errors; tests/unit/test_facts_once.py keeps it equal to SUBSCRIBABLE_PAYLOADS' keys).
-SubscribableEvent = Literal["tollwatch.ingestion.completed", "tollwatch.ingestion.failed"]
+SubscribableEvent = Literal["tollwatch.ingestion.completed", "tollwatch.ingestion.failed", "tollwatch.ingestion.held"]
 Slug = Annotated[str, StringConstraints(pattern=r"^[a-z0-9][a-z0-9-]*$", max_length=64)]
 TableName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+$")]
 #: `<block-type-slug>/<block-name>`, e.g. `custom-webhook/tollwatch-alerts`.
@@ -210,7 +218,7 @@ class Subscription(_Strict):
                 model = SUBSCRIBABLE_PAYLOADS[event]
                 if key not in model.model_fields:
                     raise ValueError(f"{key!r} is not part of the {event} payload, so it can never match")
-                adapter: TypeAdapter[Any] = TypeAdapter(model.model_fields[key].annotation)
+                adapter: TypeAdapter[Any] = TypeAdapter(LABEL_VALUE_TYPES.get(key, model.model_fields[key].annotation))
                 try:
                     coerced = [adapter.validate_python(v) for v in values]
                 except ValidationError as exc:
