@@ -96,7 +96,12 @@ def test_older_exports_with_vehicles_cash_load_into_the_cash_column(env, mirror:
     assert late["vehicles_vtoll"].null_count == 0
 
 
-def test_malformed_rows_are_quarantined_counted_and_good_rows_loaded(env, mirror: MirrorServer):
+def test_malformed_rows_are_quarantined_counted_and_good_rows_loaded(env, mirror: MirrorServer, tmp_path, monkeypatch):
+    """With completeness at `warn` (a team's choice in its spec), a load missing the rejected rows' hours is
+    published with a warning; by default it is held (tests/integration/test_wap.py)."""
+    spec = tmp_path / "quality.yaml"
+    spec.write_text("completeness: {severity: warn}\n")
+    monkeypatch.setenv("TOLLWATCH_QUALITY_SPEC", str(spec))
     day = date(2024, 1, 10)
     bad = {
         mirror.dataset.seq_of(day, 1, 8, "I"): ("date", "not-a-date"),
@@ -111,6 +116,8 @@ def test_malformed_rows_are_quarantined_counted_and_good_rows_loaded(env, mirror
 
     assert result.rows_fetched == 31 * ROWS_PER_DAY
     assert result.rows_rejected == 4
+    assert result.quality is not None
+    assert (result.quality.verdict, result.quality.warnings) == ("warned", ["completeness"])
     assert result.rows_written == 31 * ROWS_PER_DAY - 4
     assert table_rows().num_rows == 31 * ROWS_PER_DAY - 4
     landing = resources.landing_zone(load_settings())

@@ -76,6 +76,7 @@ def table_info(state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
 
 
 def _register_operating_commands() -> None:
+    from tollwatch.cli import held as cli_held
     from tollwatch.cli import ops as cli_ops
     from tollwatch.cli.automations import automations_app
 
@@ -84,6 +85,8 @@ def _register_operating_commands() -> None:
     app.command("trace")(friendly(cli_ops.trace))
     app.command("audit")(friendly(cli_ops.audit))
     app.command("status")(friendly(cli_ops.status))
+    app.command("publish")(friendly(cli_held.publish))
+    app.command("discard")(friendly(cli_held.discard))
     app.add_typer(automations_app, name="automations")
 
 

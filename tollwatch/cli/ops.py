@@ -14,6 +14,7 @@ from uuid import UUID
 import typer
 
 from tollwatch.cli.common import LOCAL_STACK_FILE, StateDir, configure_logging, fail, use_stack
+from tollwatch.cli.held import held_lines
 from tollwatch.contract.settings import DEFAULT_STATE_DIR, load_settings
 from tollwatch.prefect.observe import PrefectObserver, connect
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from tollwatch.contract.events import TollwatchEvent, Window
     from tollwatch.contract.settings import Settings
     from tollwatch.core.audit import Reconciliation
+    from tollwatch.core.branches import HoldRecord
     from tollwatch.core.table import TableInfo
     from tollwatch.prefect.follow import ChunkOutcome
 
@@ -400,6 +402,7 @@ class _TableState:
     info: TableInfo
     committed_through: int | None
     days: dict[date, int]
+    held: list[HoldRecord]
 
 
 def status(local_stack: LocalStackOption = True, state_dir: StateDir = DEFAULT_STATE_DIR) -> None:
@@ -411,6 +414,7 @@ def status(local_stack: LocalStackOption = True, state_dir: StateDir = DEFAULT_S
     """
     from tollwatch import resources
     from tollwatch.core.audit import table_counts_by_day
+    from tollwatch.core.branches import Branches
 
     configure_logging(False)
     _maybe_stack(local_stack, state_dir)
@@ -425,7 +429,7 @@ def status(local_stack: LocalStackOption = True, state_dir: StateDir = DEFAULT_S
         store = resources.table_store(settings)
         info = store.info()
         days = table_counts_by_day(store)[0] if info.snapshot_id is not None else {}
-        return _TableState(info, store.committed_through(), days)
+        return _TableState(info, store.committed_through(), days, Branches(store).held())
 
     def read_watermark() -> int | None:
         mark = resources.watermark_store(settings).read().value
@@ -466,6 +470,12 @@ def status(local_stack: LocalStackOption = True, state_dir: StateDir = DEFAULT_S
         days = f"; days {min(table.days)} … {max(table.days)}" if table.days else ""
         _line("table", f"{info.identifier} snapshot {info.snapshot_id}, {info.rows:,} rows{lag}{days}")
     _print_lag(table.committed_through, upstream, announced, socrata, settings.upstream_dataset_id)
+    if table.held:
+        _line("held", f"{len(table.held)} load(s) failed their checks and are not published:")
+        for line in held_lines(table.held, now):
+            typer.echo(f"    {line}")
+    else:
+        _line("held", "none (every audited load passed and is published)")
     if table.days:
         _print_gaps(table.days)
 

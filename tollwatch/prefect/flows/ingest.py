@@ -11,7 +11,7 @@ Two ways to call it (both are parameters of one flow, so one deployment serves b
 from __future__ import annotations
 
 import time
-from datetime import date
+from datetime import UTC, date, datetime
 from typing import Any
 
 from prefect import flow, get_run_logger, task
@@ -29,13 +29,19 @@ from tollwatch.contract.events import (
     EventName,
     IngestionCompleted,
     IngestionFailed,
+    IngestionHeld,
+    LoadSettled,
+    QualityOutcome,
     Resource,
     TollwatchEvent,
     Window,
     dataset_resource_id,
 )
+from tollwatch.contract.quality import QualitySummary
 from tollwatch.contract.settings import Settings, load_settings
 from tollwatch.core.audit import Reconciliation, reconcile
+from tollwatch.core.backfill import upstream_counts_by_day
+from tollwatch.core.branches import HoldRecord, Settlement
 from tollwatch.core.ingest import (
     FetchPlan,
     IngestRequest,
@@ -47,8 +53,11 @@ from tollwatch.core.ingest import (
     previous_load,
 )
 from tollwatch.core.landing import LandingManifest
+from tollwatch.core.schema import target_schema
+from tollwatch.core.wap import Audited, audit_branch, write_audit_publish
 from tollwatch.prefect.flows.common import emit_quietly, flow_resources, run_resources
 from tollwatch.prefect.flows.report import ingest_report
+from tollwatch.prefect.quality_report import quality_description, quality_markdown
 from tollwatch.resources import Resources
 
 
@@ -106,10 +115,39 @@ def land(request: IngestRequest, fetch: FetchPlan, res: Resources) -> LandingMan
     )
 
 
-@task(name="load-into-table", cache_policy=NO_CACHE)
-def load(request: IngestRequest, manifest: LandingManifest, res: Resources) -> LoadResult:
-    """Commit the landing; a retry (e.g. after a concurrent commit) re-reads the same landed files."""
-    return load_landing(request, manifest, res.landing, res.table, flow_run_id=flow_run.id)
+@task(name="load-into-branch", cache_policy=NO_CACHE)
+def load(request: IngestRequest, manifest: LandingManifest, res: Resources, branch: str) -> LoadResult:
+    """Commit the landing to the load's audit branch; a retry re-reads the same landed files."""
+    return load_landing(request, manifest, res.landing, res.table, flow_run_id=flow_run.id, branch=branch)
+
+
+@task(name="audit-load", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def audit_load(branch: str, result: LoadResult, manifest: LandingManifest, res: Resources) -> QualitySummary:
+    """The checks on the load's branch: the upstream's count(*) per loaded day, then the table-side checks."""
+    upstream = (
+        upstream_counts_by_day(res.socrata, res.settings.upstream_dataset_id, result.touched)
+        if result.touched is not None
+        else None
+    )
+    quality = audit_branch(
+        res.table, branch, result, res.quality_spec, upstream_by_day=upstream, columns=manifest.columns
+    )
+    logger = get_run_logger()
+    for check in quality.checks:
+        if not check.passed:
+            logger.warning("check %s (%s) failed: %s", check.name, check.severity, check.detail)
+    logger.info("audit of %s: %s", branch, quality.verdict)
+    return quality
+
+
+@task(name="check-held", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def held_or_settled(request: IngestRequest, res: Resources) -> HoldRecord | Settlement | None:
+    """A replay of a held load stays held (it is not loaded or audited again); a discarded one is not reloaded."""
+    held = res.branches.held(request.refresh_id)
+    if held:
+        return held[0]
+    settled = res.branches.settled(request.refresh_id)
+    return settled if settled is not None and settled.action == "discarded" else None
 
 
 @task(name="check-ledger", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
@@ -193,8 +231,9 @@ def ingest(
     start: date | None = None,
     stop: date | None = None,
     request_id: str | None = None,
-) -> IngestionCompleted:
-    """Load one refresh or one window of MTA B&T hourly traffic into the bronze Iceberg table."""
+) -> IngestionCompleted | IngestionHeld | LoadSettled:
+    """Load one refresh or one window of MTA B&T hourly traffic into the bronze Iceberg table: written to an audit
+    branch, checked, and published to `main` and announced only when it passes (else held and alerted)."""
     with flow_resources() as res:
         return _ingest(
             res,
@@ -208,7 +247,7 @@ def ingest(
         )
 
 
-def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted:
+def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted | IngestionHeld | LoadSettled:
     """The flow's steps, with the run's clients."""
     logger = get_run_logger()
     settings = res.settings
@@ -218,8 +257,16 @@ def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted:
     began = time.perf_counter()
     retry = {"retries": settings.task_retries, "retry_delay_seconds": settings.task_retry_delay_s}
     run_page_url = None
+    quality: QualitySummary | None = None
     # On Databricks the table lives in Spark's catalog: the merge job checks the ledger itself.
     previous = committed_load(request, res) if settings.ledger_in_reach else None
+    if previous is None and settings.ledger_in_reach:
+        settled = held_or_settled(request, res)
+        if isinstance(settled, HoldRecord):
+            return _hold(res, request, settled)
+        if settled is not None:
+            logger.warning("refresh %s was %s by %s: nothing to do", request.refresh_id, settled.action, settled.by)
+            return _settlement(settings, settled)
     fetch = plan(request, res) if previous is None else None
     if fetch is not None and fetch.covered:
         logger.info("refresh %s: a later load already committed its publish; nothing to fetch", request.refresh_id)
@@ -233,12 +280,11 @@ def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted:
             from tollwatch.prefect.databricks_runner import merge_on_databricks
 
             result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
-        elif settings.engine == "spark":
-            from tollwatch.prefect.flows.merge_spark import merge_with_spark
-
-            result = merge_with_spark.with_options(**retry)(request, manifest, str(flow_run.id or "local"), res)
         else:
-            result = load.with_options(**retry)(request, manifest, res)
+            audited = _write_audit_publish(res, request, manifest, retry)
+            if not audited.published:
+                return _hold(res, request, _hold_record(request, audited, manifest), audited.quality)
+            result, quality = audited.result, audited.quality
         rows_fetched, landing_uri = manifest.rows, res.landing.uri(manifest.prefix)
     else:
         fetched = time.perf_counter()
@@ -267,19 +313,118 @@ def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted:
         committed_through=result.committed_through,
         upstream_rows=counts.upstream_rows if counts else None,
         table_rows=counts.table_rows if counts else None,
+        quality=outcome(quality),
     )
     create_markdown_artifact(
-        key="ingest-report", markdown=ingest_report(completed, result, counts), description="rows per day and plaza"
+        key="ingest-report",
+        markdown=ingest_report(completed, result, counts, quality),
+        description=quality_description(quality) if quality is not None else "rows per day and plaza",
     )
     announce(TollwatchEvent.of(completed, related=related(settings)), request, res)
     logger.info(
-        "done: %d rows fetched, %d written, %d rejected, snapshot %s",
+        "done: %d rows fetched, %d written, %d rejected, snapshot %s, quality %s",
         completed.rows_fetched,
         completed.rows_written,
         completed.rows_rejected,
         completed.snapshot_id,
+        completed.quality,
     )
     return completed
+
+
+def _write_audit_publish(
+    res: Resources, request: IngestRequest, manifest: LandingManifest, retry: dict[str, Any]
+) -> Audited:
+    """The load through its audit branch with the configured engine (see `tollwatch.core.wap`)."""
+    flow_run_id = str(flow_run.id or "local")
+
+    def write(branch: str) -> LoadResult:
+        res.branches.open(branch, target_schema(manifest.columns))
+        if res.settings.engine == "spark":
+            from tollwatch.prefect.flows.merge_spark import merge_with_spark
+
+            return merge_with_spark.with_options(**retry)(request, manifest, flow_run_id, res, branch)
+        return load.with_options(**retry)(request, manifest, res, branch)
+
+    def check(branch: str, result: LoadResult) -> QualitySummary:
+        return audit_load(branch, result, manifest, res)
+
+    return write_audit_publish(res.branches, request.refresh_id, write, check)
+
+
+def _hold_record(request: IngestRequest, audited: Audited, manifest: LandingManifest) -> HoldRecord:
+    result = audited.result
+    return HoldRecord(
+        refresh_id=request.refresh_id,
+        branch=audited.branch,
+        snapshot_id=audited.result.snapshot_id or 0,
+        mode=request.mode,
+        window=request.window,
+        touched=audited.result.touched,
+        rows_updated_at=request.rows_updated_at,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        landing_prefix=manifest.prefix,
+        rows_fetched=manifest.rows,
+        rows_written=result.rows_written,
+        rows_rejected=result.rows_rejected,
+        committed_through=result.committed_through,
+        held_at=datetime.now(UTC),
+        failing=[c.name for c in audited.quality.failing],
+        quality=audited.quality.brief(),
+    )
+
+
+def _hold(
+    res: Resources, request: IngestRequest, record: HoldRecord, quality: QualitySummary | None = None
+) -> IngestionHeld:
+    """Record the hold (a first hold; a replay finds it recorded), report it, and tell the alert automation."""
+    settings = res.settings
+    if quality is not None:
+        res.branches.hold(record)
+        create_markdown_artifact(
+            key="ingest-report",
+            markdown=quality_markdown(quality, title=f"Ingest {request.mode} {request.window or record.touched or ''}"),
+            description=quality_description(quality),
+        )
+    held = IngestionHeld(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        mode=request.mode,
+        window=record.touched or request.window,
+        refresh_id=request.refresh_id,
+        branch=record.branch,
+        snapshot_id=record.snapshot_id,
+        quality=QualityOutcome.model_validate({**record.quality, "verdict": "held"}),
+        flow_run_id=record.flow_run_id,
+    )
+    res.events.emit([TollwatchEvent.of(held, related=related(settings))])
+    get_run_logger().warning(
+        "refresh %s held on branch %s (failing: %s); main is unchanged, nothing was announced. Settle it with "
+        "`tollwatch publish %s` or `tollwatch discard %s`",
+        request.refresh_id,
+        record.branch,
+        ", ".join(record.failing),
+        request.refresh_id,
+        request.refresh_id,
+    )
+    return held
+
+
+def _settlement(settings: Settings, settled: Settlement) -> LoadSettled:
+    return LoadSettled(
+        table=settings.table,
+        catalog=settings.catalog_name,
+        refresh_id=settled.refresh_id,
+        action=settled.action,
+        by=settled.by,
+        reason=settled.reason,
+        snapshot_id=settled.snapshot_id,
+    )
+
+
+def outcome(quality: QualitySummary | None) -> QualityOutcome | None:
+    """The audit as the completion event carries it (None for a replay: its audit was announced before)."""
+    return QualityOutcome.model_validate(quality.brief()) if quality is not None else None
 
 
 def _touched(result: LoadResult) -> Window | None:

@@ -25,8 +25,11 @@ def spark_conf(settings: Settings) -> dict[str, str]:
 
 
 @task(name="merge-with-spark", cache_policy=NO_CACHE)
-def merge_with_spark(request: IngestRequest, manifest: LandingManifest, flow_run_id: str, res: Resources) -> LoadResult:
-    """Run the Spark merge of this landing and wait for it; a failed job fails the task with its last lines."""
+def merge_with_spark(
+    request: IngestRequest, manifest: LandingManifest, flow_run_id: str, res: Resources, branch: str | None = None
+) -> LoadResult:
+    """Run the Spark merge of this landing (into the load's audit `branch`, which the flow cut) and wait for it; a
+    failed job fails the task with its last lines."""
     settings = res.settings
     logger = get_run_logger()
     _ = res.table  # the catalog database exists, in WAL mode, before the driver opens it
@@ -34,6 +37,8 @@ def merge_with_spark(request: IngestRequest, manifest: LandingManifest, flow_run
     window = request.window
     argv = ["--landing", landing_uri, "--table", f"{settings.catalog_name}.{settings.table}"]
     argv += ["--mode", request.mode, "--refresh-id", request.refresh_id, "--flow-run-id", flow_run_id]
+    if branch:
+        argv += ["--branch", branch]
     if window:
         argv += ["--start", window.start.isoformat(), "--stop", window.stop.isoformat()]
     command = sparksubmit.submit_command(

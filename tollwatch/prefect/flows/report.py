@@ -6,8 +6,10 @@ from collections import defaultdict
 from datetime import date
 
 from tollwatch.contract.events import IngestionCompleted
+from tollwatch.contract.quality import QualitySummary
 from tollwatch.core.audit import Reconciliation
 from tollwatch.core.ingest import LoadResult
+from tollwatch.prefect.quality_report import quality_markdown
 
 #: Beyond this many days the per-day table would drown the page: show months instead.
 MAX_DAY_ROWS = 62
@@ -17,10 +19,17 @@ MAX_DAY_ROWS = 62
 MAX_DIFFERING_DAYS = 31
 
 
-def ingest_report(completed: IngestionCompleted, result: LoadResult, counts: Reconciliation | None = None) -> str:
-    """Summary, the reconciliation with the upstream, rejects by reason, and rows per day (or month) and plaza."""
-    lines = [
-        f"# Ingest {completed.mode} {completed.window or ''}",
+def ingest_report(
+    completed: IngestionCompleted,
+    result: LoadResult,
+    counts: Reconciliation | None = None,
+    quality: QualitySummary | None = None,
+) -> str:
+    """The audit's verdict and picture first (when the load was audited), then the summary, the reconciliation with
+    the upstream, rejects by reason, and rows per day (or month) and plaza."""
+    title = f"Ingest {completed.mode} {completed.window or ''}"
+    lines = [quality_markdown(quality, title=title), "", "## The load"] if quality is not None else [f"# {title}"]
+    lines += [
         "",
         "| refresh id | snapshot | fetched | written | rejected | replay |",
         "|---|---|---|---|---|---|",
