@@ -35,7 +35,13 @@ def local_table_store(directory: Path, identifier: str = "bronze.bnt_traffic_hou
 
 
 def commit_raw_rows(
-    store: IcebergTableStore, window: Window, rows: list[dict[str, str]], *, refresh_id: str, through: int
+    store: IcebergTableStore,
+    window: Window,
+    rows: list[dict[str, str]],
+    *,
+    refresh_id: str,
+    through: int,
+    branch: str = contract.MAIN,
 ) -> int:
     """Load upstream rows (Socrata's all-string form) as a window load would: typed, one commit; its snapshot id."""
     schema = target_schema({key for row in rows for key in row})
@@ -43,4 +49,4 @@ def commit_raw_rows(
     months = sorted({day.strftime("%Y-%m") for day in good["date"].to_pylist()})
     by_month = [(m, good.filter(pc.equal(pc.strftime(good["date"], format="%Y-%m"), m))) for m in months]
     properties = contract.load_properties(refresh_id, "window", (window.start, window.stop), None)
-    return store.commit_window(window, by_month, schema, properties, fetched_through=through)
+    return store.commit_window(window, by_month, schema, properties, fetched_through=through, branch=branch)
