@@ -3,7 +3,8 @@
 Real Spark with the real Iceberg runtime (the jars `make jars` fetches), Iceberg's JDBC catalog on the very SQLite
 catalog database pyiceberg's SQL catalog uses, landings fetched from the mirror into Azurite by the flow's own
 `fetch_and_land` (the Spark writer reads them from Azurite, as `TOLLWATCH_ENGINE=spark` does), and DuckDB as a third,
-independent reader of the final table.
+independent reader of the final table. Write-audit-publish on Spark: a merge with `--branch` into a load's audit branch
+(cut and published by `tollwatch.core.branches`) is seen by no reader of `main` until it is published.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ import json
 import os
 import sys
 import uuid
+from collections import Counter
 from collections.abc import Iterator
-from datetime import date
+from datetime import date, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -31,9 +33,13 @@ from tollwatch.adapters.spark_submit import catalog_conf, find_jars
 from tollwatch.contract import table as contract
 from tollwatch.contract.events import Window
 from tollwatch.contract.settings import load_settings
+from tollwatch.core.branches import Branches, NotFastForward
 from tollwatch.core.ingest import IngestRequest, LoadResult, fetch_and_land, load_landing, plan_fetch
 from tollwatch.core.landing import LandingManifest
+from tollwatch.core.schema import target_schema
+from tollwatch.core.table import head, lineage
 from tollwatch.spark import merge as spark_merge
+from tollwatch.spark.iceberg import Committed, IcebergTable
 from tollwatch_dev.mirror import MirrorServer
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
@@ -156,11 +162,18 @@ class Engines:
         return load_landing(request, manifest, self.landing, self.store, flow_run_id=flow_run_id)
 
     def with_spark(
-        self, request: IngestRequest, manifest: LandingManifest, flow_run_id: str = "flow-run-1"
+        self,
+        request: IngestRequest,
+        manifest: LandingManifest,
+        flow_run_id: str = "flow-run-1",
+        branch: str | None = None,
     ) -> dict[str, Any]:
-        """The Spark writer on the landing where the flow put it (Azurite, read over HTTP by the driver)."""
+        """The Spark writer on the landing where the flow put it (Azurite, read over HTTP by the driver); into the
+        load's audit `branch` when given (the flow's `--branch`)."""
         argv = ["--landing", self.landing.uri(manifest.prefix), "--table", self.spark_table]
         argv += ["--mode", request.mode, "--refresh-id", request.refresh_id, "--flow-run-id", flow_run_id]
+        if branch is not None:
+            argv += ["--branch", branch]
         if request.window:
             argv += ["--start", request.window.start.isoformat(), "--stop", request.window.stop.isoformat()]
         return spark_merge.main(argv, spark=self.spark)
@@ -193,6 +206,26 @@ class Engines:
         ledger = [{k: v for k, v in summary.items() if k.startswith("tollwatch.")} for summary in summaries]
         return [entry for entry in ledger if entry]
 
+    def spark_days(self, branch: str | None = None) -> dict[date, int]:
+        """Rows per day as Spark reads `main` (the table) or a branch (Iceberg's `branch` read option)."""
+        reader = self.spark.read if branch is None else self.spark.read.option("branch", branch)
+        return {r["date"]: r["count"] for r in reader.table(self.spark_table).groupBy("date").count().collect()}
+
+    def iceberg_days(self, ref: str = contract.MAIN) -> dict[date, int]:
+        """Rows per day as pyiceberg reads `main` (a plain scan: the current snapshot) or a branch's head."""
+        table = self.store.table()
+        if ref == contract.MAIN:
+            scan = table.scan(selected_fields=("date",))
+        else:
+            at = head(table, ref)
+            assert at is not None, f"no branch {ref}"
+            scan = table.scan(selected_fields=("date",), snapshot_id=at.snapshot_id)
+        return dict(Counter(scan.to_arrow()["date"].to_pylist()))
+
+    def spark_ledger(self, branch: str = contract.MAIN) -> IcebergTable:
+        """The Spark merge's view of the table (its ledger) through `branch`."""
+        return IcebergTable(self.spark, self.spark_table, branch)
+
     def duckdb_totals(self) -> duckdb_iceberg.Totals:
         with duckdb_iceberg.connect() as conn:
             return duckdb_iceberg.totals(conn, self.store.table().metadata_location)
@@ -207,6 +240,11 @@ def _plain(column: pa.ChunkedArray) -> list[Any]:
     if pa.types.is_timestamp(column.type):
         return column.cast(pa.int64()).to_pylist()
     return column.to_pylist()
+
+
+def days(start: date, stop: date) -> dict[date, int]:
+    """Rows per day of the mirror's full days [start, stop)."""
+    return {start + timedelta(days=n): ROWS_PER_DAY for n in range((stop - start).days)}
 
 
 def counts(local: LoadResult) -> dict[str, Any]:
@@ -469,6 +507,140 @@ def test_concurrent_commits_from_both_engines_resolve(engines: Engines, monkeypa
     assert {r[1] for r in rows} == {date(2024, 1, d) for d in range(1, 17)}
     loads = [e[contract.REFRESH_ID] for e in engines.ledger() if contract.REFRESH_ID in e]
     assert loads == ["b", "a", "d", "c"]
+
+
+# ---------------------------------------------------------------------------------------------- write-audit-publish
+
+
+def test_a_spark_load_on_its_audit_branch_is_invisible_on_main_until_published(engines: Engines):
+    """As the flow runs it: the load's branch cut by `Branches.open`, the Spark merge with `--branch`, then
+    `Branches.publish`. Before the publish, Spark, pyiceberg and DuckDB readers of `main` see none of the load (only
+    a reader of the branch does); after it, all three see it, the branch is gone and Spark's ledger of `main` has
+    the load (a replay on `main` is a no-op)."""
+    published = window_request(date(2024, 1, 1), date(2024, 1, 4), "wap-published")
+    engines.local(published, engines.land(published))
+    request = window_request(date(2024, 1, 4), date(2024, 1, 6), "wap-spark")
+    manifest = engines.land(request)
+    branch = contract.audit_branch(request.refresh_id)
+    branches = Branches(engines.store)
+    main_before = engines.store.committed(published.refresh_id)
+    cut = branches.open(branch, target_schema(manifest.columns))
+
+    printed = engines.with_spark(request, manifest, branch=branch)
+
+    on_main, loaded = days(date(2024, 1, 1), date(2024, 1, 4)), days(date(2024, 1, 1), date(2024, 1, 6))
+    assert cut == main_before
+    assert (printed["already_committed"], printed["rows_written"]) == (False, 2 * ROWS_PER_DAY)
+    assert printed["snapshot_id"] == branches.head(branch) != cut
+    assert engines.store.table().current_snapshot().snapshot_id == main_before
+    assert engines.spark_days() == on_main
+    assert engines.spark_days(branch) == loaded
+    assert engines.spark.read.table(f"{engines.spark_table}.branch_{branch}").count() == sum(loaded.values())
+    assert engines.iceberg_days() == on_main
+    assert engines.iceberg_days(branch) == loaded
+    assert engines.duckdb_totals().rows_per_day == on_main
+    assert engines.store.committed(request.refresh_id) is None
+    assert engines.spark_ledger().committed(request.refresh_id) is None
+    on_branch = Committed(printed["snapshot_id"], (date(2024, 1, 4), date(2024, 1, 6)))
+    assert engines.spark_ledger(branch).committed(request.refresh_id) == on_branch
+
+    snapshot = branches.publish(branch, request.refresh_id)
+
+    assert snapshot == printed["snapshot_id"]
+    assert engines.spark_days() == loaded
+    assert engines.iceberg_days() == loaded
+    assert engines.duckdb_totals().rows_per_day == loaded
+    assert engines.spark_rows(engines.columns()) == engines.assert_one_row_per_key()
+    assert branches.head(branch) is None
+    assert set(engines.store.table().metadata.refs) == {contract.MAIN}
+    assert {r["name"] for r in engines.spark.read.table(f"{engines.spark_table}.refs").collect()} == {contract.MAIN}
+    assert engines.spark_ledger().committed(request.refresh_id) == Committed(snapshot, on_branch.touched)
+    assert engines.store.committed(request.refresh_id) == snapshot
+    replay = engines.with_spark(request, manifest)
+    assert (replay["already_committed"], replay["snapshot_id"]) == (True, snapshot)
+
+
+def test_a_spark_replay_on_a_dropped_and_recut_branch_loads_again(engines: Engines):
+    """A re-run on the load's existing branch (a crashed run's) keeps what is there; once the branch was dropped
+    (a discard, or a rebuild after main moved) its snapshots are in no lineage, so the same refresh on the branch cut
+    again is not "already committed": the merge writes its rows again, on the new cut."""
+    request = window_request(date(2024, 1, 1), date(2024, 1, 3), "wap-recut")
+    manifest = engines.land(request)
+    branch = contract.audit_branch(request.refresh_id)
+    branches = Branches(engines.store)
+    schema = target_schema(manifest.columns)
+    base = branches.open(branch, schema)  # a new table: created by pyiceberg, with an empty snapshot to cut from
+    first = engines.with_spark(request, manifest, branch=branch)
+    snapshots = len(engines.store.table().snapshots())
+    rerun = engines.with_spark(request, manifest, branch=branch)
+    assert (rerun["already_committed"], rerun["rows_written"]) == (False, 0)
+    assert rerun["snapshot_id"] == first["snapshot_id"]
+    assert len(engines.store.table().snapshots()) == snapshots
+    branches.drop(branch)
+    assert engines.spark_ledger(branch).committed(request.refresh_id) is None
+    recut = branches.open(branch, schema)
+
+    again = engines.with_spark(request, manifest, branch=branch)
+
+    loaded = days(date(2024, 1, 1), date(2024, 1, 3))
+    assert first["rows_written"] == 2 * ROWS_PER_DAY
+    assert recut == base  # main never moved
+    assert (again["already_committed"], again["rows_written"]) == (False, 2 * ROWS_PER_DAY)
+    assert again["snapshot_id"] not in (None, first["snapshot_id"])
+    assert branches.head(branch) == again["snapshot_id"]
+    table = engines.store.table()
+    assert table.snapshot_by_id(again["snapshot_id"]).parent_snapshot_id == base
+    assert table.snapshot_by_id(first["snapshot_id"]) is not None  # kept until it expires, in no lineage
+    assert first["snapshot_id"] not in {s.snapshot_id for s in lineage(table, branch)}
+    assert engines.iceberg_days(branch) == engines.spark_days(branch) == loaded
+    assert engines.iceberg_days() == engines.spark_days() == {}
+    assert branches.publish(branch, request.refresh_id) == again["snapshot_id"]
+    assert engines.spark_days() == engines.iceberg_days() == loaded
+    assert len(engines.assert_one_row_per_key()) == 2 * ROWS_PER_DAY
+
+
+def test_a_spark_load_on_a_branch_cut_before_main_moved_is_not_fast_forwarded(engines: Engines):
+    """Another load publishes while the Spark merge writes its branch: the merge builds on its branch's base only
+    (not on the moved `main`), `publish` refuses (`NotFastForward`) and leaves `main` as it was; dropped, cut again
+    and merged again (as `write_audit_publish` rebuilds), the load publishes and both loads are on `main`."""
+    base = window_request(date(2024, 1, 1), date(2024, 1, 3), "wap-base")
+    engines.local(base, engines.land(base))
+    a = window_request(date(2024, 1, 3), date(2024, 1, 5), "wap-a")
+    b = window_request(date(2024, 1, 5), date(2024, 1, 7), "wap-b")
+    landing_a, landing_b = engines.land(a), engines.land(b)
+    branches = Branches(engines.store)
+    branch_a, branch_b = contract.audit_branch(a.refresh_id), contract.audit_branch(b.refresh_id)
+    schema = target_schema(landing_a.columns)
+    cut_a = branches.open(branch_a, schema)
+    branches.open(branch_b, schema)
+    load_landing(b, landing_b, engines.landing, engines.store, flow_run_id="flow-run-b", branch=branch_b)
+    moved = branches.publish(branch_b, b.refresh_id)
+
+    printed = engines.with_spark(a, landing_a, branch=branch_a)
+
+    table = engines.store.table()
+    assert table.snapshot_by_id(printed["snapshot_id"]).parent_snapshot_id == cut_a
+    with_a = days(date(2024, 1, 1), date(2024, 1, 5))
+    assert engines.iceberg_days(branch_a) == engines.spark_days(branch_a) == with_a
+    with pytest.raises(NotFastForward):
+        branches.publish(branch_a, a.refresh_id)
+    with_b = days(date(2024, 1, 1), date(2024, 1, 3)) | days(date(2024, 1, 5), date(2024, 1, 7))
+    assert engines.store.table().current_snapshot().snapshot_id == moved
+    assert engines.iceberg_days() == engines.spark_days() == with_b
+    assert engines.duckdb_totals().rows_per_day == with_b
+    assert branches.head(branch_a) == printed["snapshot_id"]
+
+    branches.drop(branch_a)
+    assert branches.open(branch_a, schema) == moved
+    again = engines.with_spark(a, landing_a, branch=branch_a)
+    assert again["rows_written"] == 2 * ROWS_PER_DAY
+    assert branches.publish(branch_a, a.refresh_id) == again["snapshot_id"]
+    everything = days(date(2024, 1, 1), date(2024, 1, 7))
+    assert engines.iceberg_days() == engines.spark_days() == everything
+    assert engines.duckdb_totals().rows_per_day == everything
+    loads = [e[contract.REFRESH_ID] for e in engines.ledger() if contract.REFRESH_ID in e]
+    assert loads[-1] == "wap-a"
+    assert engines.spark_ledger().committed("wap-b") is not None
 
 
 # ---------------------------------------------------------------------------------------------- the entry point's edges
