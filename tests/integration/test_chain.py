@@ -259,3 +259,57 @@ def test_trace_and_status_commands_print_the_chain_and_the_pipeline_state(chain)
     unknown = CliRunner().invoke(_cli(), ["trace", "not-a-uuid", "--no-local-stack"])
     assert unknown.exit_code == 1
     assert "is not an event or flow run id" in unknown.output
+
+
+def test_a_held_publish_alerts_runs_nothing_downstream_until_an_operator_publishes_it(chain):
+    """Write-audit-publish through the deployed chain: a publish with a missing hour is held (alert, no completion,
+    no downstream run); `tollwatch publish` moves main and the subscribers run once, and only once."""
+    from tollwatch_dev.demo import publish_week, watch_once
+    from tollwatch_dev.synthetic import ROWS_PER_DAY, slot_of
+
+    state = httpx.get(f"{chain.mirror_url}/admin/state", timeout=10).json()
+    first_new_day = (date.fromisoformat(state["published_through"]) - date.fromisoformat(state["history_start"])).days
+    seq = (first_new_day + 2) * ROWS_PER_DAY + slot_of(4, 5, "O")  # the new week's third day, plaza 4, 05:00 O
+    corrupt = {"corrupt": [{"seq": seq, "field": "hour", "value": None}]}
+    httpx.post(f"{chain.mirror_url}/admin/faults", json=corrupt, timeout=10).raise_for_status()
+    publish_week(chain.mirror_url)
+    watch_once()
+
+    with connect() as obs:
+        held = _wait(lambda: obs.events(names=[EventName.INGESTION_HELD]), 240, "ingestion.held event")[-1]
+    refresh_id = held.payload["refresh_id"]
+    assert held.payload["quality"]["failing"] == ["completeness"]
+    alerts = _wait(lambda: [a for a in _inbox(chain, "/alerts") if refresh_id in a["body"]], message="held alert")
+    assert "completeness" in alerts[0]["body"]
+    time.sleep(3)  # a wrong completion would have been emitted by now
+    with connect() as obs:
+        completions = obs.events(names=[EventName.INGESTION_COMPLETED], newest_first=True, limit=50)
+        assert not [e for e in completions if e.payload.get("refresh_id") == refresh_id]
+
+    published = CliRunner().invoke(
+        _cli(), ["publish", refresh_id, "--reason", "plaza 4 counter outage", "--by", "ops", "--no-local-stack"]
+    )
+    assert published.exit_code == 0, published.output
+
+    with connect() as obs:
+
+        def completion():
+            found = obs.events(names=[EventName.INGESTION_COMPLETED], newest_first=True, limit=50)
+            return [e for e in found if e.payload.get("refresh_id") == refresh_id]
+
+        event = _wait(completion, message="the override's completion event")[0]
+        assert event.payload["quality"]["verdict"] == "overridden"
+
+        def job_runs():
+            return [run for a in obs.actions_on([event.id]) for run in a.flow_run_ids]
+
+        _wait(job_runs, message="the downstream job run")
+        again = CliRunner().invoke(_cli(), ["publish", refresh_id, "--reason", "again", "--no-local-stack"])
+        assert again.exit_code == 0, again.output
+        time.sleep(5)  # a second run would have started by now
+        runs = job_runs()
+        assert len(runs) == 1, runs
+        finished = _wait(
+            lambda: [r for r in obs.flow_runs(runs).values() if r.state and r.state.is_final()], message="job done"
+        )
+        assert finished[0].state.type.value == "COMPLETED"

@@ -24,7 +24,9 @@ from tollwatch.contract.events import EventName, TollwatchEvent, deterministic_i
 from tollwatch.prefect.internals import SLOT_LOST_MESSAGE
 from tollwatch.prefect.observe import PrefectObserver
 
-TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED"})
+#: A run that completed but whose load failed its audit (write-audit-publish): not on `main`, not announced.
+HELD = "HELD"
+TERMINAL = frozenset({"COMPLETED", "FAILED", "CRASHED", "CANCELLED", HELD})
 #: States of a chunk that never got (or lost) its run.
 NO_RUN = "NO RUN"
 #: The automation tried to create the run and the server refused (e.g. 503 from a busy SQLite server).
@@ -80,7 +82,9 @@ def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> l
             start_failures[action.triggering_event_id] = action.reason or "the automation action failed"
     all_runs = [run_id for run_ids in runs_by_event.values() for run_id in run_ids]
     runs = observer.flow_runs(all_runs)
-    completions = observer.emitted_by(all_runs, [EventName.INGESTION_COMPLETED, EventName.INGESTION_FAILED])
+    completions = observer.emitted_by(
+        all_runs, [EventName.INGESTION_COMPLETED, EventName.INGESTION_FAILED, EventName.INGESTION_HELD]
+    )
     outcomes = []
     for event in events:
         start, stop = event.payload["start"], event.payload["stop"]
@@ -94,6 +98,10 @@ def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> l
         state = run.state.type.value if run.state else "UNKNOWN"
         completion = completions.get(run.id)
         payload = completion.payload if completion is not None else {}
+        message = (run.state.message or "") if run.state and state != "COMPLETED" else ""
+        if completion is not None and completion.event == EventName.INGESTION_HELD:
+            failing = ", ".join(payload.get("quality", {}).get("failing", []))
+            state, message = HELD, f"{failing} failed; `tollwatch publish|discard {payload.get('refresh_id')}`"
         outcomes.append(
             base.model_copy(
                 update={
@@ -103,7 +111,7 @@ def chunk_outcomes(observer: PrefectObserver, events: list[TollwatchEvent]) -> l
                     "rows_written": payload.get("rows_written"),
                     "already_committed": bool(payload.get("already_committed", False)),
                     "duration_s": run.total_run_time.total_seconds() if state in TERMINAL else None,
-                    "message": (run.state.message or "") if run.state and state != "COMPLETED" else "",
+                    "message": message,
                     "duplicate_runs": len(set(run_ids)) - 1,
                 }
             )

@@ -22,6 +22,7 @@ ANNOUNCED = tuple(
     for name in (
         EventName.INGESTION_COMPLETED,
         EventName.INGESTION_FAILED,
+        EventName.INGESTION_HELD,
         EventName.JOB_COMPLETED,
         EventName.JOB_FAILED,
     )
