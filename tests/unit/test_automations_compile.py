@@ -168,3 +168,19 @@ def test_plan_ignores_set_order_and_server_ids():
     [update] = plan([declared], [changed]).changes
     assert update.kind == "update"
     assert "-description: edited in the UI" in update.diff.splitlines()
+
+
+def test_a_subscription_can_require_a_passed_audit_and_a_typo_in_the_verdict_is_refused():
+    """`when: {quality: passed}` compiles to the completion event's `tollwatch.quality` label; an unknown verdict is
+    an error at load time, not a subscription that never fires."""
+    from pydantic import ValidationError
+
+    from tollwatch.contract.events import INGESTION_LABELS
+    from tollwatch.prefect.automations.compile import subscription_trigger
+    from tollwatch.prefect.automations.models import Subscription
+
+    action = {"type": "run-local-job", "job": "daily_totals"}
+    strict = Subscription(name="only-audited", when={"quality": ["passed", "warned"]}, action=action)
+    assert subscription_trigger(strict)["match"][INGESTION_LABELS["quality"]] == ["passed", "warned"]
+    with pytest.raises(ValidationError, match="quality"):
+        Subscription(name="typo", when={"quality": "pased"}, action=action)

@@ -153,3 +153,30 @@ def test_the_lost_slot_message_is_the_one_prefects_server_writes():
     assert spec is not None
     assert spec.origin is not None
     assert SLOT_LOST in Path(spec.origin).read_text()
+
+
+def test_a_chunk_whose_load_was_held_by_its_audit_is_done_held_and_not_a_success():
+    from types import SimpleNamespace
+
+    from tollwatch.contract.events import EventName
+    from tollwatch.prefect.follow import HELD
+
+    event = _chunk_event()
+    run = _run(StateType.COMPLETED)
+    held = SimpleNamespace(
+        event=EventName.INGESTION_HELD.value,
+        payload={"refresh_id": "r-1", "quality": {"failing": ["completeness", "volume"]}},
+    )
+
+    class HeldObserver(RecordedObserver):
+        def emitted_by(self, flow_run_ids, names):
+            assert EventName.INGESTION_HELD in names
+            return {run.id: held}
+
+    [outcome] = chunk_outcomes(HeldObserver([_action(event.id, run.id)], {run.id: run}), [event])
+
+    assert outcome.state == HELD
+    assert outcome.done
+    assert not outcome.succeeded
+    assert "completeness, volume failed" in outcome.message
+    assert "tollwatch publish|discard r-1" in outcome.message
