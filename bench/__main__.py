@@ -89,6 +89,15 @@ def _write(path: Path, figures: list[Figure], extra: dict[str, object], about: d
     path.write_text(json.dumps(payload | {"extra": extra}, indent=2, default=str) + "\n")
 
 
+def _audit(quick: bool, extra: dict[str, object]) -> list[Figure]:
+    """The cost of auditing a one-year load (write-audit-publish) on a stack of its own (Azurite + the mirror)."""
+    from bench import audit
+
+    found, measured = audit.run(quick)
+    extra["audit"] = measured
+    return found
+
+
 def _spark_merge() -> list[Figure]:
     from bench.spark import figure_spark_merge
 
@@ -100,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run in a few minutes")
     parser.add_argument(
         "--only",
-        default="1,2,3,4,5,6,7",
+        default="1,2,3,4,5,6,7,8",
         help="comma-separated figure numbers (5 also measures 3's BASELINE and FLOOR)",
     )
     args = parser.parse_args(argv)
@@ -126,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         ("5", lambda: _throughput(history, quick, extra.get("full_history", {}).get("rows_per_s"))),  # type: ignore[union-attr]
         ("6", lambda: latency.figure_burst(events=50 if quick else 1000)),
         ("7", _spark_merge),
+        ("8", lambda: _audit(quick, extra)),
     ]
     began = time.monotonic()
     failed: list[str] = []
