@@ -52,6 +52,7 @@ MERGE_FLAGS = {
     "stop": "--stop",
     "refresh_id": "--refresh-id",
     "flow_run_id": "--flow-run-id",
+    "audit": "--audit",
 }
 #: Daily-totals job parameters: the names `tollwatch/prefect/flows/run_job.py` sends with run-now for a completion
 #: event. Those that the entry point reads map to its flag; the others are defined so that run-now accepts them.
@@ -116,7 +117,8 @@ def parameters(defaults: dict[str, str]) -> list[JobParameterDefinition]:
 
 def merge_job(bundle: Bundle) -> Job:
     table = f"{catalog(bundle)}.{Settings.model_fields['table'].default}"
-    defaults = {name: "" for name in MERGE_FLAGS} | {"table": table}
+    # write-audit-publish on the cluster unless a run says `audit=no`
+    defaults = {name: "" for name in MERGE_FLAGS} | {"table": table, "audit": "yes"}
     return Job(
         name="tollwatch merge",
         description="Merge one tollwatch landing into the bronze Iceberg table (started by the ingest flow).",

@@ -546,3 +546,45 @@ def test_run_now_of_the_bundles_merge_job_twice_with_one_token_starts_one_spark_
     assert table is not None
     assert table.current_snapshot().snapshot_id == printed.snapshot_id
     assert table_rows() == 2 * ROWS_PER_DAY
+
+
+@pytest.mark.stack
+@pytest.mark.spark
+def test_on_databricks_the_audit_runs_on_the_cluster_holds_a_bad_load_and_publishes_a_good_one(
+    on_databricks: DatabricksJobsDouble, mirror
+):
+    """Where the flow cannot read the table, `tollwatch-merge --audit` branches, judges and publishes on the cluster
+    with the same checks; the flow announces what it decided (held: no completion; passed: the quality summary)."""
+    from tollwatch.contract.events import IngestionCompleted, IngestionHeld
+    from tollwatch.prefect.flows.ingest import ingest
+
+    mirror.dataset.corrupt(mirror.dataset.seq_of(date(2024, 1, 2), 4, 5, "O"), "hour", None)
+
+    held = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 4), request_id="double-held")
+
+    assert isinstance(held, IngestionHeld), held
+    assert held.quality.failing == ["completeness"]
+    store = resources.table_store(load_settings())
+    table = store.table()
+    assert table.scan().to_arrow().num_rows == 0  # main: only the empty base the branch was cut from
+    assert held.branch == contract.audit_branch(held.refresh_id)
+    assert held.branch in table.metadata.refs
+    assert contract.HELD_PREFIX + held.refresh_id in table.properties  # the record the CLI lists
+    argv = on_databricks.calls_to("POST", "runs/submit")[0].body["tasks"][0]["python_wheel_task"]["parameters"]
+    assert "--audit" in argv
+
+    replay = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 4), request_id="double-held")
+    assert isinstance(replay, IngestionHeld)
+    assert replay.snapshot_id == held.snapshot_id  # judged once: the replay found the hold on record
+
+    done = ingest(start=date(2024, 1, 4), stop=date(2024, 1, 6), request_id="double-clean")
+
+    assert isinstance(done, IngestionCompleted), done
+    assert done.quality is not None
+    assert done.quality.verdict == "passed"
+    checks = {c["name"]: c for c in done.quality.checks}
+    assert checks["reconciliation"]["evaluated"] is True  # the upstream's counts the flow left in the landing
+    table = store.table()
+    assert table.scan().to_arrow().num_rows == 2 * ROWS_PER_DAY
+    assert done.snapshot_id == table.current_snapshot().snapshot_id
+    assert set(table.metadata.refs) == {contract.MAIN, held.branch}  # the published branch went, the held one stays

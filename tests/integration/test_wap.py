@@ -172,8 +172,10 @@ def test_a_held_refresh_replays_held_and_a_corrected_republish_passes(env, mirro
 
     # the superseded hold stays listed until an operator settles it
     code, status = _cli("status")
+    print(status)  # how a held load looks to an operator (pytest -s shows it)
     assert held.refresh_id in status, status
     assert "completeness failed" in status, status
+    assert "superseded" in status, status  # the corrected republish covered it: main is committed past it
     code, out = _cli("discard", held.refresh_id, "--reason", "superseded by the corrected republish", "--by", "ops")
     assert code == 0, out
     again_code, again = _cli("discard", held.refresh_id, "--reason", "twice", "--by", "someone-else")

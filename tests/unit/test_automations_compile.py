@@ -65,7 +65,11 @@ def test_a_repair_file_compiles_to_a_proactive_trigger_pairing_announcement_and_
     trigger = repair.trigger
     assert isinstance(trigger, EventTrigger)
     assert trigger.posture == Posture.Proactive
-    assert (trigger.after, trigger.expect) == ({announcement}, {"tollwatch.ingestion.completed"})
+    # a held load ended too (a person settles it): it closes the watch like a completion
+    assert (trigger.after, trigger.expect) == (
+        {announcement},
+        {"tollwatch.ingestion.completed", "tollwatch.ingestion.held"},
+    )
     assert trigger.for_each == {REFRESH_ID_LABEL}  # the label both the announcement and the completion carry
     assert trigger.match.root == {"prefect.resource.id": ["socrata.*", "iceberg.*"]}  # type: ignore[union-attr]
     assert (trigger.threshold, trigger.within) == (1, timedelta(seconds=default_s))

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BUNDLE_YML = ROOT / "databricks.yml"
 RESOURCE_FILES = sorted((ROOT / "resources").glob("*.py"))
 ENTRY_POINTS = {"tollwatch_merge": "tollwatch-merge", "tollwatch_daily_totals": "tollwatch-daily-totals"}
-MERGE_PARAMETERS = {"landing", "table", "mode", "start", "stop", "refresh_id", "flow_run_id"}
+MERGE_PARAMETERS = {"landing", "table", "mode", "start", "stop", "refresh_id", "flow_run_id", "audit"}
 PARAMETER_REF = re.compile(r"\{\{job\.parameters\.([\w.-]+)\}\}")
 VARIABLE_REF = re.compile(r"\$\{var\.(\w+)\}")
 

@@ -73,3 +73,20 @@ def test_the_spark_entry_points_import_nothing_a_databricks_runtime_lacks():
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
     assert done.stdout.splitlines() == ["[]", "[]"]
+
+
+def test_the_audit_on_the_cluster_needs_only_pyarrow_and_pydantic_beside_pyspark():
+    """`tollwatch-merge --audit` (Databricks) runs the checks on the driver: pyarrow (in every Databricks runtime)
+    and pydantic (a dependency the wheel installs), and nothing else of the flows' stack."""
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys, tollwatch.spark.audit, tollwatch.contract.quality\n"
+        "heavy = {'prefect', 'pyiceberg', 'pyarrow', 'pydantic', 'azure', 'httpx', 'pandas', 'tenacity'}\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & heavy))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('tollwatch.') and not m.startswith(('tollwatch.spark', "
+        "'tollwatch.contract', 'tollwatch.core.quality'))))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert done.stdout.splitlines() == ["['pyarrow', 'pydantic']", "['tollwatch.core']"]

@@ -40,6 +40,13 @@ ALLOWED: dict[str, frozenset[str]] = {
         }
     ),
 }
+#: The load checks are pure (the contract and pyarrow): the Spark side audits a Databricks load with them on the
+#: cluster, so they are a package of their own that both the core and the Spark side may import.
+CHECKS = "tollwatch.core.quality"
+ALLOWED = {key: allowed | {CHECKS} if "tollwatch.core" in allowed else allowed for key, allowed in ALLOWED.items()}
+ALLOWED[CHECKS] = frozenset({"tollwatch.contract"})
+ALLOWED["tollwatch.core"] |= {CHECKS}
+ALLOWED["tollwatch.spark"] |= {CHECKS}
 #: Never imported by any product module.
 DEV_ONLY = ("tollwatch_dev", "tests", "bench")
 FIRST_PARTY = ("tollwatch", "functions", "function_app", *DEV_ONLY)

@@ -40,3 +40,18 @@ def test_the_branch_names_the_write_target():
     """Writes go to Iceberg's Spark identifier of the branch; `main` writes the table itself."""
     assert IcebergTable(None, "c.bronze.t", "audit_x").target == "c.bronze.t.branch_audit_x"  # type: ignore[arg-type]
     assert IcebergTable(None, "c.bronze.t").target == "c.bronze.t"  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("argv", "audit"),
+    [([], False), (["--audit"], True), (["--audit=yes"], True), (["--audit=no"], False), (["--audit="], False)],
+)
+def test_audit_is_a_switch_a_job_parameter_can_also_set(argv, audit):
+    """The flow passes `--audit`; the bundle's merge job passes `--audit=yes` (its parameter), `--audit=` when a run
+    empties it."""
+    assert spark_merge.parse_args([*BASE, *argv]).audit is audit
+
+
+def test_audit_picks_its_own_branch():
+    with pytest.raises(SystemExit):
+        spark_merge.parse_args([*BASE, "--audit", "--branch", "audit_x"])

@@ -14,8 +14,8 @@ from tests.support.fakes import day_rows
 from tests.support.tables import commit_raw_rows, local_table_store
 from tollwatch.contract import table as contract
 from tollwatch.contract.events import Window
-from tollwatch.contract.quality import QualitySummary
-from tollwatch.core.branches import Branches, HoldRecord, NoSuchLoad, NotFastForward
+from tollwatch.contract.quality import HoldRecord, QualitySummary
+from tollwatch.core.branches import Branches, NoSuchLoad, NotFastForward
 from tollwatch.core.ingest import LoadResult, is_commit_conflict
 from tollwatch.core.schema import target_schema
 from tollwatch.core.table import IcebergTableStore, lineage

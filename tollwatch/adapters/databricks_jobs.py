@@ -79,6 +79,8 @@ class MergeJobArgs(BaseModel):
     start: date | None = None
     stop: date | None = None
     flow_run_id: str | None = None
+    #: Write-audit-publish on the cluster: the merge commits to an audit branch and publishes only a passing load.
+    audit: bool = True
 
     def argv(self) -> list[str]:
         args = ["--landing", self.landing, "--table", self.table]
@@ -87,6 +89,8 @@ class MergeJobArgs(BaseModel):
             args += ["--start", self.start.isoformat(), "--stop", self.stop.isoformat()]
         if self.flow_run_id:
             args += ["--flow-run-id", self.flow_run_id]
+        if self.audit:
+            args += ["--audit"]
         return args
 
 

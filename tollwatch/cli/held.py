@@ -10,7 +10,7 @@ idempotent: repeating one repeats its events with the same ids (Prefect drops th
 from __future__ import annotations
 
 import getpass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Annotated
 
 import typer
@@ -20,8 +20,8 @@ from tollwatch.contract.settings import DEFAULT_STATE_DIR, load_settings
 
 if TYPE_CHECKING:
     from tollwatch.contract.events import TollwatchEvent
+    from tollwatch.contract.quality import HoldRecord, Settlement
     from tollwatch.contract.settings import Settings
-    from tollwatch.core.branches import HoldRecord, Settlement
     from tollwatch.resources import Resources
 
 RefreshId = Annotated[str, typer.Argument(help="the refresh id of the held load (`tollwatch status` lists them)")]
@@ -50,8 +50,7 @@ def publish(
     from tollwatch.core.wap import override
 
     with _resources(local_stack, state_dir) as res:
-        if not res.settings.ledger_in_reach:
-            raise typer.BadParameter("engine=databricks: loads are not audited there, so none is held")
+        _refuse_out_of_reach(res.settings, refresh_id)
         settlement = override(
             res.branches, refresh_id, by=by or getpass.getuser(), reason=reason, rebuild=lambda r: _rebuild(res, r)
         )
@@ -74,21 +73,27 @@ def discard(
 ) -> None:
     """Discard a held load: its audit branch is dropped, `main` is unchanged, and a later publish can load again."""
     with _resources(local_stack, state_dir) as res:
+        _refuse_out_of_reach(res.settings, refresh_id)
         settlement = res.branches.discard(refresh_id, by=by or getpass.getuser(), reason=reason)
         res.events.emit([_settled_event(res.settings, settlement)])
     typer.echo(f"discarded refresh {refresh_id} ({settlement.by} at {settlement.at:%Y-%m-%d %H:%M} UTC)")
 
 
-def held_lines(held: list[HoldRecord], now: datetime | None = None) -> list[str]:
-    """One line per held load for `tollwatch status`: when, what, why, and the two commands that settle it."""
+def held_lines(held: list[HoldRecord], now: datetime | None = None, committed_through: int | None = None) -> list[str]:
+    """One line per held load for `tollwatch status`: when, what, why, and the two commands that settle it.
+
+    A held refresh whose publish `main` is already committed past (a later refresh covered its rows, e.g. the
+    corrected republish) is marked superseded: discarding it loses nothing.
+    """
     now = now or datetime.now(UTC)
     lines = []
     for record in held:
         days = record.touched or record.window
-        age = int((now - record.held_at).total_seconds() // 3600)
+        covered = record.rows_updated_at is not None and (committed_through or 0) >= record.rows_updated_at
         lines.append(
-            f"{record.refresh_id}  {record.mode} {days or ''}  held {age} h ago on {record.branch}: "
-            f"{', '.join(record.failing)} failed"
+            f"{record.refresh_id}  {record.mode} {days or ''}  held {_age(now - record.held_at)} ago on "
+            f"{record.branch}: {', '.join(record.failing)} failed"
+            + ("  (superseded: main is committed past its publish; discard it)" if covered else "")
         )
     if held:
         lines.append("settle each with `tollwatch publish <refresh-id> --reason …` or `tollwatch discard … --reason …`")
@@ -96,6 +101,29 @@ def held_lines(held: list[HoldRecord], now: datetime | None = None) -> list[str]
 
 
 # ---------------------------------------------------------------------------------------------- internals
+
+
+def _age(delta: timedelta) -> str:
+    minutes = int(delta.total_seconds() // 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h" if minutes < 48 * 60 else f"{minutes // 1440} days"
+
+
+def _refuse_out_of_reach(settings: Settings, refresh_id: str) -> None:
+    """engine=databricks: the table (its branches and hold records) is in Spark's catalog, which this process does
+    not open; say how to settle the load there instead of failing on a catalog it cannot read."""
+    if settings.ledger_in_reach:
+        return
+    from tollwatch.contract.table import HELD_PREFIX, audit_branch
+
+    table, branch = f"{settings.catalog_name}.{settings.table}", audit_branch(refresh_id)
+    raise typer.BadParameter(
+        "engine=databricks: the held load is on a branch of the table in Spark's catalog; settle it from a "
+        f"notebook or SQL warehouse: publish with CALL {settings.catalog_name}.system.fast_forward('{settings.table}', "
+        f"'main', '{branch}'), discard with ALTER TABLE {table} DROP BRANCH {branch}; then ALTER TABLE {table} "
+        f"UNSET TBLPROPERTIES ('{HELD_PREFIX}{refresh_id}')"
+    )
 
 
 def _rebuild(res: Resources, record: HoldRecord) -> None:

@@ -23,9 +23,9 @@ if TYPE_CHECKING:
 
     from tollwatch.adapters.socrata import SocrataClient
     from tollwatch.contract.events import TollwatchEvent, Window
+    from tollwatch.contract.quality import HoldRecord
     from tollwatch.contract.settings import Settings
     from tollwatch.core.audit import Reconciliation
-    from tollwatch.core.branches import HoldRecord
     from tollwatch.core.table import TableInfo
     from tollwatch.prefect.follow import ChunkOutcome
 
@@ -472,7 +472,7 @@ def status(local_stack: LocalStackOption = True, state_dir: StateDir = DEFAULT_S
     _print_lag(table.committed_through, upstream, announced, socrata, settings.upstream_dataset_id)
     if table.held:
         _line("held", f"{len(table.held)} load(s) failed their checks and are not published:")
-        for line in held_lines(table.held, now):
+        for line in held_lines(table.held, now, table.committed_through):
             typer.echo(f"    {line}")
     else:
         _line("held", "none (every audited load passed and is published)")

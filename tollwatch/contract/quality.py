@@ -11,13 +11,14 @@ Models only (pydantic): the checks themselves are computed in `tollwatch.core.qu
 
 from __future__ import annotations
 
-from datetime import date
+from datetime import date, datetime
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tollwatch.contract.errors import ConfigurationError, describe
+from tollwatch.contract.events import Window
 
 Severity = Literal["error", "warn"]
 CheckName = Literal["reconciliation", "completeness", "volume", "reject_rate", "schema_drift"]
@@ -171,3 +172,47 @@ def load_spec(path: Path | None = None) -> QualitySpec:
         return QualitySpec.model_validate({} if data is None else data)
     except ValidationError as error:
         raise ConfigurationError(f"The quality spec {source} is invalid: {describe(error)}.") from None
+
+
+# ---------------------------------------------------------------------------------------------- held loads
+
+
+class HoldRecord(BaseModel):
+    """Why a load is held, and what an operator needs to settle it (`tollwatch status` shows these)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    refresh_id: str
+    branch: str
+    snapshot_id: int
+    mode: Literal["refresh", "window"]
+    window: Window | None = None
+    touched: Window | None = None
+    #: The publish a refresh loaded (its `rowsUpdatedAt`), so a later refresh that covers it can be told apart.
+    rows_updated_at: int | None = None
+    flow_run_id: str | None = None
+    #: Where the load's sealed landing is (its manifest's prefix): an override after `main` moved rebuilds from it.
+    landing_prefix: str | None = None
+    rows_fetched: int = 0
+    rows_written: int = 0
+    rows_rejected: int = 0
+    committed_through: int | None = None
+    held_at: datetime
+    failing: list[str]
+    #: The checks' summary (`QualitySummary.brief()`).
+    quality: dict[str, object] = Field(default_factory=dict)
+
+
+class Settlement(BaseModel):
+    """How an operator settled a held load."""
+
+    model_config = ConfigDict(frozen=True)
+
+    refresh_id: str
+    action: Literal["published", "discarded"]
+    by: str
+    reason: str
+    at: datetime
+    snapshot_id: int | None = None
+    #: The hold it settled (what the load was, why it was held): an override's announcement is built from it.
+    held: HoldRecord | None = None

@@ -29,6 +29,12 @@ class MergeResult:
     touched: str | None = None
     #: The ledger's high-water mark after this load.
     committed_through: int | None = None
+    #: Write-audit-publish on the cluster (`--audit`): the audit branch, whether the load reached `main`, the checks'
+    #: summary (`QualitySummary.brief()`), and an operator's settlement when the refresh was settled before.
+    branch: str | None = None
+    published: bool = True
+    quality: dict[str, Any] | None = None
+    settled: dict[str, Any] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "rejected_by_reason": dict(sorted(self.rejected_by_reason.items()))}

@@ -194,6 +194,11 @@ HELD_PREFIX = "tollwatch.held."
 SETTLED_PREFIX = "tollwatch.settled."
 
 
+#: The blob beside a landing's manifest with the upstream's row count per day of the load, for an audit that runs
+#: where the flow cannot (`tollwatch-merge --audit` on Databricks): `{"YYYY-MM-DD": rows, …}`.
+UPSTREAM_DAYS = "upstream-days.json"
+
+
 def audit_branch(refresh_id: str) -> str:
     """The audit branch of a load: `audit_` + the refresh id with every character outside [A-Za-z0-9] as `_`, so
     the name is also a plain Spark identifier part (`<table>.branch_audit_…`)."""

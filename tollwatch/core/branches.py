@@ -20,10 +20,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Literal, TypeVar
+from typing import TypeVar
 
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.table import Table
 from pyiceberg.table.update.snapshot import ManageSnapshots
@@ -31,7 +31,7 @@ from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait
 
 from tollwatch.contract import table as contract
 from tollwatch.contract.errors import TollwatchError
-from tollwatch.contract.events import Window
+from tollwatch.contract.quality import HoldRecord, Settlement
 from tollwatch.core.table import MAIN, IcebergTableStore, head, lineage
 
 log = logging.getLogger(__name__)
@@ -51,47 +51,6 @@ class NoSuchLoad(TollwatchError):
     """No held or published load has this refresh id."""
 
     status = 404
-
-
-class HoldRecord(BaseModel):
-    """Why a load is held, and what an operator needs to settle it (`tollwatch status` shows these)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    refresh_id: str
-    branch: str
-    snapshot_id: int
-    mode: Literal["refresh", "window"]
-    window: Window | None = None
-    touched: Window | None = None
-    #: The publish a refresh loaded (its `rowsUpdatedAt`), so a later refresh that covers it can be told apart.
-    rows_updated_at: int | None = None
-    flow_run_id: str | None = None
-    #: Where the load's sealed landing is (its manifest's prefix): an override after `main` moved rebuilds from it.
-    landing_prefix: str | None = None
-    rows_fetched: int = 0
-    rows_written: int = 0
-    rows_rejected: int = 0
-    committed_through: int | None = None
-    held_at: datetime
-    failing: list[str]
-    #: The checks' summary (`QualitySummary.brief()`).
-    quality: dict[str, object] = Field(default_factory=dict)
-
-
-class Settlement(BaseModel):
-    """How an operator settled a held load."""
-
-    model_config = ConfigDict(frozen=True)
-
-    refresh_id: str
-    action: Literal["published", "discarded"]
-    by: str
-    reason: str
-    at: datetime
-    snapshot_id: int | None = None
-    #: The hold it settled (what the load was, why it was held): an override's announcement is built from it.
-    held: HoldRecord | None = None
 
 
 class Branches:

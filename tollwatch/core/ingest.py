@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date
 from pathlib import Path
-from typing import Literal, Self
+from typing import Any, Literal, Self
 
 import orjson
 import pyarrow as pa
@@ -32,8 +32,9 @@ from tollwatch.contract import table as contract
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, Window
 from tollwatch.contract.result import MergeResult
+from tollwatch.core.backfill import upstream_counts_by_day
 from tollwatch.core.landing import LandingManifest, LandingZone
-from tollwatch.core.ports import Landing, TableStore, UpstreamMetadata, UpstreamRows
+from tollwatch.core.ports import Landing, TableStore, UpstreamCounts, UpstreamMetadata, UpstreamRows
 from tollwatch.core.schema import convert, dedupe_on_key, target_schema
 from tollwatch.core.table import MAIN, TOUCHED
 
@@ -154,6 +155,18 @@ def plan_fetch(request: IngestRequest, socrata: UpstreamMetadata, committed_thro
     return FetchPlan(where=updated_between_where(after, through), after=after, through=through)
 
 
+def upstream_days(socrata: UpstreamCounts, request: IngestRequest, plan: FetchPlan) -> dict[date, int]:
+    """The upstream's rows per day of the days a load will touch, known before it is merged: a window's days; a
+    refresh's are the days of the versions it fetches (`plan.where`), counted whole (every row of each day)."""
+    if request.window is not None and request.mode == "window":
+        return upstream_counts_by_day(socrata, request.dataset_id, request.window)
+    days = socrata.counts_by_day(request.dataset_id, where=plan.where)
+    if not days:
+        return {}
+    span = Window(start=min(days), stop=date.fromordinal(max(days).toordinal() + 1))
+    return {day: n for day, n in upstream_counts_by_day(socrata, request.dataset_id, span).items() if day in days}
+
+
 # ----------------------------------------------------------------------------------------------- fetch
 
 
@@ -256,6 +269,12 @@ class LoadResult:
     touched: Window | None = None
     #: The ledger's high-water mark after this load (see tollwatch.core.table.COMMITTED_THROUGH).
     committed_through: int | None = None
+    #: A load audited where it was merged (Databricks, `tollwatch-merge --audit`): whether it reached `main`, the
+    #: checks' summary, its branch, and an earlier operator settlement of this refresh.
+    published: bool = True
+    quality: dict[str, Any] | None = None
+    branch: str | None = None
+    settled: dict[str, Any] | None = None
 
     @classmethod
     def from_merge(cls, printed: MergeResult, rows_landed: int) -> Self:
@@ -271,6 +290,10 @@ class LoadResult:
             reject_reasons=Counter(printed.rejected_by_reason),
             touched=Window(start=touched[0], stop=touched[1]) if touched else None,
             committed_through=printed.committed_through,
+            published=printed.published,
+            quality=printed.quality,
+            branch=printed.branch,
+            settled=printed.settled,
         )
 
 

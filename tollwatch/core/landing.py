@@ -10,7 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, date, datetime
 
 import orjson
 from azure.core.exceptions import ResourceExistsError, ResourceNotFoundError
@@ -19,6 +19,7 @@ from pydantic import BaseModel, Field
 
 from tollwatch.adapters.socrata import Page
 from tollwatch.contract.events import Window
+from tollwatch.contract.table import UPSTREAM_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,13 @@ class LandingZone:
         self._container.upload_blob(
             name, manifest.model_dump_json(indent=2).encode(), overwrite=True, content_settings=_JSON
         )
+        return name
+
+    def put_upstream_days(self, prefix: str, counts: dict[date, int]) -> str:
+        """The upstream's rows per day of a load, beside its manifest: what an audit on the cluster reconciles."""
+        name = f"{prefix}/{UPSTREAM_DAYS}"
+        body = orjson.dumps({day.isoformat(): n for day, n in sorted(counts.items())})
+        self._container.upload_blob(name, body, overwrite=True, content_settings=_JSON)
         return name
 
     def mark_announced(self, refresh_prefix: str, event_id: str, snapshot_id: int | None) -> str:

@@ -6,7 +6,7 @@ upstream's row counts per day, the typing's reject count and the upstream's colu
 (`tollwatch.contract.quality`). Nothing here reads a table, calls the upstream or emits an event, so every check is
 a unit test away, and the same function serves the ingest flow and an operator re-judging a held load.
 
-Why a profile and not the rows: a one-year backfill is ~4 million rows (11 plazas x 365 days x 24 hours x 2
+Why a profile and not the rows: a one-year backfill is ~193,000 rows (11 plazas x 365 days x 24 hours x 2
 directions), but the checks only need, per plaza-day, the vehicle total, the row count and which (direction, hour)
 slots exist. A profile keeps exactly that (one small entry per plaza-day: ~4,000 for a year), so the scan can
 stream batches and drop each one after `Profile.add`.

@@ -22,8 +22,8 @@ from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
 
 from tollwatch.contract import table as contract
 from tollwatch.contract.errors import TollwatchError
-from tollwatch.contract.quality import QualitySpec, QualitySummary
-from tollwatch.core.branches import Branches, HoldRecord, NoSuchLoad, NotFastForward, Settlement
+from tollwatch.contract.quality import HoldRecord, QualitySpec, QualitySummary, Settlement
+from tollwatch.core.branches import Branches, NoSuchLoad, NotFastForward
 from tollwatch.core.ingest import LoadResult
 from tollwatch.core.quality import Profile, audit
 from tollwatch.core.table import MAIN, IcebergTableStore, head

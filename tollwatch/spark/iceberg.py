@@ -265,6 +265,16 @@ class IcebergTable:
         writer = content(existing).writeTo(self.target).options(**write_options(properties, base))
         writer.overwrite(in_months(months))
 
+    def ensure_branch(self) -> None:
+        """Cut this table's branch from `main`'s head unless it exists (an empty first snapshot on `main` when the
+        table has none yet: a branch needs a snapshot to point at, and an empty one changes nothing readers see)."""
+        if self.branch == contract.MAIN:
+            return
+        main = IcebergTable(self.spark, self.name)
+        if main.current_snapshot() is None:
+            self.spark.createDataFrame([], self.spark.read.table(self.name).schema).writeTo(self.name).append()
+        self.spark.sql(f"ALTER TABLE {self.name} CREATE BRANCH IF NOT EXISTS {_quote(self.branch)}")
+
     def record_empty(self, schema: T.StructType, properties: dict[str, str]) -> None:
         """A load that changed no row still commits a (data-less) snapshot: the ledger entry that makes a replay a
         no-op and, for a refresh, the record that the mark moved."""

@@ -28,9 +28,10 @@ import re
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, date, datetime
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
@@ -42,6 +43,9 @@ from tollwatch.spark.entry import log_to_driver, print_result
 from tollwatch.spark.iceberg import IcebergTable, conform, months_between, retry_conflicts
 from tollwatch.spark.landing import read_manifest, read_pages, readable
 from tollwatch.spark.rows import REASON, dedupe_on_key, rejected_by_reason, spark_schema, type_rows
+
+if TYPE_CHECKING:  # the audit needs pydantic and pyarrow: imported only by `--audit` (a plain merge runs without)
+    from tollwatch.contract.quality import HoldRecord, QualitySpec
 
 log = logging.getLogger("tollwatch.spark")
 
@@ -59,6 +63,10 @@ class Args:
     flow_run_id: str | None
     #: The load's audit branch (the flow cut it from `main` and publishes it after the audit); `main` writes directly.
     branch: str = contract.MAIN
+    #: Write-audit-publish on the cluster (`tollwatch.spark.audit`): branch, audit and publish here, not in the flow.
+    audit: bool = False
+    #: The checks' YAML on the cluster (a /Volumes/ or dbfs: path); unset: the defaults shipped in the wheel.
+    quality_spec: str | None = None
 
     @property
     def window(self) -> tuple[date, date] | None:
@@ -84,6 +92,16 @@ def parse_args(argv: Sequence[str]) -> Args:
     parser.add_argument("--refresh-id", required=True)
     parser.add_argument("--flow-run-id", help="the Prefect flow run the load belongs to")
     parser.add_argument("--branch", default=contract.MAIN, help="the audit branch to commit to (default: main)")
+    parser.add_argument(
+        "--audit",
+        nargs="?",
+        const="yes",
+        default="no",
+        type=str.lower,
+        choices=("yes", "no", ""),  # "": a job parameter a run left empty (as `--start=`): not audited
+        help="write-audit-publish here: commit to the load's audit branch, run the checks, publish only on pass",
+    )
+    parser.add_argument("--quality-spec", help="the checks' YAML (default: the wheel's contract/quality.yaml)")
     ns = parser.parse_args(list(argv))
     if (ns.start is None) != (ns.stop is None):
         parser.error("--start and --stop go together")
@@ -97,7 +115,20 @@ def parse_args(argv: Sequence[str]) -> Args:
         parser.error("--refresh-id must not be empty")
     if not re.fullmatch(r"[A-Za-z_]\w*", ns.branch or ""):
         parser.error(f"--branch {ns.branch!r} is not a branch name of letters, digits and _")
-    return Args(ns.landing, ns.table, ns.mode, ns.refresh_id, ns.start, ns.stop, ns.flow_run_id or None, ns.branch)
+    if ns.audit == "yes" and ns.branch != contract.MAIN:
+        parser.error("--audit names its own branch (audit_<refresh id>): do not give --branch with it")
+    return Args(
+        ns.landing,
+        ns.table,
+        ns.mode,
+        ns.refresh_id,
+        ns.start,
+        ns.stop,
+        ns.flow_run_id or None,
+        ns.branch,
+        audit=ns.audit == "yes",
+        quality_spec=ns.quality_spec or None,
+    )
 
 
 def merged(
@@ -193,6 +224,7 @@ def commit(
 ) -> None:
     """Create or evolve the table, then one commit carrying the ledger (retried after a concurrent commit)."""
     schema = table.ensure(spark_schema(columns))
+    table.ensure_branch()  # the flow cut it already (local engines); on Databricks this cuts it
     touched = _touched(new, args)
     if args.mode == "window" and args.window:
         months = months_between(*args.window)
@@ -226,11 +258,88 @@ def commit(
     result.committed_through = table.committed_through()
 
 
+def load_audited(spark: SparkSession, args: Args, spec: QualitySpec) -> MergeResult:
+    """Write-audit-publish of one landing on the cluster (see `tollwatch.spark.audit`)."""
+    from tollwatch.spark.audit import PUBLISH_ATTEMPTS, MainMoved, SparkBranches, hold_record, judge, read_upstream_days
+
+    branch = contract.audit_branch(args.refresh_id)
+    branches = SparkBranches(spark, args.table)
+    if branches.main.committed(args.refresh_id) is not None:
+        return load(spark, replace(args, branch=contract.MAIN))  # published before: a replay
+    if branches.main.exists():
+        held = branches.held(args.refresh_id)
+        if held is not None:  # a replay of a held load stays held: nothing is loaded or judged again
+            log.info("refresh %s is held on %s: nothing to do", args.refresh_id, held.branch)
+            return _held_result(args, held)
+        settled = branches.settled(args.refresh_id)
+        if settled is not None and settled.action == "discarded":
+            result = MergeResult(args.table, args.mode, args.refresh_id, published=False)
+            result.settled = settled.model_dump(mode="json")
+            return result
+    for attempt in range(1, PUBLISH_ATTEMPTS + 1):
+        result = load(spark, replace(args, branch=branch))
+        with readable(args.landing) as landing:
+            manifest = read_manifest(spark, landing)
+            upstream = read_upstream_days(spark, landing)
+        touched = contract.decode_days(result.touched)
+        quality = judge(
+            spark,
+            args.table,
+            branch,
+            touched,
+            spec,
+            upstream_by_day=upstream,
+            rows_read=result.rows_read,
+            rows_rejected=result.rows_rejected,
+            columns=list(manifest.columns),
+        )
+        result.branch, result.quality = branch, quality.brief()
+        if quality.verdict == "held":
+            extra = {
+                "flow_run_id": args.flow_run_id,
+                "rows_fetched": manifest.rows,
+                "rows_written": result.rows_written,
+                "rows_rejected": result.rows_rejected,
+                "committed_through": result.committed_through,
+            }
+            record = hold_record(
+                args.refresh_id, branch, result.snapshot_id or 0, args.mode, args.window, touched, quality, extra
+            )
+            branches.hold(record)
+            log.warning("held refresh %s on %s: %s failed", args.refresh_id, branch, ", ".join(record.failing))
+            result.published = False
+            return result
+        try:
+            result.snapshot_id = branches.publish(branch)
+        except MainMoved as exc:
+            log.warning("%s; writing the load again on the new main (attempt %d)", exc, attempt)
+            branches.drop(branch)
+            continue
+        result.committed_through = branches.main.committed_through()
+        log.info("published %s: main at snapshot %s (%s)", branch, result.snapshot_id, quality.verdict)
+        return result
+    raise RuntimeError(f"refresh {args.refresh_id}: main moved {PUBLISH_ATTEMPTS} times before this load published")
+
+
+def _held_result(args: Args, held: HoldRecord) -> MergeResult:
+    """A replay of a held load: the hold as recorded, nothing loaded or judged again."""
+    result = MergeResult(args.table, args.mode, args.refresh_id, published=False, branch=held.branch)
+    result.snapshot_id = held.snapshot_id
+    result.touched = contract.encode_days(held.touched.start, held.touched.stop) if held.touched else None
+    result.quality = {**held.quality, "verdict": "held"}
+    return result
+
+
 def main(argv: Sequence[str] | None = None, spark: SparkSession | None = None) -> dict[str, Any]:
     """Entry point (Databricks passes the task's parameters as argv); prints and returns the result."""
     log_to_driver()
     args = parse_args(sys.argv[1:] if argv is None else argv)
     session = spark or SparkSession.builder.appName("tollwatch-merge").getOrCreate()
+    if args.audit:
+        from tollwatch.contract.quality import load_spec
+
+        spec = load_spec(Path(args.quality_spec) if args.quality_spec else None)
+        return print_result(load_audited(session, args, spec).as_dict())
     return print_result(load(session, args).as_dict())
 
 

@@ -37,11 +37,10 @@ from tollwatch.contract.events import (
     Window,
     dataset_resource_id,
 )
-from tollwatch.contract.quality import QualitySummary
+from tollwatch.contract.quality import HoldRecord, QualitySummary, Settlement
 from tollwatch.contract.settings import Settings, load_settings
 from tollwatch.core.audit import Reconciliation, reconcile
 from tollwatch.core.backfill import upstream_counts_by_day
-from tollwatch.core.branches import HoldRecord, Settlement
 from tollwatch.core.ingest import (
     FetchPlan,
     IngestRequest,
@@ -51,6 +50,7 @@ from tollwatch.core.ingest import (
     load_landing,
     plan_fetch,
     previous_load,
+    upstream_days,
 )
 from tollwatch.core.landing import LandingManifest
 from tollwatch.core.schema import target_schema
@@ -279,11 +279,18 @@ def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted | 
         if settings.engine == "databricks":
             from tollwatch.prefect.databricks_runner import merge_on_databricks
 
+            count_upstream_days(request, fetch, manifest, res)
             result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
+            if result.settled is not None:
+                return _settlement(settings, Settlement.model_validate(result.settled))
+            quality = QualitySummary.model_validate(result.quality) if result.quality else None
+            if not result.published:  # held on the cluster, which recorded the hold in the table
+                record = _cluster_hold_record(request, result, manifest)
+                return _hold(res, request, record, quality, persist=False)
         else:
             audited = _write_audit_publish(res, request, manifest, retry)
             if not audited.published:
-                return _hold(res, request, _hold_record(request, audited, manifest), audited.quality)
+                return _hold(res, request, _hold_record(request, audited, manifest), audited.quality, persist=True)
             result, quality = audited.result, audited.quality
         rows_fetched, landing_uri = manifest.rows, res.landing.uri(manifest.prefix)
     else:
@@ -375,12 +382,19 @@ def _hold_record(request: IngestRequest, audited: Audited, manifest: LandingMani
 
 
 def _hold(
-    res: Resources, request: IngestRequest, record: HoldRecord, quality: QualitySummary | None = None
+    res: Resources,
+    request: IngestRequest,
+    record: HoldRecord,
+    quality: QualitySummary | None = None,
+    *,
+    persist: bool = False,
 ) -> IngestionHeld:
-    """Record the hold (a first hold; a replay finds it recorded), report it, and tell the alert automation."""
+    """Record the hold (`persist`: a first hold here; a replay, or a hold the cluster recorded, is on record
+    already), report it, and tell the alert automation."""
     settings = res.settings
-    if quality is not None:
+    if persist:
         res.branches.hold(record)
+    if quality is not None:
         create_markdown_artifact(
             key="ingest-report",
             markdown=quality_markdown(quality, title=f"Ingest {request.mode} {request.window or record.touched or ''}"),
@@ -408,6 +422,36 @@ def _hold(
         request.refresh_id,
     )
     return held
+
+
+def _cluster_hold_record(request: IngestRequest, result: LoadResult, manifest: LandingManifest) -> HoldRecord:
+    """The hold as the cluster recorded it, for the event (the flow cannot read Databricks' catalog)."""
+    quality = result.quality or {}
+    return HoldRecord(
+        refresh_id=request.refresh_id,
+        branch=result.branch or "",
+        snapshot_id=result.snapshot_id or 0,
+        mode=request.mode,
+        window=request.window,
+        touched=result.touched,
+        rows_updated_at=request.rows_updated_at,
+        flow_run_id=str(flow_run.id) if flow_run.id else None,
+        landing_prefix=manifest.prefix,
+        rows_fetched=manifest.rows,
+        rows_written=result.rows_written,
+        rows_rejected=result.rows_rejected,
+        held_at=datetime.now(UTC),
+        failing=list(quality.get("failing", [])),
+        quality=quality,
+    )
+
+
+@task(name="count-upstream-days", retries=2, retry_delay_seconds=[1, 5], cache_policy=NO_CACHE)
+def count_upstream_days(request: IngestRequest, fetch: FetchPlan, manifest: LandingManifest, res: Resources) -> None:
+    """For an audit on the cluster: the upstream's rows per day of the load, left beside the landing's manifest."""
+    counts = upstream_days(res.socrata, request, fetch)
+    res.landing.put_upstream_days(manifest.prefix, counts)
+    get_run_logger().info("upstream counts of %d days left for the audit on the cluster", len(counts))
 
 
 def _settlement(settings: Settings, settled: Settlement) -> LoadSettled:

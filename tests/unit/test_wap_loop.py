@@ -8,8 +8,8 @@ from datetime import UTC, datetime
 import pytest
 
 from tollwatch.contract import table as contract
-from tollwatch.contract.quality import CheckResult, QualitySummary
-from tollwatch.core.branches import HoldRecord, NoSuchLoad, NotFastForward, Settlement
+from tollwatch.contract.quality import CheckResult, HoldRecord, QualitySummary, Settlement
+from tollwatch.core.branches import NoSuchLoad, NotFastForward
 from tollwatch.core.ingest import LoadResult
 from tollwatch.core.wap import PUBLISH_ATTEMPTS, PublishContended, override, write_audit_publish
 
