@@ -9,7 +9,7 @@ ENGINE ?= $(or $(TOLLWATCH_ENGINE),local)
 JARS := .jars
 JARS_STAMP := $(JARS)/.fetched
 
-.PHONY: demo test unit faults lint bootstrap jars up down status bench clean
+.PHONY: demo test unit faults fuzz lint bootstrap jars up down status bench clean
 
 ## demo: set everything up, start the local stack and ingest the sample through a Prefect flow run
 ## (ENGINE=spark: the merge runs in Spark, spark-submit of the wheel's tollwatch-merge on local[*])
@@ -27,6 +27,10 @@ test: bootstrap
 ## of `make test`)
 unit: bootstrap
 	$(BIN)/python -m pytest tests/unit
+
+## fuzz: every boundary's fuzzers with many examples (HYPOTHESIS_PROFILE=fuzz; `make test` runs them bounded)
+fuzz: bootstrap
+	HYPOTHESIS_PROFILE=fuzz $(BIN)/python -m pytest -m fuzz tests/unit
 
 ## faults: only the fault suite (tests/faults/, ~4 min; it is also part of `make test`)
 faults: bootstrap

@@ -7,7 +7,17 @@ A test that needs the real stack belongs in tests/integration: here, asking for 
 
 from __future__ import annotations
 
+import os
+
 import pytest
+from hypothesis import HealthCheck, settings
+
+# Property-based tests and fuzzers (marker `fuzz`): a bounded number of examples in `make test` ("ci"), many more
+# in `make fuzz` ("fuzz", HYPOTHESIS_PROFILE=fuzz). No deadline: a slow example on a busy 2-core machine is not a
+# failure, a wrong answer is.
+settings.register_profile("ci", max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.register_profile("fuzz", max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 #: The roots of every fixture in tests/conftest.py that starts a real component.
 _REAL_COMPONENTS = frozenset({"stack", "mirror"})
