@@ -149,7 +149,7 @@ def test_a_failed_downstream_job_is_announced_and_notified_while_the_ingest_stay
     applied = cli_apply(directory)
     assert applied.exit_code == 0, applied.output
     assert "+ create tollwatch-job-failed" in applied.stdout.splitlines()
-    assert cli_apply(directory).stdout == "no changes: 8 automations up to date\n"  # the new one included
+    assert cli_apply(directory).stdout == "no changes: 9 automations up to date\n"  # the new one included
     reason = f"Task revenue_model failed with message: AnalysisException: column vehicles_etc not found ({tag()})"
     workspace.runs_end(Ending("TERMINATED", "FAILED", reason), job_id=JOB_ID)
     window = Window(start=date(2024, 1, 8), stop=date(2024, 1, 10))

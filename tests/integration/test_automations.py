@@ -56,6 +56,7 @@ pytestmark = pytest.mark.stack
 SHIPPED_NAMES = [
     "tollwatch-freshness-sla",
     "tollwatch-ingest-failed",
+    "tollwatch-ingest-held",
     "tollwatch-job-failed",
     "tollwatch-repair-backfill",
     "tollwatch-repair-refresh",
@@ -116,6 +117,11 @@ def test_shipped_directory_loads_and_compiles_against_the_real_server(server, cl
     [notify] = failed.actions
     assert isinstance(notify, SendNotification)
     assert notify.block_document_id == server["custom-webhook/tollwatch-alerts"]
+
+    held = desired["tollwatch-ingest-held"]  # write-audit-publish: a held load alerts the same channel
+    assert isinstance(held.trigger, EventTrigger)
+    assert (held.trigger.posture, held.trigger.expect) == (Posture.Reactive, {"tollwatch.ingestion.held"})
+    assert held.actions[0].block_document_id == server["custom-webhook/tollwatch-alerts"]  # type: ignore[union-attr]
 
     sla = desired["tollwatch-freshness-sla"]
     assert isinstance(sla.trigger, EventTrigger)
@@ -236,13 +242,13 @@ def test_apply_is_idempotent_updates_with_a_diff_and_dry_run_changes_nothing(cli
     assert first.exit_code == 0, first.output
     assert first.stdout.splitlines() == [
         *(f"+ create {name}" for name in SHIPPED_NAMES),
-        "7 created, 0 updated, 0 unchanged, 0 deleted",
+        "8 created, 0 updated, 0 unchanged, 0 deleted",
     ]
     created = managed(client)
     assert sorted(created) == SHIPPED_NAMES
 
     second = cli_apply(directory)
-    assert second.stdout == "no changes: 7 automations up to date\n"
+    assert second.stdout == "no changes: 8 automations up to date\n"
     after_second = managed(client)
     assert {n: a.id for n, a in after_second.items()} == {n: a.id for n, a in created.items()}
     assert {n: normalised(a) for n, a in after_second.items()} == {n: normalised(a) for n, a in created.items()}
@@ -254,14 +260,14 @@ def test_apply_is_idempotent_updates_with_a_diff_and_dry_run_changes_nothing(cli
     assert "~ update tollwatch/sub/city-dashboard/refresh-tiles" in lines
     assert [line for line in lines if "enabled:" in line] == ["    -enabled: true", "    +enabled: false"]
     assert "= unchanged tollwatch-ingest-failed" in lines
-    assert lines[-1] == "dry run, nothing changed; would be: 0 created, 1 updated, 6 unchanged, 0 deleted"
+    assert lines[-1] == "dry run, nothing changed; would be: 0 created, 1 updated, 7 unchanged, 0 deleted"
     assert managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"].enabled is True
 
     real = cli_apply(directory)
-    assert real.stdout.splitlines()[-1] == "0 created, 1 updated, 6 unchanged, 0 deleted"
+    assert real.stdout.splitlines()[-1] == "0 created, 1 updated, 7 unchanged, 0 deleted"
     updated = managed(client)["tollwatch/sub/city-dashboard/refresh-tiles"]
     assert (updated.id, updated.enabled) == (created[updated.name].id, False)
-    assert cli_apply(directory).stdout == "no changes: 7 automations up to date\n"
+    assert cli_apply(directory).stdout == "no changes: 8 automations up to date\n"
 
 
 def test_prune_deletes_only_managed_automations_no_file_declares(client, tmp_path):
@@ -280,13 +286,13 @@ def test_prune_deletes_only_managed_automations_no_file_declares(client, tmp_pat
     kept = cli_apply(directory)
     assert kept.stdout.splitlines() == [
         "? not declared tollwatch-freshness-sla (tagged tollwatch:managed; --prune deletes it)",
-        "no changes: 6 automations up to date",
+        "no changes: 7 automations up to date",
     ]
     assert "tollwatch-freshness-sla" in managed(client)
 
     pruned = cli_apply(directory, "--prune")
     assert "- delete tollwatch-freshness-sla" in pruned.stdout.splitlines()
-    assert pruned.stdout.splitlines()[-1] == "0 created, 0 updated, 6 unchanged, 1 deleted"
+    assert pruned.stdout.splitlines()[-1] == "0 created, 0 updated, 7 unchanged, 1 deleted"
     names = {a.name: a.id for a in client.read_automations()}
     assert "tollwatch-freshness-sla" not in names
     assert names["made-by-hand"] == hand_made
@@ -305,7 +311,7 @@ def test_a_name_held_twice_on_the_server_updates_the_oldest_and_reports_the_rest
     assert f"! duplicate tollwatch-ingest-failed: kept in sync the oldest ({original.id}); left alone {copy}" in (
         result.stdout
     )
-    assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 6 unchanged, 0 deleted"
+    assert result.stdout.splitlines()[-1] == "0 created, 1 updated, 7 unchanged, 0 deleted"
     assert client.read_automation(original.id).description.startswith("Page")  # type: ignore[union-attr]
     assert client.read_automation(copy).description.startswith("Tell")  # type: ignore[union-attr]
 

@@ -18,6 +18,8 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tollwatch import resources
 from tollwatch.adapters.socrata import updated_after_where, window_where
 from tollwatch.contract.events import Window
@@ -147,3 +149,15 @@ def run_ingest_in_child(kill_at: str, parameters: Mapping[str, Any], timeout_s: 
         f"stdout: {done.stdout[-2000:]}\nstderr: {done.stderr[-4000:]}"
     )
     return done.stdout
+
+
+def completeness_warns(directory: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Use a team's quality spec in which a missing hour warns instead of holding the load.
+
+    For tests about paging, quarantine and dedupe: the mirror's faults there leave hours empty (a quarantined row,
+    a row re-issued under another day), which the default checks hold (tests/integration/test_wap.py covers that);
+    these tests check that such a load is complete and correct once published.
+    """
+    spec = directory / "quality.yaml"
+    spec.write_text("completeness: {severity: warn}\n")
+    monkeypatch.setenv("TOLLWATCH_QUALITY_SPEC", str(spec))

@@ -450,3 +450,26 @@ def test_an_empty_spec_file_is_the_defaults_and_a_partial_one_overrides_only_wha
 
     assert load_spec(empty) == QualitySpec()
     assert load_spec(partial) == QualitySpec(volume=VolumeSpec(low_ratio=0.3))
+
+
+def test_a_shortfall_is_accounted_for_by_rejected_or_superseded_rows_but_an_extra_row_never_is():
+    """Every upstream row is in the table, quarantined, or superseded by a newer version of its key; only what is
+    none of these holds the load (one bad row is judged by reject_rate and completeness, not twice)."""
+
+    def reconciliation(upstream: int, **counts: int) -> CheckResult:
+        summary = audit(
+            QualitySpec(),
+            loaded=Profile.of(full_day(1)),
+            history=Profile(),
+            upstream_by_day={DAY: upstream},
+            rows_read=48 + counts.get("rows_rejected", 0) + counts.get("rows_superseded", 0),
+            columns=UPSTREAM_COLUMNS,
+            **counts,
+        )
+        return check(summary, "reconciliation")
+
+    assert not reconciliation(49, rows_rejected=0).passed  # one upstream row nowhere
+    assert reconciliation(49, rows_rejected=1).passed  # quarantined
+    assert reconciliation(49, rows_rejected=0, rows_superseded=1).passed  # an older version of a key it holds
+    assert not reconciliation(50, rows_rejected=0, rows_superseded=1).passed  # one still unaccounted
+    assert not reconciliation(47, rows_rejected=1).passed  # the table holds a row the upstream does not

@@ -22,6 +22,7 @@ boundaries after the change, and a moved chunk is a new event.
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, date, datetime, timedelta
@@ -31,7 +32,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
-from tollwatch.adapters.socrata import window_where
+from tollwatch.adapters.socrata import updated_between_where, window_where
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.events import DATASET_EPOCH, BackfillRequested, TollwatchEvent, Window, deterministic_id
 from tollwatch.contract.settings import Settings
@@ -66,6 +67,10 @@ class BackfillLimits(BaseModel):
         )
 
 
+#: How a request writes a date (ISO 8601 calendar date); anything else is refused, see `_written_as_iso_date`.
+_ISO_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
 def _limits(info: ValidationInfo) -> BackfillLimits:
     context = info.context
     if isinstance(context, BackfillLimits):
@@ -89,6 +94,24 @@ class BackfillRequest(BaseModel):
     )
     reason: str = Field("", max_length=500, description="why; shown on every chunk event")
     rerun: bool = Field(False, description="new request id: load again even if this exact request was made")
+
+    @field_validator("start", "stop", mode="before")
+    @classmethod
+    def _written_as_iso_date(cls, value: Any) -> Any:
+        """A date given as text must be written YYYY-MM-DD, as documented.
+
+        Why: pydantic also reads a string of digits as epoch seconds or milliseconds, so `"1704067200"` was planned as
+        2024-01-01 although the number 1704067200 is refused, and `"0"` was refused as "1970-01-01 is before the
+        dataset begins", a date nobody wrote (found by tests/unit/test_fuzz_intake.py).
+        """
+        if not isinstance(value, str):
+            return value  # a date (from Python), or a type the strict check refuses
+        try:
+            if _ISO_DATE.fullmatch(value):  # parsed here: strict mode takes text for a date from JSON only
+                return date.fromisoformat(value)
+        except ValueError:
+            pass
+        raise PydanticCustomError("date_parsing", "Input should be a valid date in the format YYYY-MM-DD")
 
     @field_validator("start")
     @classmethod
@@ -284,11 +307,20 @@ class UpstreamCountsUnavailable(TollwatchError):
     status = 503
 
 
-def upstream_counts_by_day(socrata: UpstreamCounts, dataset_id: str, window: Window) -> dict[date, int]:
-    """The upstream's rows per day of `window`: one grouped count query per calendar year; empty days absent."""
+def upstream_counts_by_day(
+    socrata: UpstreamCounts, dataset_id: str, window: Window, *, through: int | None = None
+) -> dict[date, int]:
+    """The upstream's rows per day of `window`: one grouped count query per calendar year; empty days absent.
+
+    `through` (epoch seconds): only rows whose current version was published by then — the upstream as a load
+    fetched it, so a publish after the fetch does not show as a difference in that load's audit.
+    """
     counts: dict[date, int] = {}
     for part in chunks(window.start, window.stop, COUNT_CHUNK):
-        for day, n in socrata.counts_by_day(dataset_id, where=window_where(part.start, part.stop)).items():
+        where = window_where(part.start, part.stop)
+        if through is not None:
+            where = f"{where} AND {updated_between_where(None, through)}"
+        for day, n in socrata.counts_by_day(dataset_id, where=where).items():
             if part.start <= day < part.stop and n:
                 counts[day] = counts.get(day, 0) + n
     return counts

@@ -155,6 +155,13 @@ def plan_fetch(request: IngestRequest, socrata: UpstreamMetadata, committed_thro
     return FetchPlan(where=updated_between_where(after, through), after=after, through=through)
 
 
+def ceiling(manifest: LandingManifest) -> int | None:
+    """The versions a load's reconciliation counts upstream: a refresh's, through its publish (a later publish is
+    the next refresh's, not a difference); a window's, all of them (its query has no version ceiling: a row
+    published while it paged is in it, see FetchPlan)."""
+    return manifest.through if manifest.mode == "refresh" else None
+
+
 def upstream_days(socrata: UpstreamCounts, request: IngestRequest, plan: FetchPlan) -> dict[date, int]:
     """The upstream's rows per day of the days a load will touch, known before it is merged: a window's days; a
     refresh's are the days of the versions it fetches (`plan.where`), counted whole (every row of each day)."""
@@ -164,7 +171,8 @@ def upstream_days(socrata: UpstreamCounts, request: IngestRequest, plan: FetchPl
     if not days:
         return {}
     span = Window(start=min(days), stop=date.fromordinal(max(days).toordinal() + 1))
-    return {day: n for day, n in upstream_counts_by_day(socrata, request.dataset_id, span).items() if day in days}
+    counts = upstream_counts_by_day(socrata, request.dataset_id, span, through=plan.through)
+    return {day: n for day, n in counts.items() if day in days}
 
 
 # ----------------------------------------------------------------------------------------------- fetch

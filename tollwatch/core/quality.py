@@ -175,6 +175,7 @@ def audit(
     rows_read: int,
     rows_rejected: int,
     columns: list[str],
+    rows_superseded: int = 0,
 ) -> QualitySummary:
     """Judge a load: every enabled check of `spec`, the verdict, and the plaza-days behind the picture.
 
@@ -184,13 +185,15 @@ def audit(
     - `upstream_by_day`: the upstream's row count per day of the load's window (None: not known, reconciliation is
       not evaluated);
     - `rows_read`, `rows_rejected`: what the typing saw and refused;
+    - `rows_superseded`: fetched rows the dedupe dropped for a newer version of the same key (an upstream that
+      re-issues a corrected row as a new row holds both; the table keeps one);
     - `columns`: the upstream's column names as read (empty: unknown, schema drift is not evaluated).
     """
     days = sorted({day for _, day in loaded.days} | set(upstream_by_day or {}))
     plaza_days = _plaza_days(spec, loaded, history, days)
     checks: list[CheckResult] = []
     if spec.reconciliation.enabled:
-        checks.append(_reconciliation(spec.reconciliation, loaded, upstream_by_day, rows_rejected))
+        checks.append(_reconciliation(spec.reconciliation, loaded, upstream_by_day, rows_rejected + rows_superseded))
     if spec.completeness.enabled:
         checks.append(_completeness(spec.completeness, plaza_days))
     if spec.volume.enabled:
@@ -266,14 +269,15 @@ def _plaza_days(spec: QualitySpec, loaded: Profile, history: Profile, days: list
 
 
 def _reconciliation(
-    spec: ReconciliationSpec, loaded: Profile, upstream_by_day: dict[date, int] | None, rows_rejected: int = 0
+    spec: ReconciliationSpec, loaded: Profile, upstream_by_day: dict[date, int] | None, rows_accounted: int = 0
 ) -> CheckResult:
     """Rows per day against the upstream's count(*): a load copies the upstream, so a difference is a lost or a
     duplicated row. Every day either side has is compared (a day only the upstream has was not loaded at all).
 
-    Rows the typing rejected are short on their day by design (they are quarantined, and `reject_rate` judges
-    them): a shortfall is explained up to the load's rejected rows, so one bad row is not held twice. Extra rows
-    in the table are never explained that way."""
+    Every upstream row must be accounted for: in the table, quarantined by the typing (`reject_rate` judges those,
+    so one bad row is not held twice), or superseded by a newer version of its key that the upstream also serves
+    (the table keeps one row per key). A shortfall is explained up to those `rows_accounted`; extra rows in the
+    table never are."""
     limit = spec.max_differing_rows_per_day
     threshold = "= 0 rows/day differing" if limit == 0 else f"{_AT_MOST} {limit:,} rows/day differing"
     if upstream_by_day is None:
@@ -289,7 +293,7 @@ def _reconciliation(
     days = sorted(set(table) | set(upstream_by_day))
     counts = [(day, table.get(day, 0), upstream_by_day.get(day, 0)) for day in days]
     differing = sum(abs(rows - upstream) for _, rows, upstream in counts)
-    unexplained, budget = [], rows_rejected
+    unexplained, budget = [], rows_accounted
     for day, rows, upstream in counts:
         explained = min(budget, max(upstream - rows, 0))
         budget -= explained

@@ -18,6 +18,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 
+import pyarrow as pa
+import pyarrow.compute as pc
 from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
 
 from tollwatch.contract import table as contract
@@ -29,6 +31,10 @@ from tollwatch.core.quality import Profile, audit
 from tollwatch.core.table import MAIN, IcebergTableStore, head
 
 log = logging.getLogger(__name__)
+
+KEY = contract.KEY
+#: The upstream row a table row came from (Socrata's `:id`).
+VERSION_ID = "source_row_id"
 
 #: Times a load is rebuilt on a `main` that moved before it could publish (each time another load published).
 PUBLISH_ATTEMPTS = 5
@@ -81,12 +87,14 @@ def audit_branch(
 ) -> QualitySummary:
     """Run the checks on the load's days of `branch`, against `main`'s trailing weeks."""
     touched = result.touched
+    replaced = 0
     if touched is None:
         loaded, history = Profile(), Profile()
     else:
         loaded = profile(store, branch, touched.start, touched.stop)
         since = touched.start - timedelta(weeks=spec.volume.trailing_weeks)
         history = profile(store, MAIN, since, touched.stop)
+        replaced = replaced_by_another_row(store, branch, touched.start, touched.stop)
     return audit(
         spec,
         loaded=loaded,
@@ -95,7 +103,44 @@ def audit_branch(
         rows_read=result.rows_read,
         rows_rejected=result.rows_rejected,
         columns=columns,
+        rows_superseded=superseded(result) + replaced,
     )
+
+
+def _keyed_ids(store: IcebergTableStore, ref: str, start: date, stop: date) -> pa.Table:
+    table = store.table()
+    at = head(table, ref) if table is not None else None
+    if table is None or at is None:
+        return pa.table({name: pa.array([], pa.string()) for name in (*KEY, VERSION_ID)})
+    scan = table.scan(
+        row_filter=And(GreaterThanOrEqual("date", start.isoformat()), LessThan("date", stop.isoformat())),
+        selected_fields=(*KEY, VERSION_ID),
+        snapshot_id=at.snapshot_id,
+    )
+    return scan.to_arrow()
+
+
+def replaced_by_another_row(store: IcebergTableStore, branch: str, start: date, stop: date) -> int:
+    """Rows of `main` whose key the branch now holds under another upstream row (`source_row_id`).
+
+    An upstream that re-issues a corrected row as a new row may keep serving the old one too: it counts both, the
+    table keeps the newest version of the key. Such rows are accounted for in the reconciliation (the count of
+    rows the dedupe superseded within the fetch covers the same case inside one load).
+    """
+    before = _keyed_ids(store, MAIN, start, stop)
+    after = _keyed_ids(store, branch, start, stop).rename_columns([*KEY, "__after"])
+    if before.num_rows == 0 or after.num_rows == 0:
+        return 0
+    paired = before.join(after, keys=list(KEY), join_type="inner")
+    return int(pc.sum(pc.not_equal(paired[VERSION_ID], paired["__after"])).as_py() or 0)
+
+
+def superseded(result: LoadResult) -> int:
+    """Fetched rows the dedupe dropped for a newer version of their key (0 for a load found already written: its
+    counts are not known again)."""
+    if result.rows_written == 0:
+        return 0
+    return max(result.rows_read - result.rows_rejected - result.rows_written, 0)
 
 
 def write_audit_publish(

@@ -22,7 +22,7 @@ import logging
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from pyspark.sql import SparkSession
+from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
 from tollwatch.contract import table as contract
@@ -150,14 +150,17 @@ def judge(
     rows_read: int,
     rows_rejected: int,
     columns: list[str],
+    rows_written: int = 0,
 ) -> QualitySummary:
     """The checks on the branch's loaded days, against `main`'s trailing weeks (as `core.wap.audit_branch`)."""
+    replaced = 0
     if touched is None:
         loaded, history = Profile(), Profile()
     else:
         start, stop = touched
         loaded = profile(spark, name, branch, start, stop)
         history = profile(spark, name, contract.MAIN, start - timedelta(weeks=spec.volume.trailing_weeks), stop)
+        replaced = replaced_by_another_row(spark, name, branch, start, stop)
     return audit(
         spec,
         loaded=loaded,
@@ -166,7 +169,22 @@ def judge(
         rows_read=rows_read,
         rows_rejected=rows_rejected,
         columns=columns,
+        rows_superseded=(max(rows_read - rows_rejected - rows_written, 0) if rows_written else 0) + replaced,
     )
+
+
+def replaced_by_another_row(spark: SparkSession, name: str, branch: str, start: date, stop: date) -> int:
+    """Rows of `main` whose key the branch holds under another upstream row (as `core.wap.replaced_by_another_row`):
+    an upstream that re-issues a correction as a new row may still count the old one."""
+
+    def keyed(ref: str) -> DataFrame:
+        reader = spark.read if ref == contract.MAIN else spark.read.option("branch", ref)
+        rows = reader.table(name).where((F.col("date") >= F.lit(start)) & (F.col("date") < F.lit(stop)))
+        return rows.select(*contract.KEY, "source_row_id")
+
+    after = keyed(branch).withColumnRenamed("source_row_id", "__after")
+    paired = keyed(contract.MAIN).join(after, on=list(contract.KEY), how="inner")
+    return int(paired.where(F.col("source_row_id") != F.col("__after")).count())
 
 
 def hold_record(

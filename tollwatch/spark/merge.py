@@ -292,6 +292,7 @@ def load_audited(spark: SparkSession, args: Args, spec: QualitySpec) -> MergeRes
             rows_read=result.rows_read,
             rows_rejected=result.rows_rejected,
             columns=list(manifest.columns),
+            rows_written=result.rows_written,
         )
         result.branch, result.quality = branch, quality.brief()
         if quality.verdict == "held":

@@ -45,6 +45,7 @@ from tollwatch.core.ingest import (
     FetchPlan,
     IngestRequest,
     LoadResult,
+    ceiling,
     covered_load,
     fetch_and_land,
     load_landing,
@@ -62,7 +63,12 @@ from tollwatch.resources import Resources
 
 
 def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestRequest:
-    """Turn flow parameters into a validated request (exactly one of refresh / window)."""
+    """Turn flow parameters into a validated request (exactly one of refresh / window).
+
+    Every value is typed by the event models (pydantic, as the flow's own signature types them), so a bad one is a
+    ValueError or ValidationError naming the field. `int(rows_updated_at)` used to raise TypeError for a list and
+    OverflowError for infinity, cut 1.5 to 1 and read Arabic-Indic digits; a missing `start` or `stop` was a KeyError.
+    """
     has_window = parameters.get("start") is not None or parameters.get("stop") is not None
     has_refresh = parameters.get("rows_updated_at") is not None
     if has_window == has_refresh:
@@ -72,15 +78,15 @@ def build_request(settings: Settings, parameters: dict[str, Any]) -> IngestReque
         return IngestRequest.for_refresh(
             DatasetRefreshed(
                 **common,
-                rows_updated_at=int(parameters["rows_updated_at"]),
+                rows_updated_at=parameters["rows_updated_at"],
                 previous_rows_updated_at=parameters.get("previous_rows_updated_at"),
             )
         )
     return IngestRequest.for_window(
         BackfillRequested(
             **common,
-            start=parameters["start"],
-            stop=parameters["stop"],
+            start=parameters.get("start"),
+            stop=parameters.get("stop"),
             request_id=parameters.get("request_id") or "manual",
         )
     )
@@ -125,7 +131,7 @@ def load(request: IngestRequest, manifest: LandingManifest, res: Resources, bran
 def audit_load(branch: str, result: LoadResult, manifest: LandingManifest, res: Resources) -> QualitySummary:
     """The checks on the load's branch: the upstream's count(*) per loaded day, then the table-side checks."""
     upstream = (
-        upstream_counts_by_day(res.socrata, res.settings.upstream_dataset_id, result.touched)
+        upstream_counts_by_day(res.socrata, res.settings.upstream_dataset_id, result.touched, through=ceiling(manifest))
         if result.touched is not None
         else None
     )
