@@ -26,11 +26,11 @@ from __future__ import annotations
 import hmac
 import re
 from collections.abc import Sequence
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.webio import InboundRequest, Reply
@@ -68,6 +68,21 @@ class _EventRefused(Exception):
 # ---------------------------------------------------------------------------------------------- models
 
 
+def _utc_if_naive(value: datetime) -> datetime:
+    """An event time without an offset is read as UTC, the zone Event Grid writes (`…Z`).
+
+    Why: Python takes a naive datetime for local time, so the refresh's `rows_updated_at` (`.timestamp()`) depended
+    on the host's zone, and at the start of the calendar (`"eventTime": "0001-01-01T00:00:00"`) it raised ValueError:
+    a 500 for the whole batch, which Event Grid retries until it dead-letters it (found by
+    tests/unit/test_fuzz_intake.py).
+    """
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value
+
+
+#: An envelope's time, always with an offset (see `_utc_if_naive`).
+EventTime = Annotated[datetime, AfterValidator(_utc_if_naive)]
+
+
 class _Envelope(BaseModel):
     # Event Grid adds envelope fields over time; unknown ones are ignored, the ones we use are required.
     model_config = ConfigDict(extra="ignore", populate_by_name=True, frozen=True)
@@ -80,7 +95,7 @@ class EventGridSchemaEvent(_Envelope):
     topic: str = Field(min_length=1)
     subject: str
     event_type: str = Field(alias="eventType", min_length=1)
-    event_time: datetime = Field(alias="eventTime")
+    event_time: EventTime = Field(alias="eventTime")
     data: dict[str, Any] = Field(default_factory=dict)
     data_version: str = Field(alias="dataVersion")
     metadata_version: str | None = Field(default=None, alias="metadataVersion")
@@ -105,7 +120,7 @@ class CloudEventSchemaEvent(_Envelope):
     source: str = Field(min_length=1)
     type: str = Field(min_length=1)
     subject: str = ""
-    time: datetime | None = None
+    time: EventTime | None = None
     data: dict[str, Any] = Field(default_factory=dict)
 
     def normalised(self) -> GridEvent:
