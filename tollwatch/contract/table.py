@@ -81,8 +81,13 @@ PARTITION = Partition()
 WHITESPACE = "[\\t\\n\\f\\r ]"
 #: A non-negative integer, surrounding whitespace allowed; group 1 is the digits.
 INTEGER_PATTERN = f"^{WHITESPACE}*([0-9]+){WHITESPACE}*\\z"
-#: `YYYY-MM-DD`, optionally with a floating midnight (Socrata's calendar dates); groups 1-3 are year, month, day.
-DATE_PATTERN = "^([0-9]{4})-([0-9]{2})-([0-9]{2})(T00:00:00(\\.0+)?)?\\z"
+#: The years a loaded day may have, 0001-9998. Year 0000 is no date to Python (the flow, and a Spark driver collecting
+#: a load's first and last day), and 9999-12-31 has no next day to end the stop-exclusive range a load records as
+#: touched (`encode_days`, `Window`): either day, typed by both engines before, failed its whole refresh load.
+YEAR_PATTERN = "(000[1-9]|00[1-9][0-9]|0[1-9][0-9]{2}|[1-8][0-9]{3}|9[0-8][0-9]{2}|99[0-8][0-9]|999[0-8])"
+#: `YYYY-MM-DD` of a year in YEAR_PATTERN, optionally with a floating midnight (Socrata's calendar dates); groups 1-3
+#: are year, month, day.
+DATE_PATTERN = f"^{YEAR_PATTERN}-([0-9]{{2}})-([0-9]{{2}})(T00:00:00(\\.0+)?)?\\z"
 #: A Socrata system time: its first 19 characters are read as UTC; groups 1-6. Not matching means no version
 #: (null), never a rejection: the version only orders rows.
 TIMESTAMP_PATTERN = "^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})"
@@ -97,8 +102,9 @@ class Check:
 
     Kinds: `required` (no value), `integer` (a value not matching INTEGER_PATTERN), `fits` (an integer too large for
     its column type), `between` (typed value outside [low, high]), `at_least` (typed value below low), `date` (a
-    value not an existing calendar day by DATE_PATTERN: 2024-02-30 is rejected, not rolled over), `in_window` (a
-    typed date outside the load's window, when it has one), `one_of` (a value, or no value, not in `values`).
+    value not an existing calendar day of a year 0001-9998 by DATE_PATTERN: 2024-02-30 is rejected, not rolled over),
+    `in_window` (a typed date outside the load's window, when it has one), `one_of` (a value, or no value, not in
+    `values`).
     """
 
     kind: CheckKind

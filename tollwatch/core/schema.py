@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -62,7 +63,21 @@ class Converted:
 
 
 def _strings(rows: list[Mapping[str, object]], name: str) -> pa.Array:
-    return pa.array([row.get(name) for row in rows], type=pa.string())
+    """One upstream field of a page as strings.
+
+    Socrata sends text, but not always: a checkbox column's value is a JSON boolean, a location's an object. Such a
+    value is kept as its JSON text, which is what Spark's JSON reader gives a string column; pyarrow refused the
+    whole page instead (ArrowTypeError), so one drifted column failed every local load while Spark loaded it.
+    """
+    values = [row.get(name) for row in rows]
+    try:
+        return pa.array(values, type=pa.string())
+    except (pa.ArrowTypeError, pa.ArrowInvalid):
+        return pa.array([_json_text(value) for value in values], type=pa.string())
+
+
+def _json_text(value: object) -> str | None:
+    return value if value is None or isinstance(value, str) else orjson.dumps(value).decode()
 
 
 def _first_reason(reasons: list[pa.Array], length: int) -> pa.Array:

@@ -377,12 +377,17 @@ def declaration_problems(declaration: Declaration) -> list[tuple[Loc, str]]:
     """Problems Prefect's models find in one declaration (before its references are resolved), as
     `(field in the file, message)`."""
     body = declaration.resolved(lambda _reference: _UNRESOLVED)
-    problems = _validate_parts(body)
-    if not problems:
-        try:
-            _build(body)
-        except ValidationError as exc:
-            problems = _errors(exc, ())
+    try:
+        problems = _validate_parts(body)
+        if not problems:
+            try:
+                _build(body)
+            except ValidationError as exc:
+                problems = _errors(exc, ())
+    except RecursionError:
+        # Prefect checks each Jinja template by parsing it, and Jinja's parser recurses once per nested expression
+        # or block: a template nested a few hundred levels deep exhausted Python's stack instead of being reported.
+        problems = [((), "a template or value nested too deep for Prefect to check")]
     return [(declaration.file_loc(loc), message) for loc, message in problems]
 
 

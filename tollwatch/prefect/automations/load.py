@@ -62,6 +62,15 @@ _REFERENCE = re.compile(r"\$\{(?P<name>[^}:]*)(?::-(?P<default>[^}]*))?\}")
 #: The only variables a file may name.
 _SETTING = re.compile(r"^TOLLWATCH_[A-Z0-9_]+$")
 _WHOLE_NUMBER = re.compile(r"^[0-9]+$")
+#: The most digits a `${TOLLWATCH_…}` whole number may have: longer is no count or duration (and int() refuses text
+#: past 4300 digits with an error of its own).
+_MAX_DIGITS = 100
+#: How deep a file's values may nest, and how many values its aliases (`&name` … `*name`) may expand it to. A few
+#: levels and a few hundred values make a real automation file; what the limits keep out is a file that the checks
+#: cannot walk: a value nested hundreds of levels (Python's recursion limit, pydantic's serialization depth) or an
+#: alias bomb, 12 lines that expand to billions of values, each walked and copied.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
 
 
 @dataclass(frozen=True)
@@ -133,6 +142,10 @@ def _substitute_text(
     [used] = found
     if not _WHOLE_NUMBER.match(used.value.strip()):
         return text, found, [(loc, f"{used.described()} is not a whole number")]
+    digits = len(used.value.strip())
+    if digits > _MAX_DIGITS:  # int() refuses text past 4300 digits with a ValueError of its own
+        where = "from the environment" if used.origin == "environment" else "the default in the file"
+        return text, found, [(loc, f"{used.name} ({where}) has {digits} digits, more than {_MAX_DIGITS}")]
     return int(used.value), found, []
 
 
@@ -169,18 +182,70 @@ class _StrictLoader(yaml.SafeLoader):
 
 def _read_yaml(path: Path, source: str) -> tuple[Any, list[str]]:
     try:
-        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+        text = path.read_text(encoding="utf-8")
+        data = yaml.load(text, Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
         return None, [f"{source}: YAML syntax error at {where}{exc.problem}"]
+    except yaml.reader.ReaderError as exc:
+        # A character YAML does not allow (a control character): PyYAML's message spans two lines and gives an
+        # offset, not a line; this is one problem line with the line and column, like the syntax errors above.
+        line = text.count("\n", 0, exc.position) + 1
+        column = exc.position - text.rfind("\n", 0, exc.position)
+        code = f" #x{exc.character:04x}" if isinstance(exc.character, int) else ""
+        return None, [f"{source}: YAML syntax error at line {line}, column {column}: character{code}: {exc.reason}"]
     except (yaml.YAMLError, OSError, UnicodeDecodeError) as exc:
-        return None, [f"{source}: cannot read: {exc}"]
+        return None, [f"{source}: cannot read: {' '.join(str(exc).split())}"]
+    except ValueError as exc:  # PyYAML's int() of a number past 4300 digits
+        return None, [f"{source}: cannot read a number: {str(exc).partition(';')[0]}"]
+    except RecursionError:  # PyYAML's parser recurses once per level: a few hundred levels exhaust Python's stack
+        return None, [f"{source}: values nested deeper than {MAX_DEPTH} levels"]
     if data is None:
         return None, [f"{source}: the file is empty"]
     if not isinstance(data, dict):
         return None, [f"{source}: expected a mapping at the top level, found {type(data).__name__}"]
-    return data, []
+    problem = _shape_problem(data)
+    return (None, [f"{source}: {problem}"]) if problem else (data, [])
+
+
+def _shape_problem(data: Any) -> str | None:
+    """Why a parsed file cannot be checked, if it cannot: every later step (substitution, pydantic, Prefect's
+    models, the JSON an apply sends) walks its values, so they must be finite, shallow, not too many, and text
+    UTF-8 can hold. PyYAML builds an alias as the very object it names, so a walk here, with the path's containers
+    as the cycle check, costs at most MAX_VALUES steps whatever the aliases expand to."""
+    count = 0
+    enclosing: set[int] = set()  # the containers around the value being walked
+    pending: list[tuple[Any, int, bool]] = [(data, 1, False)]
+    while pending:
+        value, depth, leaving = pending.pop()
+        if leaving:
+            enclosing.discard(id(value))
+            continue
+        count += 1
+        if count > MAX_VALUES:
+            return f"more than {MAX_VALUES} values (YAML aliases `*name` repeat the value they name)"
+        if isinstance(value, str) and not _is_utf8(value):
+            return f"text that is not valid Unicode ({value[:40]!r}: a lone surrogate, from a \\u escape)"
+        if not isinstance(value, dict | list | tuple | set | frozenset):
+            continue
+        if id(value) in enclosing:
+            return "an alias (`*name`) refers to a value that contains it: the value never ends"
+        if depth > MAX_DEPTH:
+            return f"values nested deeper than {MAX_DEPTH} levels"
+        enclosing.add(id(value))
+        pending.append((value, depth, True))
+        children = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)
+        pending.extend((child, depth + 1, False) for child in children)
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 M = TypeVar("M", bound=BaseModel)

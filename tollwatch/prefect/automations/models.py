@@ -268,10 +268,13 @@ class Project:
 Loc = tuple[str | int, ...]
 
 
+#: The union tags pydantic puts into an error path after each of these fields, dropped by `clean_loc`. Every member
+#: of the union is listed: a missing one (`run-databricks-job`, once) shows the user a path their file does not have
+#: (`action.run-databricks-job.job_id` for `action.job_id`).
 _TAGS_AFTER: dict[str, frozenset[str]] = {
     "trigger": frozenset({"event", "metric", "compound", "sequence"}),
     "triggers": frozenset({"event", "metric", "compound", "sequence"}),
-    "action": frozenset({"run-local-job", "call-webhook"}),
+    "action": frozenset({"run-local-job", "run-databricks-job", "call-webhook"}),
 }
 _UNION_MEMBER = re.compile(r"^(function-[a-z-]+\[.*\]|[A-Z][A-Za-z]+)$")
 
@@ -296,10 +299,19 @@ def clean_loc(loc: Loc, *, root: str = "trigger") -> Loc:
 
 
 def format_loc(loc: Loc) -> str:
-    """`subscriptions[0].action.job`: the path a reader finds in the YAML file."""
+    """`subscriptions[0].action.job`: the path a reader finds in the YAML file.
+
+    A key that does not print on one line (a quoted YAML key holding a line break or a control character) is shown
+    as its repr, `['a\\rb']`: written as it is, it split its problem into two lines of the error.
+    """
     text = ""
     for part in loc:
-        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+        if isinstance(part, int):
+            text += f"[{part}]"
+        elif not str(part).isprintable():
+            text += f"[{str(part)!r}]"
+        else:
+            text += f".{part}" if text else str(part)
     return text
 
 
