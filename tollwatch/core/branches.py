@@ -53,6 +53,22 @@ class NoSuchLoad(TollwatchError):
     status = 404
 
 
+def to_settle(branches: Branches, refresh_id: str, action: str) -> HoldRecord | Settlement:
+    """The held load an operator is about to settle, or the earlier settlement when the same decision was made
+    before (settling is idempotent: the first record stands); a load settled the other way, or never held, is
+    refused with a sentence."""
+    previous = branches.settled(refresh_id)
+    if previous is not None:
+        if previous.action != action:
+            done = f"{previous.action} by {previous.by}"
+            raise NoSuchLoad(f"refresh {refresh_id} was already {done}: it cannot be {action}")
+        return previous
+    held = branches.held(refresh_id)
+    if not held:
+        raise NoSuchLoad(f"refresh {refresh_id} is not held (see `tollwatch status`)")
+    return held[0]
+
+
 class Branches:
     """The table's audit branches and the held/settled records beside them."""
 
@@ -192,24 +208,19 @@ class Branches:
 
     def discard(self, refresh_id: str, *, by: str, reason: str) -> Settlement:
         """Drop a held load's branch and record who discarded it and why; idempotent (the first record stays)."""
-        previous = self.settled(refresh_id)
-        if previous is not None:
-            if previous.action != "discarded":
-                raise NoSuchLoad(f"refresh {refresh_id} was already {previous.action} by {previous.by}")
-            return previous
-        records = self.held(refresh_id)
-        if not records:
-            raise NoSuchLoad(f"refresh {refresh_id} is not held (see `tollwatch status`)")
+        found = to_settle(self, refresh_id, "discarded")
+        if isinstance(found, Settlement):
+            return found
         settlement = Settlement(
-            refresh_id=refresh_id, action="discarded", by=by, reason=reason, at=datetime.now(UTC), held=records[0]
+            refresh_id=refresh_id, action="discarded", by=by, reason=reason, at=datetime.now(UTC), held=found
         )
 
         def drop() -> None:
             table = self._table()
             with table.transaction() as txn:
-                if records[0].branch in table.metadata.refs:
+                if found.branch in table.metadata.refs:
                     refs = ManageSnapshots(txn)
-                    refs.remove_branch(records[0].branch)
+                    refs.remove_branch(found.branch)
                     refs.commit()
                 txn.remove_properties(contract.HELD_PREFIX + refresh_id)
                 txn.set_properties({contract.SETTLED_PREFIX + refresh_id: settlement.model_dump_json()})

@@ -25,7 +25,7 @@ from pyiceberg.expressions import And, GreaterThanOrEqual, LessThan
 from tollwatch.contract import table as contract
 from tollwatch.contract.errors import TollwatchError
 from tollwatch.contract.quality import HoldRecord, QualitySpec, QualitySummary, Settlement
-from tollwatch.core.branches import Branches, NoSuchLoad, NotFastForward
+from tollwatch.core.branches import Branches, NotFastForward, to_settle
 from tollwatch.core.ingest import LoadResult
 from tollwatch.core.quality import Profile, audit
 from tollwatch.core.table import MAIN, IcebergTableStore, head
@@ -185,15 +185,10 @@ def override(
     from its landing (`rebuild` writes the load to `record.branch` again) and then published: the override never
     drops what was published meanwhile. The checks are not run again: publishing despite them is the point.
     """
-    previous = branches.settled(refresh_id)
-    if previous is not None:
-        if previous.action != "published":
-            raise NoSuchLoad(f"refresh {refresh_id} was {previous.action} by {previous.by}: it cannot be published")
-        return previous
-    held = branches.held(refresh_id)
-    if not held:
-        raise NoSuchLoad(f"refresh {refresh_id} is not held (see `tollwatch status`)")
-    record = held[0]
+    found = to_settle(branches, refresh_id, "published")
+    if isinstance(found, Settlement):
+        return found
+    record = found
     settlement = Settlement(
         refresh_id=refresh_id, action="published", by=by, reason=reason, at=datetime.now(UTC), held=record
     )
