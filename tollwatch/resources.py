@@ -40,11 +40,18 @@ if TYPE_CHECKING:
     from tollwatch.core.table import IcebergTableStore
 
 
-def azure_credential() -> Any:
+def azure_credential(managed_identity_client_id: str | None = None) -> Any:
     """Entra ID for every Azure client of a process: a managed/workload identity in Azure, the developer's login
-    elsewhere. One per `Resources`, so its tokens are fetched once and refreshed, not once per client."""
+    elsewhere. One per `Resources`, so its tokens are fetched once and refreshed, not once per client.
+
+    `managed_identity_client_id` picks one of several user-assigned identities; unset, azure-identity takes
+    `AZURE_CLIENT_ID` from the environment, else the system-assigned identity (passing None explicitly would
+    override `AZURE_CLIENT_ID`, so it is only passed when given).
+    """
     from azure.identity import DefaultAzureCredential  # imported lazily: slow, and only for Azure
 
+    if managed_identity_client_id:
+        return DefaultAzureCredential(managed_identity_client_id=managed_identity_client_id)
     return DefaultAzureCredential()
 
 
@@ -231,11 +238,22 @@ class Resources:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self._closing = ExitStack()
+        self._identities: dict[str, Any] = {}
 
     @cached_property
     def credential(self) -> Any:
         """Entra ID, built only when an Azure client without a key or connection string asks for it."""
         return self._closing.enter_context(azure_credential())
+
+    def identity(self, client_id: str | None = None) -> Any:
+        """The process's credential (`credential`), or a user-assigned identity's when `client_id` names one: one
+        credential per identity, so each identity's tokens are cached and refreshed once, and all are closed
+        together."""
+        if not client_id:
+            return self.credential
+        if client_id not in self._identities:
+            self._identities[client_id] = self._closing.enter_context(azure_credential(client_id))
+        return self._identities[client_id]
 
     @cached_property
     def blob_service(self) -> BlobServiceClient:

@@ -347,4 +347,6 @@ def test_blocks_register_with_prefects_cli(prefect_api):
         check=False,
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Successfully registered 3 blocks" in result.stdout
+    # tollwatch's four blocks, and prefect-databricks' DatabricksCredentials (the fallback) that blocks.py imports
+    assert "Successfully registered 5 blocks" in result.stdout
+    assert "tollwatch Databricks identity" in result.stdout

@@ -22,6 +22,9 @@ from tollwatch.contract.events import deterministic_id
 
 #: Life-cycle states after which a run never changes again.
 TERMINAL_LIFE_CYCLES = frozenset({"TERMINATED", "SKIPPED", "INTERNAL_ERROR"})
+#: Entra ID scope of the Azure Databricks resource (its first-party application id, the same in every tenant):
+#: what a managed identity asks a token for to call a workspace's REST APIs.
+AZURE_DATABRICKS_SCOPE = "2ff814a6-3304-4ab8-85cb-cd0e6f879c1d/.default"
 
 
 class DatabricksRunFailed(TollwatchError):
@@ -42,6 +45,11 @@ class DatabricksRunTimedOut(DatabricksRunFailed):
 class DatabricksApiError(TollwatchError):
     """A Jobs API call kept failing (throttled, unavailable, unreachable) through every retry, or asked us to wait
     longer than we allow. The message names the call, the last answer and the number of attempts."""
+
+
+class DatabricksAuthError(TollwatchError):
+    """No Entra ID token for Azure Databricks: the identity is missing, unreachable or refused (the message says which
+    identity and azure-identity's reason; it never holds a token)."""
 
 
 class ComputeSpec(BaseModel):

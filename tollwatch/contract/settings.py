@@ -92,7 +92,11 @@ class Settings(BaseSettings):
         description="engine=spark: extra Spark conf (JSON); for a catalog other than the local SQL catalog, its conf",
     )
     databricks_credentials_block: str = Field(
-        "tollwatch-databricks", description="prefect-databricks DatabricksCredentials block name"
+        "tollwatch-databricks",
+        pattern=r"^([a-z0-9-]+/)?[a-z0-9][a-z0-9-]*$",
+        description="who calls the workspace, as `<block type>/<name>`: `tollwatch-databricks-identity/<name>` (the "
+        "worker's managed identity, no secret; production) or a bare name / `databricks-credentials/<name>` "
+        "(prefect-databricks' DatabricksCredentials: client secret or PAT, the fallback)",
     )
     databricks_compute_block: str = Field("tollwatch", description="tollwatch-databricks-compute block name")
     databricks_storage_block: str = Field("tollwatch", description="tollwatch-azure-storage-location block name")

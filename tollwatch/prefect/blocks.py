@@ -1,8 +1,10 @@
-"""Prefect blocks for running on Databricks: where Spark runs, where the data lives, which catalog it writes.
+"""Prefect blocks for running on Databricks: who calls the workspace, where Spark runs, where the data lives, which
+catalog it writes.
 
-Register them once per workspace with `prefect block register -m tollwatch.prefect.blocks`; the credentials block comes
-from prefect-databricks itself (`DatabricksCredentials`: service-principal OAuth preferred, PAT fallback).
-Blocks hold names and URLs, never secrets of their own: the only secret (the Databricks credential) lives in
+Register them once per workspace with `prefect block register -m tollwatch.prefect.blocks`. The workspace is called
+as the worker's managed identity (`DatabricksIdentity`: an Entra ID token, no secret stored anywhere); the fallback
+is prefect-databricks' own `DatabricksCredentials` block (a service principal's client secret, or a PAT).
+Blocks hold names, ids and URLs, never secrets of their own: the only secret there can be (the fallback's) lives in
 the prefect-databricks block as a `SecretStr`, so nothing here can leak one into a log or an event.
 """
 
@@ -10,11 +12,73 @@ from __future__ import annotations
 
 from typing import Any, Literal, Self
 
+import httpx
+from azure.core.exceptions import ClientAuthenticationError
 from prefect.blocks.core import Block
-from pydantic import Field, model_validator
+from prefect_databricks import DatabricksCredentials
+from pydantic import Field, PrivateAttr, model_validator
 
-from tollwatch.adapters.databricks_jobs import ComputeSpec
+from tollwatch.adapters.databricks_jobs import AZURE_DATABRICKS_SCOPE, ComputeSpec, DatabricksAuthError
 from tollwatch.contract import compute
+
+
+class DatabricksIdentity(Block):
+    """The Azure Databricks workspace, called as a managed (or workload) identity: no secret, nothing to rotate.
+
+    prefect-databricks' tasks take a `databricks_credentials` object and only ever call its `get_client()`; this
+    block answers that call with prefect-databricks' own client (its base URL, user agent and headers) carrying an
+    Entra ID access token for the Azure Databricks resource, fetched through azure-identity's
+    `DefaultAzureCredential`. The credential is kept, so its token cache serves every call until the token is
+    within five minutes of expiry and then fetches the next one: one token request per hour, not one per call.
+    The token lives in that cache only; the saved block holds the workspace host and, optionally, which
+    user-assigned identity to use.
+    """
+
+    _block_type_name = "tollwatch Databricks identity"
+    _block_type_slug = "tollwatch-databricks-identity"
+    _description = (
+        "Azure Databricks workspace host, called with an Entra ID token of the worker's managed identity "
+        "(no client secret, no PAT)."
+    )
+
+    databricks_instance: str = Field(
+        pattern=r"^[A-Za-z0-9.-]+(:\d+)?$",
+        description="workspace host, e.g. adb-1234567890123456.7.azuredatabricks.net (no https://)",
+    )
+    managed_identity_client_id: str | None = Field(
+        default=None,
+        description="a user-assigned identity's client id (not a secret); unset: AZURE_CLIENT_ID, else the "
+        "system-assigned identity",
+    )
+
+    _credential: Any = PrivateAttr(default=None)
+
+    def use_credential(self, credential: Any) -> Self:
+        """Take the process's credential (`Resources.identity`) instead of building one: one token cache per
+        identity and process, closed with the process's other clients."""
+        self._credential = credential
+        return self
+
+    def access_token(self) -> str:
+        """A current Entra ID token for the Azure Databricks resource (from the credential's cache while it is
+        fresh)."""
+        if self._credential is None:
+            from tollwatch.resources import azure_credential
+
+            self._credential = azure_credential(self.managed_identity_client_id)
+        try:
+            return str(self._credential.get_token(AZURE_DATABRICKS_SCOPE).token)
+        except ClientAuthenticationError as error:  # also azure-identity's CredentialUnavailableError
+            who = self.managed_identity_client_id or "the process's identity"
+            raise DatabricksAuthError(
+                f"no Entra ID token for Azure Databricks ({self.databricks_instance}) as {who}: "
+                f"{type(error).__name__}: {error}"
+            ) from error
+
+    def get_client(self) -> httpx.AsyncClient:
+        """What prefect-databricks' tasks call: its own client, authenticated with the identity's current token."""
+        bearer = DatabricksCredentials(databricks_instance=self.databricks_instance, token=self.access_token())
+        return bearer.get_client()
 
 
 class DatabricksCompute(Block):

@@ -7,6 +7,9 @@ never comes sooner than the `Retry-After` the API sent (Prefect's task retries c
 call that fails through every retry ends in a `DatabricksApiError` naming the call, the last answer and the
 attempts. A retried submit carries the same idempotency token, so Databricks returns the run the first attempt
 started (also when that attempt's response was lost to a timeout after the request arrived).
+The workspace is called as the worker's managed identity (`tollwatch.prefect.blocks.DatabricksIdentity`, an Entra ID
+token) or, as a fallback, with prefect-databricks' `DatabricksCredentials` (client secret or PAT): the setting
+`databricks_credentials_block` says which (`workspace_auth`).
 Waiting polls `jobs/runs/get` until a terminal life cycle; past `max_wait_s` the run is cancelled, so nothing
 keeps running (and billing) after we gave up on it.
 """
@@ -14,7 +17,7 @@ keeps running (and billing) after we gave up on it.
 from __future__ import annotations
 
 import time
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import httpx
 from prefect import Task, get_run_logger, task
@@ -39,10 +42,17 @@ from tollwatch.adapters.databricks_jobs import (
 )
 from tollwatch.adapters.net import RetryPolicy
 from tollwatch.adapters.spark_submit import read_result
+from tollwatch.contract.errors import ConfigurationError
 from tollwatch.contract.result import MergeResult
-from tollwatch.contract.settings import Settings
 from tollwatch.core.ingest import IngestRequest, LoadResult
 from tollwatch.core.landing import LandingManifest
+
+if TYPE_CHECKING:
+    from tollwatch.prefect.blocks import DatabricksIdentity
+    from tollwatch.resources import Resources
+
+    #: What prefect-databricks' tasks accept as `databricks_credentials`: anything with its `get_client()`.
+    WorkspaceAuth = DatabricksCredentials | DatabricksIdentity
 
 MERGE_TASK_KEY = "merge"
 #: The wheel's merge entry point (pyproject `[project.scripts]`), the same one spark-submit runs.
@@ -71,12 +81,13 @@ def describe_failure(error: BaseException, call: str) -> str:
 
 
 class DatabricksRunner:
-    """Submit, wait, cancel — with one credentials object, so an OAuth token is fetched once and refreshed
-    by prefect-databricks only when it is about to expire."""
+    """Submit, wait, cancel — with one credentials object, so an Entra ID / OAuth token is fetched once and
+    refreshed only when it is about to expire (by azure-identity for an identity, by prefect-databricks for a
+    client secret)."""
 
     def __init__(
         self,
-        credentials: DatabricksCredentials,
+        credentials: WorkspaceAuth,
         *,
         retries: int = 4,
         backoff_s: float = 2.0,
@@ -235,7 +246,7 @@ def serverless_body(
 
 
 @task(name="jobs_runs_submit (serverless)")
-async def _submit_serverless(databricks_credentials: DatabricksCredentials, body: dict[str, Any]) -> dict[str, Any]:
+async def _submit_serverless(databricks_credentials: WorkspaceAuth, body: dict[str, Any]) -> dict[str, Any]:
     response = await execute_endpoint.fn(
         "/2.1/jobs/runs/submit", databricks_credentials, http_method=HTTPMethod.POST, json=body
     )
@@ -243,11 +254,34 @@ async def _submit_serverless(databricks_credentials: DatabricksCredentials, body
     return dict(response.json())
 
 
-def runner_for(settings: Settings) -> DatabricksRunner:
+def workspace_auth(res: Resources) -> WorkspaceAuth:
+    """The block `databricks_credentials_block` names, as Prefect addresses blocks: `<block type slug>/<name>`.
+
+    `tollwatch-databricks-identity/<name>` is the managed identity (no secret), given the process's credential
+    for its identity (`Resources.identity`); a bare name, or `databricks-credentials/<name>`, is prefect-databricks'
+    `DatabricksCredentials` (client secret or PAT), the fallback.
+    """
+    from tollwatch.prefect.blocks import DatabricksIdentity
+
+    reference = res.settings.databricks_credentials_block
+    slug, _, name = reference.rpartition("/")
+    if slug == DatabricksIdentity.get_block_type_slug():
+        identity = DatabricksIdentity.load(name)
+        return identity.use_credential(res.identity(identity.managed_identity_client_id))
+    if slug in ("", DatabricksCredentials.get_block_type_slug()):
+        return DatabricksCredentials.load(name)
+    raise ConfigurationError(
+        f"TOLLWATCH_DATABRICKS_CREDENTIALS_BLOCK={reference!r}: the block type must be "
+        f"{DatabricksIdentity.get_block_type_slug()!r} (managed identity) or "
+        f"{DatabricksCredentials.get_block_type_slug()!r} (client secret or PAT), not {slug!r}"
+    )
+
+
+def runner_for(res: Resources) -> DatabricksRunner:
     """The runner with the workspace credentials block named in settings."""
-    credentials = DatabricksCredentials.load(settings.databricks_credentials_block)
+    settings = res.settings
     return DatabricksRunner(
-        credentials,
+        workspace_auth(res),
         retries=settings.databricks_api_retries,
         backoff_s=settings.databricks_api_backoff_s,
         poll_s=settings.databricks_poll_s,
@@ -256,10 +290,12 @@ def runner_for(settings: Settings) -> DatabricksRunner:
 
 
 def merge_on_databricks(
-    settings: Settings, request: IngestRequest, manifest: LandingManifest, flow_run_id: str
+    res: Resources, request: IngestRequest, manifest: LandingManifest, flow_run_id: str
 ) -> tuple[LoadResult, str | None]:
     """Merge one landing with the wheel's `tollwatch-merge` on Databricks; the load result and the run page URL."""
     from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
+
+    settings = res.settings
 
     storage = AzureStorageLocation.load(settings.databricks_storage_block)
     catalog = SparkIcebergCatalog.load(settings.databricks_catalog_block)
@@ -276,7 +312,7 @@ def merge_on_databricks(
         stop=window.stop if window else None,
         flow_run_id=flow_run_id,
     )
-    outcome, printed = runner_for(settings).merge(
+    outcome, printed = runner_for(res).merge(
         compute,
         settings.databricks_wheel,
         args,

@@ -286,7 +286,7 @@ def _ingest(res: Resources, parameters: dict[str, Any]) -> IngestionCompleted | 
             from tollwatch.prefect.databricks_runner import merge_on_databricks
 
             count_upstream_days(request, fetch, manifest, res)
-            result, run_page_url = merge_on_databricks(settings, request, manifest, str(flow_run.id or "local"))
+            result, run_page_url = merge_on_databricks(res, request, manifest, str(flow_run.id or "local"))
             if result.settled is not None:
                 return _settlement(settings, Settlement.model_validate(result.settled))
             quality = QualitySummary.model_validate(result.quality) if result.quality else None

@@ -154,4 +154,4 @@ def run_on_databricks(job_id: int, completion: IngestionCompleted, extra: dict[s
     from tollwatch.prefect.databricks_runner import runner_for
 
     token = idempotency_token("run-now", str(flow_run.id or "local"), job_id, completion.refresh_id)
-    return runner_for(res.settings).run_now(job_id, job_parameters(completion, extra), token=token)
+    return runner_for(res).run_now(job_id, job_parameters(completion, extra), token=token)
