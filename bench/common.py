@@ -41,6 +41,15 @@ class Figure(BaseModel):
         return self.baseline / self.value if self.better == "lower" else self.value / self.baseline
 
 
+class FigureFailed(Exception):
+    """A figure was measured but missed a goal it must not miss (e.g. an event lost): its figures are still shown,
+    and `python -m bench` exits non-zero."""
+
+    def __init__(self, message: str, figures: list[Figure]) -> None:
+        super().__init__(message)
+        self.figures = figures
+
+
 def percentile(values: list[float], q: float) -> float:
     """Nearest-rank percentile (q in 0..100) of a non-empty list."""
     ordered = sorted(values)
