@@ -44,8 +44,11 @@ temporary directory, and writes `ca_bundle`, certifi's CAs plus that CA. Clients
 https://www.python-httpx.org/environment_variables). Set it in the environment of every process that calls the
 double (`double.client_env()`); nothing else changes for other hosts, since the bundle keeps certifi's CAs.
 
-Authentication: a bearer token (a PAT placeholder: `DatabricksCredentials(token=...)` needs no Entra ID token
-endpoint). A request without one is answered 401; with `token=` given, another token is answered 403.
+Authentication: a bearer token. A request without one is answered 401; with `token=` given, another token is answered
+403. `token` is either the one token accepted (a PAT placeholder: `DatabricksCredentials(token=...)` needs no Entra ID
+token endpoint) or a check of each token, as the workspace makes it for an Entra ID token: e.g.
+`tests.support.entra.ManagedIdentityEndpoint.accepts(DATABRICKS)`, minted by the managed identity endpoint for the
+Azure Databricks resource and not expired.
 
 Lifecycle: `with DatabricksJobsDouble(...) as double:` starts the server thread; leaving stops it, terminates any
 driver still running and removes the temporary directory. Every request is logged to `double.calls`, every
@@ -67,7 +70,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -333,7 +336,7 @@ class DatabricksJobsDouble:
         conf: Mapping[str, str],
         storage_connection_string: str | None = None,
         jobs: Mapping[str, Mapping[str, Any]] | None = None,
-        token: str | None = None,
+        token: str | Callable[[str], bool] | None = None,
         spark_submit: str | None = None,
         master: str = "local[1]",
         pending_s: float = 0.5,
@@ -472,7 +475,10 @@ class DatabricksJobsDouble:
         if scheme != "Bearer" or not credential:
             message = "Credential was not sent or was of an unsupported type for this API."
             raise ApiError(401, "UNAUTHENTICATED", message)
-        if self.token is not None and credential != self.token:
+        if self.token is None:
+            return
+        accepted = self.token(credential) if callable(self.token) else credential == self.token
+        if not accepted:
             raise ApiError(403, "PERMISSION_DENIED", "Invalid access token.")
 
     # -- endpoints
