@@ -49,10 +49,7 @@ def _backfill(request: InboundRequest, settings: Settings) -> Reply:
         backfill = parse_backfill(request.body, BackfillLimits.from_settings(settings))
     except BackfillRejected as rejected:
         log.warning("backfill request refused: %s", rejected)
-        return Reply.with_json(
-            400,
-            {"error": "invalid backfill request", "problems": [p.model_dump() for p in rejected.problems]},
-        )
+        return Reply.with_json(400, rejected.refusal().model_dump())
     counts = None
     if backfill.chunk is Chunk.AUTO:
         try:

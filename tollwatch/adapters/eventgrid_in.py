@@ -41,6 +41,10 @@ SECRET_HEADER = "x-tollwatch-secret"  # noqa: S105 (a header name, not a secret)
 SECRET_QUERY = "secret"  # noqa: S105 (a parameter name)
 #: Set by Event Grid on every webhook POST (handshake and deliveries): the event subscription's name.
 SUBSCRIPTION_HEADER = "aeg-subscription-name"
+#: The CloudEvents webhook handshake (HTTP OPTIONS): the origin asking, and the answer granting it.
+REQUEST_ORIGIN_HEADER = "WebHook-Request-Origin"
+ALLOWED_ORIGIN_HEADER = "WebHook-Allowed-Origin"
+ALLOWED_RATE_HEADER = "WebHook-Allowed-Rate"
 
 _SUBJECT = re.compile(r"^/blobServices/default/containers/(?P<container>[^/]+)/blobs/(?P<blob>.+)$")
 
@@ -199,6 +203,14 @@ class RefusedEvent(BaseModel):
         return f"event {self.index}: {self.reason}"
 
 
+class SubscriptionValidationResponse(BaseModel):
+    """The answer to an Event Grid schema SubscriptionValidationEvent: its code echoed, which proves the endpoint."""
+
+    model_config = ConfigDict(frozen=True, populate_by_name=True)
+
+    validation_response: str = Field(alias="validationResponse", min_length=1)
+
+
 class Screening(BaseModel):
     """A delivery judged event by event: a handshake, or the accepted BlobCreated events and the refused rest."""
 
@@ -255,14 +267,14 @@ def check_subscription(request: InboundRequest, names: Sequence[str]) -> None:
 
 def abuse_protection(request: InboundRequest, allowed_origins: Sequence[str]) -> Reply:
     """CloudEvents webhook OPTIONS handshake: grant delivery to an allowed `WebHook-Request-Origin`."""
-    origin = request.header("webhook-request-origin")
+    origin = request.header(REQUEST_ORIGIN_HEADER)
     if not origin:
-        raise Rejected(400, "OPTIONS without WebHook-Request-Origin: not a CloudEvents webhook handshake")
+        raise Rejected(400, f"OPTIONS without {REQUEST_ORIGIN_HEADER}: not a CloudEvents webhook handshake")
     if "*" not in allowed_origins and origin.lower() not in {o.lower() for o in allowed_origins}:
         raise Rejected(403, f"origin {origin!r} is not allowed to deliver events here")
     return Reply(
         status=200,
-        headers={"WebHook-Allowed-Origin": origin, "WebHook-Allowed-Rate": "*", "Allow": "POST, OPTIONS"},
+        headers={ALLOWED_ORIGIN_HEADER: origin, ALLOWED_RATE_HEADER: "*", "Allow": "POST, OPTIONS"},
     )
 
 

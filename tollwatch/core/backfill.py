@@ -186,6 +186,13 @@ class FieldProblem(BaseModel):
     reason: str
 
 
+class BackfillRefusal(BaseModel):
+    """The 400 body of a refused request: a fixed headline and every field-level problem."""
+
+    error: str = Field(description="always 'invalid backfill request'")
+    problems: list[FieldProblem] = Field(min_length=1, description="each refused field and why")
+
+
 class BackfillRejected(TollwatchError, ValueError):
     """The request is invalid; `problems` say which fields and why."""
 
@@ -194,6 +201,10 @@ class BackfillRejected(TollwatchError, ValueError):
     def __init__(self, problems: list[FieldProblem]) -> None:
         super().__init__("; ".join(f"{p.field}: {p.reason}" for p in problems))
         self.problems = problems
+
+    def refusal(self) -> BackfillRefusal:
+        """What the HTTP function answers with (400)."""
+        return BackfillRefusal(error="invalid backfill request", problems=self.problems)
 
 
 def parse_backfill(body: bytes | str, limits: BackfillLimits) -> BackfillRequest:
@@ -342,6 +353,15 @@ def read_upstream_counts(socrata: UpstreamCounts, dataset_id: str, window: Windo
 # ---------------------------------------------------------------------------------------------- plan
 
 
+class BackfillSummary(BaseModel):
+    """What a requester is told about a plan (the HTTP function's 202 body)."""
+
+    request_id: str = Field(description="deterministic from the request unless `rerun` was set")
+    event_ids: list[str] = Field(description="one tollwatch.backfill.requested id per chunk, in chunk order")
+    chunks: list[Window] = Field(description="the windows, contiguous, covering [start, stop)")
+    rows: list[int] | None = Field(None, description="auto plans only: the upstream rows each chunk should load")
+
+
 class BackfillPlan(BaseModel):
     """The events to emit for one request, and the summary to show the requester."""
 
@@ -360,14 +380,10 @@ class BackfillPlan(BaseModel):
     def summary(self) -> dict[str, Any]:
         """`{request_id, event_ids, chunks}` (+ `rows` per chunk for auto plans): what the HTTP function answers
         with 202."""
-        answer: dict[str, Any] = {
-            "request_id": self.request_id,
-            "event_ids": [str(e.id) for e in self.events],
-            "chunks": [w.model_dump(mode="json") for w in self.chunks],
-        }
-        if self.rows is not None:
-            answer["rows"] = list(self.rows)
-        return answer
+        summary = BackfillSummary(
+            request_id=self.request_id, event_ids=[str(e.id) for e in self.events], chunks=self.chunks, rows=self.rows
+        )
+        return summary.model_dump(mode="json", exclude_none=True)
 
 
 def chunk_event(

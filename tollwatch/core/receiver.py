@@ -37,6 +37,7 @@ from tollwatch.adapters.eventgrid_in import (
     BlobCreated,
     RefusedEvent,
     Rejected,
+    SubscriptionValidationResponse,
     WatchedLocation,
     abuse_protection,
     check_secret,
@@ -223,7 +224,8 @@ class EventGridReceiver:
         screening = screen(parse_body(request.body, self._policy.max_body_bytes), self._policy.location)
         if screening.validation_code is not None:
             log.info("answering Event Grid subscription validation for %s", request.header(SUBSCRIPTION_HEADER))
-            return Reply.with_json(200, {"validationResponse": screening.validation_code})
+            answer = SubscriptionValidationResponse(validation_response=screening.validation_code)
+            return Reply.with_json(200, answer.model_dump(by_alias=True))
         if not screening.accepted:
             raise screening.refusal()
         for refused in screening.refused:
