@@ -6,9 +6,10 @@ nor anything it imports may import prefect — see tests/functions/test_fn_app.p
 
 import azure.functions as func
 
-from functions import backfill, eventgrid, watch
+from functions import backfill, eventgrid, openapi, watch
 
 app = func.FunctionApp(http_auth_level=func.AuthLevel.FUNCTION)
 app.register_functions(watch.bp)
 app.register_functions(eventgrid.bp)
 app.register_functions(backfill.bp)
+app.register_functions(openapi.bp)

@@ -30,14 +30,11 @@ from urllib.parse import parse_qs, urlsplit
 import azure.functions as func
 
 from tollwatch.contract.errors import TollwatchError
+from tollwatch.contract.webio import FUNCTION_KEY_HEADER, FUNCTION_KEY_QUERY, HOST_MAX_BODY_BYTES, ROUTE_PREFIX
 
 log = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-KEY_HEADER = "x-functions-key"
-KEY_QUERY = "code"
-#: The Functions host refuses bodies above 100 MB; so does this one.
-MAX_BODY_BYTES = 100 * 1024 * 1024
 DEFAULT_APP_PATH = Path(__file__).resolve().parents[1] / "function_app.py"
 
 
@@ -93,7 +90,7 @@ def indexed_functions(app: func.FunctionApp) -> list[func.Function]:
         return _INDEXED[app]
 
 
-def http_routes(app: func.FunctionApp, route_prefix: str = "api") -> list[HttpRoute]:
+def http_routes(app: func.FunctionApp, route_prefix: str = ROUTE_PREFIX) -> list[HttpRoute]:
     """The app's HTTP functions with the path, methods and auth level the Functions host would give them."""
     routes = []
     for function in indexed_functions(app):
@@ -169,7 +166,7 @@ class FunctionHost:
     def authorized(self, route: HttpRoute, headers: dict[str, str], query: dict[str, str]) -> bool:
         if not route.needs_key:
             return True
-        provided = headers.get(KEY_HEADER) or query.get(KEY_QUERY)
+        provided = headers.get(FUNCTION_KEY_HEADER) or query.get(FUNCTION_KEY_QUERY)
         if not provided or self._key is None:
             return False
         return hmac.compare_digest(provided.encode(), self._key.encode())
@@ -214,7 +211,7 @@ class _Handler(BaseHTTPRequestHandler):
     def _serve(self) -> None:
         host: FunctionHost = self.server.host  # type: ignore[attr-defined]
         length = int(self.headers.get("Content-Length") or 0)
-        if length > MAX_BODY_BYTES:
+        if length > HOST_MAX_BODY_BYTES:  # the Functions host refuses these; so does this one
             answer = _Answer(HTTPStatus.REQUEST_ENTITY_TOO_LARGE)
             self.close_connection = True
         else:

@@ -37,10 +37,10 @@ def toy_app() -> func.FunctionApp:
 
 def test_routes_come_from_the_built_app(app):
     routes = {r.path: r for r in http_routes(app)}
-    assert set(routes) == {"/api/eventgrid", "/api/backfill"}
+    assert set(routes) == {"/api/eventgrid", "/api/backfill", "/api/openapi.json"}
     assert routes["/api/eventgrid"].methods == {"POST", "OPTIONS"}
     assert routes["/api/backfill"].function_name == "request_backfill"
-    assert all(r.needs_key for r in routes.values())
+    assert {path for path, r in routes.items() if not r.needs_key} == {"/api/openapi.json"}  # the API description
 
 
 def test_key_by_header_or_code_query_and_401_otherwise(toy_app):

@@ -48,7 +48,8 @@ def test_importing_the_app_loads_no_prefect_and_no_table_stack():
     loaded = _import_in_fresh_interpreter()["modules"]
     heavy = sorted(m for m in loaded if m.split(".")[0] in HEAVY)  # type: ignore[union-attr]
     assert heavy == []
-    assert {"functions.watch", "functions.eventgrid", "functions.backfill"} <= set(loaded)  # type: ignore[arg-type]
+    handlers = {"functions.watch", "functions.eventgrid", "functions.backfill", "functions.openapi"}
+    assert handlers <= set(loaded)  # type: ignore[arg-type]
 
 
 def test_every_distribution_the_app_imports_is_installed_by_requirements_txt():
@@ -100,7 +101,13 @@ def test_timer_schedule_defaults_to_every_15_minutes_and_follows_the_app_setting
 
 def test_registered_functions_triggers_auth_and_retry(app: func.FunctionApp):
     functions = {f.get_function_name(): f for f in indexed_functions(app)}
-    assert set(functions) == {"watch_upstream", "eventgrid_webhook", "eventgrid_trigger", "request_backfill"}
+    assert set(functions) == {
+        "watch_upstream",
+        "eventgrid_webhook",
+        "eventgrid_trigger",
+        "request_backfill",
+        "openapi_document",
+    }
 
     timer = json.loads(functions["watch_upstream"].get_function_json())["bindings"][0]
     assert timer["type"] == "timerTrigger"
@@ -118,6 +125,8 @@ def test_registered_functions_triggers_auth_and_retry(app: func.FunctionApp):
     route = ("route", "methods", "authLevel")
     assert [webhook[k] for k in route] == ["eventgrid", ["POST", "OPTIONS"], "FUNCTION"]
     assert [backfill[k] for k in route] == ["backfill", ["POST"], "FUNCTION"]
+    openapi = json.loads(functions["openapi_document"].get_function_json())["bindings"][0]
+    assert [openapi[k] for k in route] == ["openapi.json", ["GET"], "ANONYMOUS"]
     assert json.loads(functions["eventgrid_trigger"].get_function_json())["bindings"][0]["type"] == "eventGridTrigger"
 
 
@@ -134,6 +143,7 @@ def test_function_app_module_only_builds_and_registers():
         "app.register_functions(watch.bp)",
         "app.register_functions(eventgrid.bp)",
         "app.register_functions(backfill.bp)",
+        "app.register_functions(openapi.bp)",
     ]
 
 
