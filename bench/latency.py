@@ -95,7 +95,7 @@ def bench_stack(
 ) -> Iterator[BenchStack]:
     """A fresh stack: tuned = 0.5 s worker polling + warm runs; untuned = Prefect's default polling, cold runs,
     and no ingest concurrency limit (see `_lift_ingest_limit`)."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from tollwatch.cli.automations import DEFAULT_AUTOMATIONS_DIR, run_apply
     from tollwatch.prefect.deploy import deploy, ensure_work_pool, work_pool_spec
@@ -119,7 +119,7 @@ def bench_stack(
         try:
             endpoints = stack.up()
             os.environ.update(endpoints.env())
-            with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+            with temporary_settings(updates=endpoints.prefect_settings()):
                 deploy("local")
                 if not tuned:
                     ensure_work_pool(work_pool_spec("local").model_copy(update={"warm": False}))
@@ -129,7 +129,12 @@ def bench_stack(
                     run_apply(DEFAULT_AUTOMATIONS_DIR, dry_run=False, prune=False, api_url=endpoints.prefect_api_url)
                 http = httpx.Client(timeout=30)
                 pids = {name: st.pid for name, st in stack.status().items() if st.pid is not None}
-                yield BenchStack(endpoints, PrefectEventsEmitter(http, endpoints.prefect_api_url), Path(tmp), pids)
+                yield BenchStack(
+                    endpoints,
+                    PrefectEventsEmitter(http, endpoints.prefect_api_url, auth_string=endpoints.prefect_auth_string),
+                    Path(tmp),
+                    pids,
+                )
         finally:
             stack.down()
             os.environ.clear()

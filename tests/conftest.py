@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect_databricks import DatabricksCredentials
 
+    from tests.support.warm_driver import WarmClusters
     from tollwatch.core.watermark import WatermarkStore
     from tollwatch_dev.funchost import FunctionHost
     from tollwatch_dev.inbox import Inbox
@@ -52,6 +53,11 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     local = LocalStack(state_dir, services=("azurite", "prefect"), prefect_ui=False, db="postgres")
     _STACK_LOGS.append(state_dir / "logs")
     endpoints = local.up()
+    # The server requires basic auth (tollwatch_dev.server_auth): every Prefect client of this process (and every
+    # subprocess, through the environment) carries the session stack's string unless a test points elsewhere.
+    prior_auth = os.environ.get("PREFECT_API_AUTH_STRING")
+    os.environ["PREFECT_API_AUTH_STRING"] = endpoints.prefect_auth_string
+    _refresh_prefect_settings()
     try:
         yield endpoints
     finally:
@@ -59,6 +65,18 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
 
         APILogHandler().flush()  # send queued flow-run logs while the server is still up
         local.down()
+        if prior_auth is None:
+            os.environ.pop("PREFECT_API_AUTH_STRING", None)
+        else:
+            os.environ["PREFECT_API_AUTH_STRING"] = prior_auth
+        _refresh_prefect_settings()
+
+
+def _refresh_prefect_settings() -> None:
+    """Prefect read its settings once, at import: make it re-read them from the environment."""
+    from tollwatch.prefect.internals import refresh_settings
+
+    refresh_settings()
 
 
 @pytest.fixture
@@ -75,10 +93,11 @@ def env(
     stack: StackEndpoints, mirror: MirrorServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[dict[str, str]]:
     """Point tollwatch and prefect at the stack, with a container and warehouse of this test's own."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     values = {
         "PREFECT_API_URL": stack.prefect_api_url,
+        "PREFECT_API_AUTH_STRING": stack.prefect_auth_string,
         "TOLLWATCH_UPSTREAM_BASE_URL": mirror.url,
         "TOLLWATCH_STORAGE_CONNECTION_STRING": stack.blob_connection_string,
         "TOLLWATCH_STORAGE_CONTAINER": f"t-{uuid.uuid4().hex[:20]}",
@@ -90,7 +109,7 @@ def env(
     for key, value in values.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("TOLLWATCH_CATALOG_PROPERTIES", raising=False)
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+    with temporary_settings(updates=stack.prefect_settings()):
         yield values
 
 
@@ -162,17 +181,17 @@ def deployed(stack: StackEndpoints) -> Iterator[str]:
     """
     from prefect.client.orchestration import get_client
     from prefect.exceptions import ObjectNotFound
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from tollwatch.prefect.deploy import deploy
 
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+    with temporary_settings(updates=stack.prefect_settings()):
         deployments = deploy("local")
     # read back from the server, not parsed from prefect's output: every deployment prefect.yaml declares
     assert [d.name for d in deployments] == ["ingest/ingest", "run-job/run-job"]
     assert {d.work_pool for d in deployments} == {"tollwatch-local"}
     yield stack.prefect_api_url
-    with temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}), get_client(sync_client=True) as client:
+    with temporary_settings(updates=stack.prefect_settings()), get_client(sync_client=True) as client:
         for deployment in deployments:
             client.delete_resource_owned_automations(f"prefect.deployment.{deployment.id}")
             with contextlib.suppress(ObjectNotFound):  # a module may have removed it already
@@ -194,10 +213,11 @@ def inbox() -> Iterator[Inbox]:
 @pytest.fixture(scope="module")
 def api(stack: StackEndpoints) -> Iterator[str]:
     """The stack's Prefect API URL, set for this process (environment and Prefect settings) for the module."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
-    with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: stack.prefect_api_url}):
+    with pytest.MonkeyPatch.context() as patch, temporary_settings(updates=stack.prefect_settings()):
         patch.setenv("PREFECT_API_URL", stack.prefect_api_url)
+        patch.setenv("PREFECT_API_AUTH_STRING", stack.prefect_auth_string)
         yield stack.prefect_api_url
 
 
@@ -232,6 +252,16 @@ def client(server: dict[str, uuid.UUID]) -> Iterator[SyncPrefectClient]:
 
 
 # ---------------------------------------------------------------------------------------------- Databricks
+
+
+@pytest.fixture(scope="session")
+def warm_clusters() -> Iterator[WarmClusters]:
+    """The Spark drivers the Jobs API double's runs share for the whole session (tests/support/warm_driver.py): one
+    JVM and SparkContext, started by the first run, instead of a spark-submit per run; stopped at the end."""
+    from tests.support.warm_driver import WarmClusters
+
+    with WarmClusters() as clusters:
+        yield clusters
 
 
 @pytest.fixture

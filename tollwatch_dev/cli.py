@@ -18,6 +18,7 @@ from tollwatch.cli.common import StateDir, configure_logging, fail, friendly, pr
 from tollwatch.contract.settings import DEFAULT_STATE_DIR, load_settings
 from tollwatch_dev.demo import run_demo
 from tollwatch_dev.funchost import FunctionHost, FunctionHostError, find_function, load_function_app
+from tollwatch_dev.server_auth import auth_path
 from tollwatch_dev.stack import LocalStack
 
 stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local stack.")
@@ -44,6 +45,7 @@ def stack_up(
     )
     endpoints = stack.up()
     typer.echo(f"Prefect UI/API : {endpoints.prefect_api_url.removesuffix('/api')}")
+    typer.echo(f"Prefect login  : the password is in {auth_path(endpoints.state_dir)} (owner-only; basic auth)")
     typer.echo(f"Prefect DB     : {endpoints.prefect_database_url}")
     typer.echo(f"Azurite blob   : {endpoints.blob_url}")
     typer.echo(f"Socrata mirror : {endpoints.mirror_url}")
@@ -95,6 +97,7 @@ def demo(
     typer.echo("")
     print_table_info()
     typer.echo(f"Prefect UI: {result.prefect_ui}  (run again to publish one more week; stop with `make down`)")
+    typer.echo(f"Prefect UI login: the password is in {auth_path(state_dir.resolve())}")
     if not result.succeeded:
         fail("the chain did not end in tollwatch.job.completed: see the trace above and the Prefect UI")
 

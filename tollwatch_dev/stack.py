@@ -25,6 +25,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import fcntl
 import hashlib
@@ -48,6 +49,7 @@ from tollwatch.cli.common import LOCAL_STACK_FILE
 from tollwatch.contract.errors import TollwatchError
 from tollwatch_dev import postgres
 from tollwatch_dev.procs import ProcessRef, free_port, spawn, tail, terminate_group
+from tollwatch_dev.server_auth import auth_path, ensure_auth_string, read_auth_string
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
@@ -101,21 +103,31 @@ class StackEndpoints:
     postgres_url: str = ""
     #: The database the Prefect server runs on (its PREFECT_SERVER_DATABASE_CONNECTION_URL).
     prefect_database_url: str = ""
+    #: The server's basic-auth string (tollwatch_dev.server_auth); a secret, so never in a repr.
+    prefect_auth_string: str = field(default="", repr=False)
 
     def env(self) -> dict[str, str]:
         """Environment variables that point tollwatch and prefect at this stack.
 
-        PREFECT_API_URL, TOLLWATCH_UPSTREAM_BASE_URL (= mirror_url), TOLLWATCH_STORAGE_CONNECTION_STRING and
-        TOLLWATCH_WAREHOUSE_DIR (= state_dir / 'warehouse'); variables of services that are not running are
-        left out rather than set empty, so they cannot shadow a real value.
+        PREFECT_API_URL and PREFECT_API_AUTH_STRING, TOLLWATCH_UPSTREAM_BASE_URL (= mirror_url),
+        TOLLWATCH_STORAGE_CONNECTION_STRING and TOLLWATCH_WAREHOUSE_DIR (= state_dir / 'warehouse'); variables of
+        services that are not running are left out rather than set empty, so they cannot shadow a real value.
         """
         values = {
             "PREFECT_API_URL": self.prefect_api_url,
+            "PREFECT_API_AUTH_STRING": self.prefect_auth_string,
             "TOLLWATCH_UPSTREAM_BASE_URL": self.mirror_url,
             "TOLLWATCH_STORAGE_CONNECTION_STRING": self.blob_connection_string,
             "TOLLWATCH_WAREHOUSE_DIR": str(self.state_dir / "warehouse"),
         }
         return {key: value for key, value in values.items() if value}
+
+    def prefect_settings(self) -> dict[Any, str]:
+        """`prefect.settings.temporary_settings(updates=...)` that point this process's Prefect client at the
+        stack's server, with its auth (setting the environment alone does not reach an imported prefect)."""
+        from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL
+
+        return {PREFECT_API_URL: self.prefect_api_url, PREFECT_API_AUTH_STRING: self.prefect_auth_string}
 
 
 @dataclass(frozen=True)
@@ -192,7 +204,24 @@ def _check_postgres(record: ServiceRecord) -> str | None:
 
 
 def _check_prefect(record: ServiceRecord) -> str | None:
-    return _check_http(f"{record.url}/health")
+    """An authenticated call (`/health` is open by design): proves the recorded auth string still opens it."""
+    auth_file = record.config.get("auth_file")
+    if not auth_file:
+        return "no auth file recorded (a server started before auth was required): restart the stack"
+    try:
+        auth = read_auth_string(Path(auth_file).parent)
+    except (OSError, TollwatchError) as exc:
+        return f"cannot read the server's auth string: {exc}"
+    try:
+        response = httpx.get(f"{record.url}/admin/version", timeout=3.0, trust_env=False, headers=basic_auth(auth))
+    except httpx.HTTPError as exc:
+        return f"GET {record.url}/admin/version: {type(exc).__name__}: {exc}"
+    return None if response.status_code == 200 else f"GET {record.url}/admin/version: HTTP {response.status_code}"
+
+
+def basic_auth(auth_string: str) -> dict[str, str]:
+    """The header Prefect's own clients send for `PREFECT_API_AUTH_STRING` (the whole string, base64'd)."""
+    return {"Authorization": f"Basic {base64.b64encode(auth_string.encode()).decode()}"}
 
 
 def _check_mirror(record: ServiceRecord) -> str | None:
@@ -515,7 +544,13 @@ class _Prefect(_Service):
         return postgres.sqlalchemy_url(self.postgres_url) if self.postgres_url else ""
 
     def config(self) -> dict[str, Any]:
-        return {"ui": self.ui, "database": self.database_url, "plain": self.plain, "overrides": self.overrides}
+        return {
+            "ui": self.ui,
+            "database": self.database_url,
+            "plain": self.plain,
+            "overrides": self.overrides,
+            "auth_file": str(auth_path(self.state_dir)),  # the path only: stack.json holds no secret
+        }
 
     @property
     def sqlite_policy(self) -> bool:
@@ -543,9 +578,14 @@ class _Prefect(_Service):
         otherwise leak in), everything under the state dir, no analytics."""
         self.home.mkdir(parents=True, exist_ok=True)
         inherited = {key: value for key, value in os.environ.items() if not key.startswith("PREFECT_")}
+        auth = ensure_auth_string(self.state_dir)
         return {
             **inherited,
             "PYTHONUNBUFFERED": "1",
+            # Basic auth on every API route but /health (tollwatch_dev.server_auth); the server's own in-process
+            # clients (automation actions) use the same string.
+            "PREFECT_SERVER_API_AUTH_STRING": auth,
+            "PREFECT_API_AUTH_STRING": auth,
             "PREFECT_HOME": str(self.home),
             "PREFECT_PROFILES_PATH": str(self.home / "profiles.toml"),
             "PREFECT_SERVER_DATABASE_CONNECTION_URL": self.database_url,
@@ -672,7 +712,7 @@ class _Warm(_Service):
 
     def config(self) -> dict[str, Any]:
         return {
-            "env": dict(sorted(self.endpoint_env.items())),
+            "env": _recordable(self.endpoint_env),
             "db": self.db,
             "overrides": self.overrides,
             "settings": _inherited_settings_digest(self.endpoint_env),
@@ -689,6 +729,19 @@ class _Warm(_Service):
 
     def discover_url(self, pending: _Pending) -> tuple[int, str] | None:
         return (0, f"unix:{self.socket}") if "WARM_READY" in self._log_since(pending) else None
+
+
+#: Endpoint variables whose values are secrets: recorded in stack.json as a digest (a changed value still
+#: restarts the services that were given it) or, for readers of the environment, as the file that holds it.
+SECRET_ENV: frozenset[str] = frozenset({"PREFECT_API_AUTH_STRING"})
+
+
+def _recordable(env: Mapping[str, str]) -> dict[str, str]:
+    """`env` as it may be written to stack.json: secret values replaced by a digest of them."""
+    return {
+        key: f"sha256:{hashlib.sha256(value.encode()).hexdigest()[:16]}" if key in SECRET_ENV else value
+        for key, value in sorted(env.items())
+    }
 
 
 def _inherited_settings_digest(endpoint_env: Mapping[str, str]) -> str:
@@ -736,7 +789,7 @@ class _Worker(_Service):
     def config(self) -> dict[str, Any]:
         return {
             "pool": self.pool,
-            "env": dict(sorted(self.endpoint_env.items())),
+            "env": _recordable(self.endpoint_env),
             "tuned": self.tuned,
             "db": self.db,
             "overrides": self.overrides,
@@ -944,6 +997,10 @@ class LocalStack:
             inbox_url=records["inbox"].url if "inbox" in records else "",
             postgres_url=records["postgres"].url if "postgres" in records else "",
             prefect_database_url=str(records["prefect"].config.get("database", "")) if "prefect" in records else "",
+            # a server recorded before auth was required has no file; `up` replaces it (its config differs)
+            prefect_auth_string=read_auth_string(self.state_dir)
+            if "prefect" in records and auth_path(self.state_dir).exists()
+            else "",
         )
 
     def _warehouse_dir(self) -> Path:
@@ -976,11 +1033,19 @@ class LocalStack:
 
     def _save(self, records: Mapping[str, ServiceRecord]) -> None:
         """Write the state atomically; the endpoints are included for readers that are not Python."""
+        endpoints = self._endpoints(records)
+        env = endpoints.env()
         payload = {
             "version": STATE_VERSION,
             "services": {name: asdict(record) for name, record in records.items()},
-            "endpoints": {key: str(value) for key, value in asdict(self._endpoints(records)).items() if value},
-            "env": self._endpoints(records).env(),
+            "endpoints": {
+                key: str(value) for key, value in asdict(endpoints).items() if value and key != "prefect_auth_string"
+            },
+            "env": {key: value for key, value in env.items() if key not in SECRET_ENV},
+            # secrets by reference: readers load them from these owner-only files (tollwatch.cli.common)
+            "env_files": {"PREFECT_API_AUTH_STRING": str(auth_path(self.state_dir))}
+            if "PREFECT_API_AUTH_STRING" in env
+            else {},
         }
         tmp = self._state_path().with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")

@@ -44,7 +44,7 @@ from tests.support.databricks_workspace import (
     FakeRun,
     FakeWorkspace,
 )
-from tests.support.prefect_events import wait_for_events
+from tests.support.prefect_events import prefect_headers, wait_for_events
 from tests.support.tables import table_rows
 from tollwatch import resources
 from tollwatch.adapters.net import retry_after_s
@@ -98,7 +98,7 @@ def job_events(api_url: str, name: EventName, refresh_id: str, count: int = 1) -
 
 
 def flow_run_state(api_url: str, flow_run_id: str) -> str:
-    response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10)
+    response = httpx.get(f"{api_url}/flow_runs/{flow_run_id}", timeout=10, headers=prefect_headers())
     response.raise_for_status()
     return str(response.json()["state"]["type"])
 

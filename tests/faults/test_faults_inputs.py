@@ -50,6 +50,7 @@ from tests.support.input_faults import (
     table_rows,
     triggers_acted,
 )
+from tests.support.prefect_events import prefect_headers
 from tollwatch.adapters.prefect_events import EmitError
 from tollwatch.cli.main import app as cli_app
 from tollwatch.contract.events import DatasetRefreshed, EventName, Window, table_resource_id
@@ -213,7 +214,8 @@ def test_the_same_refresh_under_another_event_id_starts_a_run_that_commits_nothi
         second_id = state.read().value.event_id
     else:
         second_id = str(uuid.uuid4())
-        httpx.post(f"{fenv.api_url}/events", json=[as_posted(first_event, id=second_id)], timeout=30).raise_for_status()
+        again = [as_posted(first_event, id=second_id)]
+        httpx.post(f"{fenv.api_url}/events", json=again, timeout=30, headers=prefect_headers()).raise_for_status()
     announced = {e["id"]: e["payload"] for e in settle(fenv.api_url, fenv.resource_id, REFRESHED)}
     assert set(announced) == {first_event["id"], second_id}
     assert announced[second_id]["rows_updated_at"] == published.updated_at

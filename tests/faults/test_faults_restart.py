@@ -19,6 +19,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.support.ingest_faults import assert_same_rows, table_rows_by_key, window_rows
+from tests.support.prefect_events import prefect_headers
 from tests.support.stacks import deployed_stack
 from tollwatch.contract.events import Window
 from tollwatch.prefect.observe import connect
@@ -75,6 +76,7 @@ class _Outage:
 
     def __init__(self, api_url: str) -> None:
         self._url = f"{api_url}/flow_runs/count"
+        self._headers = prefect_headers()  # read here: the poller's thread does not see this test's settings
         self._stop = threading.Event()
         self.failures: list[float] = []
         self.errors: Counter[str] = Counter()
@@ -89,7 +91,7 @@ class _Outage:
         self._thread.join()
 
     def _poll(self) -> None:
-        with httpx.Client(timeout=5) as client:
+        with httpx.Client(timeout=5, headers=self._headers) as client:
             while not self._stop.is_set():
                 try:
                     response = client.post(self._url, json={})

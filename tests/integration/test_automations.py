@@ -35,7 +35,7 @@ from tests.support.automations import (
     shipped_copy,
     write,
 )
-from tests.support.prefect_events import wait_for_events
+from tests.support.prefect_events import prefect_auth_string, wait_for_events
 from tests.support.prefect_runs import read_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.contract.events import (
@@ -75,7 +75,7 @@ def managed(client: SyncPrefectClient) -> dict[str, Automation]:
 
 
 def emit(api: str, *events: TollwatchEvent) -> None:
-    PrefectEventsEmitter(httpx.Client(timeout=10), api).emit(list(events))
+    PrefectEventsEmitter(httpx.Client(timeout=10), api, auth_string=prefect_auth_string()).emit(list(events))
 
 
 def completed(refresh_id: str, *, already_committed: bool = False) -> IngestionCompleted:

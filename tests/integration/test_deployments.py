@@ -9,6 +9,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tests.support.prefect_events import prefect_auth_string, prefect_headers
 from tests.support.prefect_runs import wait_for_runs
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, TollwatchEvent
@@ -19,11 +20,13 @@ pytestmark = pytest.mark.stack
 
 def test_deploy_creates_one_queue_per_deployment_with_its_concurrency_limit(deployed):
     """The worker is only handed runs that can start (no rejected Pending proposals while a backfill queues)."""
-    queues = httpx.post(f"{deployed}/work_pools/tollwatch-local/queues/filter", json={}, timeout=10).json()
+    queues = httpx.post(
+        f"{deployed}/work_pools/tollwatch-local/queues/filter", json={}, timeout=10, headers=prefect_headers()
+    ).json()
     limits = {q["name"]: q["concurrency_limit"] for q in queues}
     assert limits["ingest"] == 2
     assert limits["jobs"] == 4
-    deployments = httpx.post(f"{deployed}/deployments/filter", json={}, timeout=10).json()
+    deployments = httpx.post(f"{deployed}/deployments/filter", json={}, timeout=10, headers=prefect_headers()).json()
     queue_of = {d["name"]: d["work_queue_name"] for d in deployments}
     assert (queue_of["ingest"], queue_of["run-job"]) == ("ingest", "jobs")
 
@@ -33,7 +36,9 @@ def runs_of(api: str, key: str, value: object) -> list[dict]:
 
 
 def emit(api: str, payload) -> None:
-    PrefectEventsEmitter(httpx.Client(timeout=10), api).emit([TollwatchEvent.of(payload)])
+    PrefectEventsEmitter(httpx.Client(timeout=10), api, auth_string=prefect_auth_string()).emit(
+        [TollwatchEvent.of(payload)]
+    )
 
 
 def test_dataset_refreshed_starts_an_ingest_run_with_typed_parameters(deployed):

@@ -8,6 +8,7 @@ server; the topic one records what azure-eventgrid sends.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 
@@ -123,7 +124,13 @@ def test_prefect_api_4xx_is_not_retried(fenv):
     """A 404 from the real server is final: the same request cannot succeed on a retry."""
     sent: list[httpx.Request] = []
     with httpx.Client(event_hooks={"request": [sent.append]}) as http:
-        emitter = PrefectEventsEmitter(http, f"{fenv.api_url}/not-the-api", max_attempts=4, backoff_max_s=0.01)
+        emitter = PrefectEventsEmitter(
+            http,
+            f"{fenv.api_url}/not-the-api",
+            auth_string=os.environ["PREFECT_API_AUTH_STRING"],
+            max_attempts=4,
+            backoff_max_s=0.01,
+        )
         with pytest.raises(EmitError, match="HTTP 404"):
             emitter.emit([refreshed_event("x.test")])
     assert len(sent) == 1

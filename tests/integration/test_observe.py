@@ -8,6 +8,7 @@ import uuid
 import httpx
 import pytest
 
+from tests.support.prefect_events import prefect_headers
 from tollwatch.prefect.observe import connect
 
 pytestmark = pytest.mark.stack
@@ -29,7 +30,7 @@ def test_events_related_to_a_thousand_resources_are_all_read(env):
         }
         for i, rid in enumerate(related)
     ]
-    with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=60) as http:
+    with httpx.Client(base_url=env["PREFECT_API_URL"], timeout=60, headers=prefect_headers()) as http:
         for start in range(0, len(events), 200):
             http.post("/events", json=events[start : start + 200]).raise_for_status()
     with connect() as observer:

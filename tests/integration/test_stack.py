@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import time
 import uuid
@@ -25,16 +26,19 @@ import httpx
 import pytest
 from azure.storage.blob import BlobServiceClient
 
+from tollwatch.cli.common import local_stack_env
 from tollwatch_dev import postgres
 from tollwatch_dev import stack as stack_module
 from tollwatch_dev.mirror import MirrorServer
 from tollwatch_dev.procs import ProcessRef, group_alive
+from tollwatch_dev.server_auth import ServerAuthError, ensure_auth_string, read_auth_string
 from tollwatch_dev.stack import (
     SQLITE_CLIENT_POLICY,
     SQLITE_SERVER_POLICY,
     LocalStack,
     StackEndpoints,
     StackError,
+    basic_auth,
 )
 
 pytestmark = pytest.mark.stack
@@ -52,6 +56,11 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStac
 
 def _client(**kwargs: object) -> httpx.Client:
     return httpx.Client(timeout=10.0, trust_env=False, **kwargs)  # type: ignore[arg-type]
+
+
+def _prefect_client(endpoints: StackEndpoints) -> httpx.Client:
+    """A client of the stack's Prefect API with the stack's basic auth (its server requires it)."""
+    return _client(base_url=endpoints.prefect_api_url, headers=basic_auth(endpoints.prefect_auth_string))
 
 
 def _pids(state_dir: Path) -> dict[str, ProcessRef]:
@@ -87,7 +96,7 @@ def test_prefect_event_roundtrip(shared: tuple[LocalStack, StackEndpoints]) -> N
     event_id = str(uuid.uuid4())
     event = _event(event_id, resource="test.1")
     query = {"filter": {"event": {"name": ["tollwatch.test"]}}, "limit": 10}
-    with _client(base_url=endpoints.prefect_api_url) as client:
+    with _prefect_client(endpoints) as client:
         assert client.post("/events", json=[event]).status_code == 204
         deadline = time.monotonic() + 30
         found: list[dict[str, Any]] = []
@@ -116,6 +125,7 @@ def test_env_points_at_the_stack(shared: tuple[LocalStack, StackEndpoints]) -> N
     env = endpoints.env()
     assert env == {
         "PREFECT_API_URL": endpoints.prefect_api_url,
+        "PREFECT_API_AUTH_STRING": endpoints.prefect_auth_string,
         "TOLLWATCH_UPSTREAM_BASE_URL": endpoints.mirror_url,
         "TOLLWATCH_STORAGE_CONNECTION_STRING": endpoints.blob_connection_string,
         "TOLLWATCH_WAREHOUSE_DIR": str(local.state_dir / "warehouse"),
@@ -125,6 +135,69 @@ def test_env_points_at_the_stack(shared: tuple[LocalStack, StackEndpoints]) -> N
     assert (local.state_dir / "warehouse").is_dir()
     for name in ("postgres", "azurite", "prefect", "mirror"):
         assert (local.state_dir / "logs" / f"{name}.log").is_file()
+
+
+# ------------------------------------------------------------------------------------------ basic auth
+
+
+def test_the_prefect_server_refuses_every_api_call_without_the_stacks_basic_auth(
+    shared: tuple[LocalStack, StackEndpoints],
+) -> None:
+    """Issue 17 part 6: not open by default. Only `/health` answers anonymously (probes); the string is the stack's
+    own, in an owner-only file, never in stack.json, and given to every process the stack starts."""
+    local, endpoints = shared
+    auth = endpoints.prefect_auth_string
+    with _client(base_url=endpoints.prefect_api_url) as anonymous:
+        assert anonymous.get("/health").status_code == 200
+        assert anonymous.post("/flows/filter", json={}).status_code == 401
+        assert anonymous.post("/events", json=[_event(str(uuid.uuid4()), resource="t")]).status_code == 401
+        wrong = anonymous.post("/flows/filter", json={}, headers=basic_auth(f"tollwatch:{'x' * 43}"))
+        assert wrong.status_code == 401
+    with _prefect_client(endpoints) as client:
+        assert client.post("/flows/filter", json={}).status_code == 200
+
+    path = local.state_dir / "prefect-auth"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert path.read_text().strip() == auth
+    user, _, password = auth.partition(":")
+    assert (user, len(password)) == ("tollwatch", 43)  # 256 random bits, url-safe
+    recorded = (local.state_dir / "stack.json").read_text()
+    assert auth not in recorded
+    assert password not in recorded
+    assert json.loads(recorded)["env_files"] == {"PREFECT_API_AUTH_STRING": str(path)}
+    assert local_stack_env(local.state_dir)["PREFECT_API_AUTH_STRING"] == auth
+    pids = _pids(local.state_dir)
+    assert _environ_of(pids["prefect"].pid)["PREFECT_SERVER_API_AUTH_STRING"] == auth
+    for started in ("worker", "warm"):
+        assert _environ_of(pids[started].pid)["PREFECT_API_AUTH_STRING"] == auth
+
+
+def test_stack_env_exports_the_auth_string_and_status_checks_it(shared: tuple[LocalStack, StackEndpoints]) -> None:
+    """`eval "$(tollwatch stack env)"` gives another shell everything, auth included; `status` proves the recorded
+    string still opens the server (an authenticated call, not only /health)."""
+    from typer.testing import CliRunner
+
+    from tollwatch.cli.main import app
+
+    local, endpoints = shared
+    exported = CliRunner().invoke(app, ["stack", "env", "--state-dir", str(local.state_dir)])
+    assert exported.exit_code == 0, exported.output
+    assert f"export PREFECT_API_AUTH_STRING={json.dumps(endpoints.prefect_auth_string)}" in exported.output.splitlines()
+    assert stack_module._check_prefect(_record(local.state_dir, "prefect")) is None
+
+
+def test_an_exposed_auth_file_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    path = tmp_path / "prefect-auth"
+    first = ensure_auth_string(tmp_path)
+    assert ensure_auth_string(tmp_path) == first  # one string per stack, kept across `up`s
+    path.chmod(0o644)
+    with pytest.raises(ServerAuthError, match=r"readable by other users .*chmod 600"):
+        read_auth_string(tmp_path)
+
+
+def _record(state_dir: Path, name: str) -> stack_module.ServiceRecord:
+    raw = json.loads((state_dir / "stack.json").read_text())
+    return stack_module.ServiceRecord(**raw["services"][name])
 
 
 # ------------------------------------------------------------------------------------------ idempotency
@@ -169,7 +242,7 @@ def test_prefect_runs_migrated_on_the_stacks_postgres(shared: tuple[LocalStack, 
     assert (socket_dir / ".s.PGSQL.5432").is_socket()
     assert not (local.state_dir / "prefect" / "prefect.db").exists()
     name = f"pg-{uuid.uuid4().hex[:8]}"
-    with _client(base_url=endpoints.prefect_api_url) as client:
+    with _prefect_client(endpoints) as client:
         assert client.post("/flows/", json={"name": name}).status_code in (200, 201)
 
     assert name in _sql(endpoints.postgres_url, "SELECT name FROM flow").splitlines()
@@ -184,7 +257,7 @@ def test_down_and_up_keep_the_state_of_every_service(tmp_path: Path) -> None:
     local = LocalStack(state, services=("azurite", "prefect", "mirror"), **FAST)
     first = local.up()
     event_id = str(uuid.uuid4())
-    with _client(base_url=first.prefect_api_url) as client:
+    with _prefect_client(first) as client:
         flow = client.post("/flows/", json={"name": "kept-across-restarts"}).json()
         run = client.post("/flow_runs/", json={"flow_id": flow["id"], "name": "kept-run"}).json()
         assert client.post("/events", json=[_event(event_id)]).status_code == 204
@@ -210,7 +283,7 @@ def test_down_and_up_keep_the_state_of_every_service(tmp_path: Path) -> None:
 
     assert _pids(state)["postgres"] != postmaster
     assert "was shut down at" in (state / "logs" / "postgres.log").read_text().split("starting PostgreSQL")[-1]
-    with _client(base_url=second.prefect_api_url) as client:
+    with _prefect_client(second) as client:
         kept = client.get(f"/flow_runs/{run['id']}")
         assert kept.status_code == 200, kept.text
         assert kept.json()["name"] == "kept-run"
@@ -242,7 +315,7 @@ def test_stack_up_db_sqlite_runs_prefect_without_postgres(tmp_path: Path) -> Non
         database = state / "prefect" / "prefect.db"
         assert f"Prefect DB     : sqlite+aiosqlite:///{database}" in up.output
         endpoints = LocalStack(state).endpoints()
-        with _client(base_url=endpoints.prefect_api_url) as client:
+        with _prefect_client(endpoints) as client:
             assert client.post("/flows/", json={"name": "on-sqlite"}).status_code in (200, 201)
         assert endpoints.postgres_url == ""
         assert database.is_file()

@@ -28,6 +28,7 @@ import httpx
 import yaml
 from azure.functions.timer import TimerRequest
 
+from tests.support.prefect_events import prefect_headers
 from tollwatch.adapters.prefect_events import EventSink
 from tollwatch.contract.events import BlobRef, DatasetRefreshed, TollwatchEvent
 from tollwatch.contract.settings import Settings, load_settings
@@ -175,7 +176,8 @@ def events_for(api_url: str, resource_id: str, name: str | None = None) -> list[
     flt: dict[str, Any] = {"resource": {"id": [resource_id]}}
     if name:
         flt["event"] = {"name": [name]}
-    response = httpx.post(f"{api_url.rstrip('/')}/events/filter", json={"limit": 50, "filter": flt}, timeout=30)
+    body = {"limit": 50, "filter": flt}
+    response = httpx.post(f"{api_url.rstrip('/')}/events/filter", json=body, timeout=30, headers=prefect_headers())
     response.raise_for_status()
     return list(response.json()["events"])
 
@@ -199,6 +201,7 @@ def settle(api_url: str, resource_id: str, name: str, *, timeout_s: float = 30.0
             }
         ],
         timeout=30,
+        headers=prefect_headers(),
     ).raise_for_status()
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -339,5 +342,5 @@ class PrefectCloudWebhookEmulator(_Loopback):
             return 400, b'{"error": "template did not render JSON"}'
         if not isinstance(event, dict):
             return 400, b'{"error": "template did not render an object"}'
-        response = httpx.post(f"{self._api}/events", json=[event], timeout=30)
+        response = httpx.post(f"{self._api}/events", json=[event], timeout=30, headers=prefect_headers())
         return (204 if response.is_success else 400), b""

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from tests.support.prefect_events import prefect_auth_string
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.adapters.socrata import window_where
 from tollwatch.contract.events import DatasetRefreshed, TollwatchEvent, Window
@@ -171,7 +172,7 @@ def triggers_acted(api_url: str, *, domain: str, dataset_id: str = "qzve-kjga", 
                     source="test-marker",
                 )
             )
-            PrefectEventsEmitter(http, api_url).emit([marker])
+            PrefectEventsEmitter(http, api_url, auth_string=prefect_auth_string()).emit([marker])
             patience = min(deadline, time.monotonic() + MARKER_PATIENCE_S)
             while time.monotonic() < patience:
                 if any(a.flow_run_ids for a in observer.actions_on([marker.id])):

@@ -8,12 +8,29 @@ from typing import Any
 import httpx
 
 
+def prefect_auth_string() -> str | None:
+    """The basic-auth string Prefect's clients would use now (the current settings: the stack under test)."""
+    from prefect.settings import get_current_settings
+
+    auth = get_current_settings().api.auth_string
+    return auth.get_secret_value() if auth else None
+
+
+def prefect_headers() -> dict[str, str]:
+    """The `Authorization` header Prefect's own clients would send now (the stacks' servers require basic auth):
+    from the current Prefect settings, so a test pointed at another stack's server sends that server's string."""
+    from tollwatch_dev.stack import basic_auth
+
+    auth = prefect_auth_string()
+    return basic_auth(auth) if auth else {}
+
+
 def read_events(api_url: str, name: str | None = None, *, limit: int = 50) -> list[dict[str, Any]]:
     """Events stored by the server, optionally of one name (newest first, as the API returns them)."""
     body: dict[str, Any] = {"limit": limit, "filter": {}}
     if name:
         body["filter"]["event"] = {"name": [name]}
-    response = httpx.post(f"{api_url.rstrip('/')}/events/filter", json=body, timeout=30)
+    response = httpx.post(f"{api_url.rstrip('/')}/events/filter", json=body, timeout=30, headers=prefect_headers())
     response.raise_for_status()
     return list(response.json()["events"])
 

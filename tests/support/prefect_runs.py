@@ -15,6 +15,8 @@ from typing import Any
 
 import httpx
 
+from tests.support.prefect_events import prefect_headers
+
 Run = dict[str, Any]
 
 
@@ -23,7 +25,7 @@ def read_runs(api_url: str, *, deployment_id: uuid.UUID | str | None = None, lim
     body: dict[str, Any] = {"limit": limit, "sort": "EXPECTED_START_TIME_DESC"}
     if deployment_id is not None:
         body["deployments"] = {"id": {"any_": [str(deployment_id)]}}
-    response = httpx.post(f"{api_url.rstrip('/')}/flow_runs/filter", json=body, timeout=10)
+    response = httpx.post(f"{api_url.rstrip('/')}/flow_runs/filter", json=body, timeout=10, headers=prefect_headers())
     response.raise_for_status()
     return list(response.json())
 

@@ -17,7 +17,7 @@ from tollwatch_dev.stack import LocalStack, StackEndpoints
 def deployed_stack(local: LocalStack, env: Mapping[str, str] | None = None) -> Iterator[StackEndpoints]:
     """Start `local` with `env` set (its worker and every flow run inherit it), point this process at it,
     deploy prefect.yaml into its local pool, and stop everything afterwards."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import temporary_settings
 
     from tollwatch.prefect.deploy import deploy
 
@@ -28,7 +28,7 @@ def deployed_stack(local: LocalStack, env: Mapping[str, str] | None = None) -> I
         try:
             for key, value in endpoints.env().items():
                 patch.setenv(key, value)
-            with temporary_settings(updates={PREFECT_API_URL: endpoints.prefect_api_url}):
+            with temporary_settings(updates=endpoints.prefect_settings()):
                 deploy("local")
                 yield endpoints
         finally:

@@ -15,6 +15,7 @@ jittered exponential backoff never sooner than `Retry-After`; any other 4xx is f
 
 from __future__ import annotations
 
+import base64
 import logging
 import threading
 from collections.abc import Sequence
@@ -59,9 +60,10 @@ class PrefectEventsEmitter:
         self._http = http
         self._url = f"{api_url.rstrip('/')}/events"
         self._headers: dict[str, str] = {}
-        if api_key:
+        if auth_string:  # as Prefect's own clients send it: the whole string, base64'd (it need not be `user:pass`)
+            self._headers["Authorization"] = f"Basic {base64.b64encode(auth_string.encode()).decode()}"
+        elif api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
-        self._auth = tuple(auth_string.split(":", 1)) if auth_string else None
         self._retry = RetryPolicy(max_attempts=max_attempts, initial_s=backoff_initial_s, max_delay_s=backoff_max_s)
 
     def emit(self, events: Sequence[TollwatchEvent]) -> None:
@@ -82,7 +84,7 @@ class PrefectEventsEmitter:
             log.info("emitted %s id=%s resource=%s", event.event, event.id, event.resource.id)
 
     def _post(self, body: list[dict[str, object]]) -> None:
-        response = self._http.post(self._url, json=body, headers=self._headers, auth=self._auth)  # type: ignore[arg-type]
+        response = self._http.post(self._url, json=body, headers=self._headers)
         response.raise_for_status()
 
 

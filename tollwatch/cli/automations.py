@@ -6,13 +6,14 @@ Kept apart from `tollwatch.cli.main` (which registers `automations_app`); errors
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import httpx
 import typer
 
-from tollwatch.cli.common import LOCAL_STACK_FILE, fail, local_stack_env
+from tollwatch.cli.common import LOCAL_STACK_FILE, fail, local_stack_env, use_stack
 from tollwatch.contract.errors import ConfigurationError
 from tollwatch.contract.settings import DEFAULT_STATE_DIR
 from tollwatch.prefect.automations.models import AutomationsConfigError
@@ -41,6 +42,7 @@ def _api_url(local_stack: bool, state_dir: Path) -> str:
     if local_stack and (state_dir / LOCAL_STACK_FILE).exists():
         try:
             url = local_stack_env(state_dir).get("PREFECT_API_URL")
+            use_stack(state_dir)  # its auth string too (run_apply reads it from the environment)
         except ConfigurationError as exc:
             raise AutomationsConfigError([str(exc)]) from None
         if url:
@@ -53,14 +55,17 @@ def _api_url(local_stack: bool, state_dir: Path) -> str:
 def run_apply(directory: Path, *, dry_run: bool, prune: bool, api_url: str) -> None:
     """Load and validate every file, resolve names, compare with the server, then apply (or only print)."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
     from tollwatch.prefect.automations.apply import apply, plan, read_existing
     from tollwatch.prefect.automations.compile import PrefectResolver, compile_project
     from tollwatch.prefect.automations.load import load_project
 
     project = load_project(directory)  # raises before any server call if any file is wrong
-    with temporary_settings(updates={PREFECT_API_URL: api_url}), get_client(sync_client=True) as client:
+    updates: dict[Any, str] = {PREFECT_API_URL: api_url}
+    if not PREFECT_API_AUTH_STRING.value() and os.environ.get("PREFECT_API_AUTH_STRING"):  # set after prefect's import
+        updates[PREFECT_API_AUTH_STRING] = os.environ["PREFECT_API_AUTH_STRING"]
+    with temporary_settings(updates=updates), get_client(sync_client=True) as client:
         desired = compile_project(project, PrefectResolver(client))
         changes = plan(desired, read_existing(client), prune=prune)
         apply(changes, client, dry_run=dry_run, echo=typer.echo)

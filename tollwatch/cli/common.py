@@ -85,7 +85,13 @@ def local_stack_env(state_dir: Path) -> dict[str, str]:
     env = recorded.get("env") if isinstance(recorded, dict) else None
     if not isinstance(env, dict):
         raise ConfigurationError(f"{path} records no environment; restart the stack (`tollwatch stack up`)")
-    return {str(key): str(value) for key, value in env.items()}
+    values = {str(key): str(value) for key, value in env.items()}
+    for key, secret_file in (recorded.get("env_files") or {}).items():  # secrets by reference (owner-only files)
+        try:
+            values[str(key)] = Path(secret_file).read_text().strip()
+        except OSError as exc:
+            raise ConfigurationError(f"cannot read {key} for the local stack from {secret_file} ({exc})") from exc
+    return values
 
 
 def use_stack(state_dir: Path) -> None:
