@@ -18,11 +18,16 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from datetime import date, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tollwatch.contract.quality import CheckResult, PlazaDay, QualitySummary
 from tollwatch.prefect.quality_report import MINUS
+
+if TYPE_CHECKING:
+    from tollwatch_dev.stack import StackEndpoints
+    from tollwatch_dev.ui_login import UiLogin
 
 pytestmark = pytest.mark.stack
 
@@ -85,19 +90,21 @@ def held_summary() -> QualitySummary:
 
 
 @pytest.fixture(scope="module")
-def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     """A Prefect server that serves its UI (the session's `stack` runs without one): tollwatch_dev's server on
-    SQLite, on a free loopback port. Yields its API URL, set for this process."""
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    SQLite, on a free loopback port, requiring the stack's basic auth like every stack server. Its API is set for
+    this process."""
+    from prefect.settings import temporary_settings
 
     from tollwatch_dev.stack import LocalStack
 
     local = LocalStack(tmp_path_factory.mktemp("ui-stack"), services=("prefect",), prefect_ui=True, db="sqlite")
-    api_url = local.up().prefect_api_url
+    endpoints = local.up()
     try:
-        with pytest.MonkeyPatch.context() as patch, temporary_settings(updates={PREFECT_API_URL: api_url}):
-            patch.setenv("PREFECT_API_URL", api_url)
-            yield api_url
+        with pytest.MonkeyPatch.context() as patch, temporary_settings(updates=endpoints.prefect_settings()):
+            for key, value in endpoints.env().items():
+                patch.setenv(key, value)
+            yield endpoints
     finally:
         from prefect.logging.handlers import APILogHandler
 
@@ -106,7 +113,16 @@ def ui_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def report_run(ui_server: str) -> dict[str, str]:
+def ui(ui_server: StackEndpoints) -> Iterator[UiLogin]:
+    """The UI as a person who logged in sees it (tollwatch_dev.ui_login: the UI's own login, done for Chromium)."""
+    from tollwatch_dev.ui_login import UiLogin
+
+    with UiLogin(ui_server.prefect_api_url.removesuffix("/api"), ui_server.prefect_auth_string) as login:
+        yield login
+
+
+@pytest.fixture(scope="module")
+def report_run(ui_server: StackEndpoints) -> dict[str, str]:
     """One flow run that attaches the held report, as the ingest flow will: artifact id, flow run id, UI base."""
     from prefect import flow
     from prefect.artifacts import create_markdown_artifact
@@ -125,7 +141,7 @@ def report_run(ui_server: str) -> dict[str, str]:
         return str(artifact), str(get_run_context().flow_run.id)  # type: ignore[union-attr]
 
     artifact_id, flow_run_id = attach()
-    return {"artifact": artifact_id, "flow_run": flow_run_id, "base": ui_server.removesuffix("/api")}
+    return {"artifact": artifact_id, "flow_run": flow_run_id, "base": ui_server.prefect_api_url.removesuffix("/api")}
 
 
 def _png_size(path: Path) -> tuple[int, int]:
@@ -134,20 +150,20 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", data[16:24])
 
 
-@pytest.mark.parametrize("ui", ["v2", "classic"])
-def test_the_artifact_page_shows_the_verdict_then_the_picture_then_the_checks(report_run, ui, tmp_path):
+@pytest.mark.parametrize("version", ["v2", "classic"])
+def test_the_artifact_page_shows_the_verdict_then_the_picture_then_the_checks(report_run, ui, version, tmp_path):
     from tollwatch_dev.screenshot import dump_dom, screenshot
 
-    prefix = "/v2" if ui == "v2" else ""
-    url = f"{report_run['base']}{prefix}/artifacts/artifact/{report_run['artifact']}"
+    prefix = "/v2" if version == "v2" else ""
+    url = ui.url(f"{prefix}/artifacts/artifact/{report_run['artifact']}")
 
-    png = screenshot(url, tmp_path / f"quality-report-{ui}.png")
-    print(f"\n{ui} UI: {url}\nscreenshot: {png}")
+    png = screenshot(url, tmp_path / f"quality-report-{version}.png")
+    print(f"\n{version} UI: {url}\nscreenshot: {png}")
     assert _png_size(png) == (1400, 1800)
     assert png.stat().st_size > 50_000  # a blank or error page compresses to a few KB
 
     dom = dump_dom(url)
-    (tmp_path / f"quality-report-{ui}.html").write_text(dom)
+    (tmp_path / f"quality-report-{version}.html").write_text(dom)
     heading = re.search(r"<h1[^>]*>([^<]*)</h1>", dom)
     assert heading, f"no heading rendered on {url}"
     assert heading.group(1).strip() == VERDICT  # the first heading of the page is the verdict
@@ -166,12 +182,17 @@ def test_the_artifact_page_shows_the_verdict_then_the_picture_then_the_checks(re
     assert "volume" in dom
 
 
-def test_the_runs_artifacts_tab_shows_the_verdict_on_the_card(report_run, tmp_path):
+def test_the_runs_artifacts_tab_shows_the_verdict_on_the_card(report_run, ui, tmp_path):
     """The flow run's Artifacts tab lists cards with the artifact's description, not its markdown (v2, the default
-    UI; the classic UI ignores `?tab=` for a run it has not loaded yet)."""
+    UI; the classic UI ignores `?tab=` for a run it has not loaded yet). Without the login, the same address shows
+    the login form and nothing of the run (the stack's server is not open)."""
     from tollwatch_dev.screenshot import dump_dom, screenshot
 
-    url = f"{report_run['base']}/v2/runs/flow-run/{report_run['flow_run']}?tab=Artifacts"
-    png = screenshot(url, tmp_path / "flow-run-artifacts-tab.png")
+    page = f"/v2/runs/flow-run/{report_run['flow_run']}?tab=Artifacts"
+    png = screenshot(ui.url(page), tmp_path / "flow-run-artifacts-tab.png")
     print(f"\nflow run Artifacts tab: {png}")
-    assert "Held: completeness, volume failed" in dump_dom(url)
+    assert "Held: completeness, volume failed" in dump_dom(ui.url(page))
+
+    anonymous = dump_dom(f"{report_run['base']}{page}")
+    assert "Held: completeness, volume failed" not in anonymous
+    assert re.search(r"Login|Sign in|password", anonymous, re.IGNORECASE), anonymous[-2000:]
