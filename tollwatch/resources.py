@@ -24,6 +24,7 @@ from azure.storage.blob import BlobServiceClient
 from pydantic import SecretStr
 
 from tollwatch.adapters.blob_state import JsonBlobStore
+from tollwatch.adapters.net import tls_context
 from tollwatch.adapters.prefect_events import EventSink, PrefectEventsEmitter, WebhookEmitter
 from tollwatch.adapters.socrata import SocrataClient, build_http_client
 from tollwatch.contract.errors import ConfigurationError
@@ -146,7 +147,7 @@ def event_emitter(settings: Settings, http: httpx.Client | None = None) -> Event
 
 def emit_http_client(settings: Settings) -> httpx.Client:
     """The HTTP client for event delivery: short timeouts, because a caller (Event Grid) is waiting."""
-    return httpx.Client(timeout=httpx.Timeout(settings.emit_timeout_s, connect=5.0))
+    return httpx.Client(timeout=httpx.Timeout(settings.emit_timeout_s, connect=5.0), verify=tls_context())
 
 
 def state_blobs(settings: Settings, service: BlobServiceClient | None = None) -> JsonBlobStore:

@@ -17,7 +17,7 @@ import httpx
 import orjson
 from pydantic import BaseModel, ConfigDict, Field
 
-from tollwatch.adapters.net import TRANSIENT_STATUS, RetryPolicy, retry_after_s
+from tollwatch.adapters.net import TRANSIENT_STATUS, RetryPolicy, retry_after_s, tls_context
 from tollwatch.contract.errors import TollwatchError
 
 log = logging.getLogger(__name__)
@@ -238,6 +238,7 @@ def build_http_client(base_url: str, timeout_s: float) -> httpx.Client:
         timeout=httpx.Timeout(timeout_s, connect=10.0),
         follow_redirects=True,
         headers={"User-Agent": "tollwatch/0.1"},
+        verify=tls_context(),
     )
 
 
