@@ -18,8 +18,8 @@ from tollwatch.cli.common import StateDir, configure_logging, fail, friendly, pr
 from tollwatch.contract.settings import DEFAULT_STATE_DIR, load_settings
 from tollwatch_dev.demo import run_demo
 from tollwatch_dev.funchost import FunctionHost, FunctionHostError, find_function, load_function_app
-from tollwatch_dev.server_auth import auth_path
 from tollwatch_dev.stack import LocalStack
+from tollwatch_dev.stack_secrets import auth_path
 
 stack_app = typer.Typer(no_args_is_help=True, help="Start, inspect and stop the local stack.")
 

@@ -49,7 +49,16 @@ from tollwatch.cli.common import LOCAL_STACK_FILE
 from tollwatch.contract.errors import TollwatchError
 from tollwatch_dev import postgres
 from tollwatch_dev.procs import ProcessRef, free_port, spawn, tail, terminate_group
-from tollwatch_dev.server_auth import auth_path, ensure_auth_string, read_auth_string
+from tollwatch_dev.stack_secrets import (
+    STORAGE_KEY_FILE,
+    auth_path,
+    ensure_auth_string,
+    ensure_storage_key,
+    read_auth_string,
+    read_secret,
+    secret_path,
+    write_secret,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STATE_DIR = PROJECT_ROOT / ".tollwatch"
@@ -74,9 +83,8 @@ HOST = "127.0.0.1"
 DEFAULT_DATASET = "qzve-kjga"
 
 AZURITE_ACCOUNT = "devstoreaccount1"
-# Azurite's well-known development account key, published in Microsoft's Azurite documentation and identical
-# in every Azurite install. It only opens the local emulator: it is not a secret.
-AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+#: The stack's storage connection string, for readers of stack.json (its key is a secret; its port may change).
+STORAGE_CONNECTION_FILE = "storage-connection-string"
 
 STATE_FILE = LOCAL_STACK_FILE  # the product CLI reads its `env` (tollwatch.cli.common.local_stack_env)
 STATE_VERSION = 1
@@ -94,7 +102,8 @@ class StackEndpoints:
     """Where the running services listen. A service not part of the stack has an empty string."""
 
     prefect_api_url: str
-    blob_connection_string: str
+    #: Azurite's connection string with the stack's own account key (a secret, so never in a repr).
+    blob_connection_string: str = field(repr=False)
     blob_url: str
     mirror_url: str
     state_dir: Path
@@ -103,7 +112,7 @@ class StackEndpoints:
     postgres_url: str = ""
     #: The database the Prefect server runs on (its PREFECT_SERVER_DATABASE_CONNECTION_URL).
     prefect_database_url: str = ""
-    #: The server's basic-auth string (tollwatch_dev.server_auth); a secret, so never in a repr.
+    #: The server's basic-auth string (tollwatch_dev.stack_secrets); a secret, so never in a repr.
     prefect_auth_string: str = field(default="", repr=False)
 
     def env(self) -> dict[str, str]:
@@ -161,11 +170,9 @@ class ServiceRecord:
         return ProcessRef(pid=self.pid, start_time=self.start_time)
 
 
-def azurite_connection_string(blob_url: str) -> str:
-    """The connection string for Azurite's dev account at `blob_url` (http://host:port/devstoreaccount1)."""
-    return (
-        f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};BlobEndpoint={blob_url};"
-    )
+def azurite_connection_string(blob_url: str, key: str) -> str:
+    """The connection string for the stack's Azurite account at `blob_url` (http://host:port/devstoreaccount1)."""
+    return f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={key};BlobEndpoint={blob_url};"
 
 
 # --------------------------------------------------------------------------------------------- health checks
@@ -177,8 +184,15 @@ def _check_azurite(record: ServiceRecord) -> str | None:
     """A real authenticated Blob call: proves the account key and URL work, not just that a port is open."""
     from azure.storage.blob import BlobServiceClient  # imported here: the SDK is slow to import for the CLI
 
+    key_file = record.config.get("key_file")
+    if not key_file:
+        return "no account key recorded (an Azurite started with the published development key): restart the stack"
+    try:
+        key = read_secret(Path(key_file).parent, Path(key_file).name)
+    except (OSError, TollwatchError) as exc:
+        return f"cannot read the account key: {exc}"
     client = BlobServiceClient.from_connection_string(
-        azurite_connection_string(record.url), retry_total=0, connection_timeout=2, read_timeout=5
+        azurite_connection_string(record.url, key), retry_total=0, connection_timeout=2, read_timeout=5
     )
     try:
         client.get_service_properties()
@@ -487,6 +501,15 @@ class _Azurite(_Service):
         if shutil.which("node") is None:
             raise StackError("Node.js (`node`) is not on PATH; Azurite needs it. Install Node.js first.")
 
+    def config(self) -> dict[str, Any]:
+        return {"key_file": str(secret_path(self.state_dir, STORAGE_KEY_FILE))}  # the path only, never the key
+
+    def env(self, port: int) -> dict[str, str]:
+        """The stack's own account key instead of the published one (tollwatch_dev.stack_secrets); Azurite logs
+        this variable masked."""
+        key = ensure_storage_key(self.state_dir)
+        return {**os.environ, "PYTHONUNBUFFERED": "1", "AZURITE_ACCOUNTS": f"{AZURITE_ACCOUNT}:{key}"}
+
     def argv(self, port: int) -> list[str]:
         location = self.state_dir / "azurite"
         location.mkdir(parents=True, exist_ok=True)
@@ -582,7 +605,7 @@ class _Prefect(_Service):
         return {
             **inherited,
             "PYTHONUNBUFFERED": "1",
-            # Basic auth on every API route but /health (tollwatch_dev.server_auth); the server's own in-process
+            # Basic auth on every API route but /health (tollwatch_dev.stack_secrets); the server's own in-process
             # clients (automation actions) use the same string.
             "PREFECT_SERVER_API_AUTH_STRING": auth,
             "PREFECT_API_AUTH_STRING": auth,
@@ -733,7 +756,7 @@ class _Warm(_Service):
 
 #: Endpoint variables whose values are secrets: recorded in stack.json as a digest (a changed value still
 #: restarts the services that were given it) or, for readers of the environment, as the file that holds it.
-SECRET_ENV: frozenset[str] = frozenset({"PREFECT_API_AUTH_STRING"})
+SECRET_ENV: frozenset[str] = frozenset({"PREFECT_API_AUTH_STRING", "TOLLWATCH_STORAGE_CONNECTION_STRING"})
 
 
 def _recordable(env: Mapping[str, str]) -> dict[str, str]:
@@ -990,7 +1013,7 @@ class LocalStack:
         blob_url = records["azurite"].url if "azurite" in records else ""
         return StackEndpoints(
             prefect_api_url=records["prefect"].url if "prefect" in records else "",
-            blob_connection_string=azurite_connection_string(blob_url) if blob_url else "",
+            blob_connection_string=azurite_connection_string(blob_url, self._storage_key()) if blob_url else "",
             blob_url=blob_url,
             mirror_url=records["mirror"].url if "mirror" in records else "",
             state_dir=self.state_dir,
@@ -1002,6 +1025,10 @@ class LocalStack:
             if "prefect" in records and auth_path(self.state_dir).exists()
             else "",
         )
+
+    def _storage_key(self) -> str:
+        path = secret_path(self.state_dir, STORAGE_KEY_FILE)
+        return read_secret(self.state_dir, STORAGE_KEY_FILE) if path.exists() else ""
 
     def _warehouse_dir(self) -> Path:
         return self.state_dir / "warehouse"
@@ -1039,17 +1066,26 @@ class LocalStack:
             "version": STATE_VERSION,
             "services": {name: asdict(record) for name, record in records.items()},
             "endpoints": {
-                key: str(value) for key, value in asdict(endpoints).items() if value and key != "prefect_auth_string"
+                key: str(value)
+                for key, value in asdict(endpoints).items()
+                if value and key not in {"prefect_auth_string", "blob_connection_string"}
             },
             "env": {key: value for key, value in env.items() if key not in SECRET_ENV},
             # secrets by reference: readers load them from these owner-only files (tollwatch.cli.common)
-            "env_files": {"PREFECT_API_AUTH_STRING": str(auth_path(self.state_dir))}
-            if "PREFECT_API_AUTH_STRING" in env
-            else {},
+            "env_files": self._secret_env_files(env),
         }
         tmp = self._state_path().with_suffix(".json.tmp")
         tmp.write_text(json.dumps(payload, indent=2) + "\n")
         os.replace(tmp, self._state_path())
+
+    def _secret_env_files(self, env: Mapping[str, str]) -> dict[str, str]:
+        files = {}
+        if "PREFECT_API_AUTH_STRING" in env:
+            files["PREFECT_API_AUTH_STRING"] = str(auth_path(self.state_dir))
+        if "TOLLWATCH_STORAGE_CONNECTION_STRING" in env:
+            path = write_secret(self.state_dir, STORAGE_CONNECTION_FILE, env["TOLLWATCH_STORAGE_CONNECTION_STRING"])
+            files["TOLLWATCH_STORAGE_CONNECTION_STRING"] = str(path)
+        return files
 
 
 def _uses_postgres(record: ServiceRecord | None) -> bool:

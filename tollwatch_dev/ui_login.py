@@ -1,6 +1,6 @@
 """Log a headless browser into a Prefect UI that requires basic auth, the way a person does: the UI's own login.
 
-The local stack's server requires `PREFECT_SERVER_API_AUTH_STRING` (tollwatch_dev.server_auth). Prefect's UIs (v1
+The local stack's server requires `PREFECT_SERVER_API_AUTH_STRING` (tollwatch_dev.stack_secrets). Prefect's UIs (v1
 and v2) ask for it on a login page and keep it, base64'd, in `localStorage["prefect-password"]` of the UI's origin;
 every API call then carries `Authorization: Basic <that>`. Headless Chromium cannot type into the page, and
 `--screenshot` cannot set storage first, so this serves the UI through a loopback pass-through on an origin of its

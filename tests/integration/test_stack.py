@@ -9,6 +9,7 @@ stacks of their own.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -24,6 +25,7 @@ from typing import Any
 
 import httpx
 import pytest
+from azure.core.exceptions import HttpResponseError
 from azure.storage.blob import BlobServiceClient
 
 from tollwatch.cli.common import local_stack_env
@@ -31,7 +33,6 @@ from tollwatch_dev import postgres
 from tollwatch_dev import stack as stack_module
 from tollwatch_dev.mirror import MirrorServer
 from tollwatch_dev.procs import ProcessRef, group_alive
-from tollwatch_dev.server_auth import ServerAuthError, ensure_auth_string, read_auth_string
 from tollwatch_dev.stack import (
     SQLITE_CLIENT_POLICY,
     SQLITE_SERVER_POLICY,
@@ -40,8 +41,12 @@ from tollwatch_dev.stack import (
     StackError,
     basic_auth,
 )
+from tollwatch_dev.stack_secrets import StackSecretError, ensure_auth_string, read_auth_string
 
 pytestmark = pytest.mark.stack
+
+#: The development key published in Microsoft's Azurite documentation (the same in every default Azurite).
+PUBLISHED_AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
 
 FAST = {"prefect_ui": False}  # the UI build is not needed to test the API
 
@@ -164,12 +169,37 @@ def test_the_prefect_server_refuses_every_api_call_without_the_stacks_basic_auth
     recorded = (local.state_dir / "stack.json").read_text()
     assert auth not in recorded
     assert password not in recorded
-    assert json.loads(recorded)["env_files"] == {"PREFECT_API_AUTH_STRING": str(path)}
+    assert json.loads(recorded)["env_files"]["PREFECT_API_AUTH_STRING"] == str(path)
     assert local_stack_env(local.state_dir)["PREFECT_API_AUTH_STRING"] == auth
     pids = _pids(local.state_dir)
     assert _environ_of(pids["prefect"].pid)["PREFECT_SERVER_API_AUTH_STRING"] == auth
     for started in ("worker", "warm"):
         assert _environ_of(pids[started].pid)["PREFECT_API_AUTH_STRING"] == auth
+
+
+def test_azurite_runs_with_the_stacks_own_account_key_not_the_published_one(
+    shared: tuple[LocalStack, StackEndpoints],
+) -> None:
+    """The key in Microsoft's Azurite docs opens every default Azurite: the stack's Azurite refuses it and takes
+    only the stack's own key, which lives owner-only beside the auth string and never in stack.json."""
+    local, endpoints = shared
+    key_file = local.state_dir / "azurite-key"
+    key = key_file.read_text().strip()
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert len(base64.b64decode(key)) == 64
+    assert f"AccountKey={key};" in endpoints.blob_connection_string
+    published = endpoints.blob_connection_string.replace(key, PUBLISHED_AZURITE_KEY)
+    with pytest.raises(HttpResponseError) as refused:
+        BlobServiceClient.from_connection_string(published, retry_total=0).get_service_properties()
+    assert refused.value.status_code == 403
+    BlobServiceClient.from_connection_string(endpoints.blob_connection_string).get_service_properties()
+    recorded = (local.state_dir / "stack.json").read_text()
+    assert key not in recorded
+    files = json.loads(recorded)["env_files"]
+    connection_file = Path(files["TOLLWATCH_STORAGE_CONNECTION_STRING"])
+    assert connection_file.read_text().strip() == endpoints.blob_connection_string
+    assert stat.S_IMODE(connection_file.stat().st_mode) == 0o600
+    assert local_stack_env(local.state_dir)["TOLLWATCH_STORAGE_CONNECTION_STRING"] == endpoints.blob_connection_string
 
 
 def test_stack_env_exports_the_auth_string_and_status_checks_it(shared: tuple[LocalStack, StackEndpoints]) -> None:
@@ -191,7 +221,7 @@ def test_an_exposed_auth_file_is_refused_with_what_to_do(tmp_path: Path) -> None
     first = ensure_auth_string(tmp_path)
     assert ensure_auth_string(tmp_path) == first  # one string per stack, kept across `up`s
     path.chmod(0o644)
-    with pytest.raises(ServerAuthError, match=r"readable by other users .*chmod 600"):
+    with pytest.raises(StackSecretError, match=r"readable by other users .*chmod 600"):
         read_auth_string(tmp_path)
 
 

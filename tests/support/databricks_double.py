@@ -951,7 +951,7 @@ def bundle_jobs(tmp: Path, target: str = "dev", **variables: str) -> dict[str, d
     return load_resources(tmp, target, **variables)
 
 
-def save_workspace_blocks(double: DatabricksJobsDouble, container: str) -> None:
+def save_workspace_blocks(double: DatabricksJobsDouble, container: str, *, token: str = PLACEHOLDER_PAT) -> None:
     """The blocks a production workspace has (as the `databricks_blocks` fixture saves them), pointing at the double:
     credentials with the placeholder PAT, an existing cluster, the Azurite account's container as the landing
     storage, and a Hadoop catalog on any abfss warehouse (the double's clusters use their own JDBC catalog conf)."""
@@ -959,7 +959,7 @@ def save_workspace_blocks(double: DatabricksJobsDouble, container: str) -> None:
 
     from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
 
-    DatabricksCredentials(databricks_instance=double.host, token=PLACEHOLDER_PAT).save(
+    DatabricksCredentials(databricks_instance=double.host, token=token).save(
         "tollwatch-databricks", overwrite=True
     )
     DatabricksCompute(kind="existing_cluster", existing_cluster_id="0101-000000-double").save(
