@@ -707,3 +707,76 @@ def run(quick: bool) -> tuple[list[Figure], dict[str, Any]]:
     if problems:
         raise FigureFailed("figure 9 goal NOT met: " + "; ".join(problems), figures)
     return figures, measured
+
+
+# ---------------------------------------------------------------------------------------------- profile
+
+
+def profile_deliveries(deliveries: int, out: Path) -> None:
+    """pyinstrument profile of the Event Grid handler, called in-process one delivery at a time (no HTTP, no
+    concurrency) on a stack of its own, with the figure's workload: where one delivery's time goes."""
+    import azure.functions as func
+    from pyinstrument import Profiler
+
+    from tollwatch_dev.funchost import find_function, load_function_app
+
+    secret = secrets.token_urlsafe(24)
+    work = eventgrid_workload(deliveries, seed=9, run="profile")
+    with tempfile.TemporaryDirectory(prefix="tollwatch-bench-intake-") as tmp:
+        stack = LocalStack(Path(tmp) / "stack", services=("azurite", "prefect"), prefect_ui=False)
+        saved = dict(os.environ)
+        try:
+            os.environ.update(
+                stack.up().env()
+                | {
+                    "TOLLWATCH_EVENTGRID_SECRETS": secret,
+                    "TOLLWATCH_EVENTGRID_SOURCE_TOPICS": TOPIC,
+                    "TOLLWATCH_EVENTGRID_CONTAINER": CONTAINER,
+                    "TOLLWATCH_STORAGE_CONTAINER": "bench-intake",
+                }
+            )
+            handler = find_function(load_function_app(), "eventgrid_webhook")
+            headers = {
+                "content-type": "application/json",
+                "aeg-event-type": "Notification",
+                "x-tollwatch-secret": secret,
+            }
+
+            def deliver(body: bytes) -> None:
+                request = func.HttpRequest("POST", "http://localhost/api/eventgrid", headers=headers, body=body)
+                if (status := handler(request).status_code) != 200:
+                    raise RuntimeError(f"delivery answered {status}")
+
+            warm = work.deliveries[:20]  # imports and first connections, not profiled
+            for body in warm:
+                deliver(body)
+            profiler = Profiler(interval=0.001)
+            began, cpu = time.perf_counter(), time.process_time()
+            with profiler:
+                for body in work.deliveries[len(warm) :]:
+                    deliver(body)
+            n = len(work.deliveries) - len(warm)
+            wall_ms, cpu_ms = (time.perf_counter() - began) / n * 1000, (time.process_time() - cpu) / n * 1000
+        finally:
+            stack.down()
+            os.environ.clear()
+            os.environ.update(saved)
+    head = (
+        f"# pyinstrument profile of the Event Grid webhook handler (python -m bench.intake --profile {deliveries})\n"
+        f"# {n} deliveries of figure 9's workload, one at a time, in-process: {wall_ms:.1f} ms wall, "
+        f"{cpu_ms:.1f} ms CPU each (profiler included)\n\n"
+    )
+    out.write_text(head + profiler.output_text(unicode=True, color=False))
+    print(f"{head}written to {out}")
+
+
+if __name__ == "__main__":
+    import argparse
+
+    from bench.common import RESULTS
+
+    parser = argparse.ArgumentParser(prog="python -m bench.intake", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--profile", type=int, default=400, metavar="N", help="deliveries to profile")
+    parser.add_argument("--out", type=Path, default=RESULTS / "profile-eventgrid-delivery.txt")
+    args = parser.parse_args()
+    profile_deliveries(args.profile, args.out)
