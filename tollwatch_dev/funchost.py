@@ -149,7 +149,10 @@ class FunctionHost:
         self._server.serve_forever()
 
     def stop(self) -> None:
-        self._server.shutdown()
+        """Stop serving and release the port; also for a host that never started (`shutdown` would wait forever for
+        a serve loop that never ran)."""
+        if self._thread is not None:
+            self._server.shutdown()
         self._server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -112,3 +113,13 @@ def _post_when_up(url: str, body: object, server: subprocess.Popen[str]) -> http
         except httpx.ConnectError:
             time.sleep(0.2)
     raise AssertionError("serve did not start listening within 60 s")
+
+
+@pytest.mark.timeout(30)
+def test_a_host_that_never_started_stops_and_frees_its_port(toy_app):
+    """`stop` used to wait forever for a serve loop that never ran (found by bench figure 9's burst test)."""
+    host = FunctionHost(toy_app, function_key="k1")
+    port = int(host.url.rsplit(":", 1)[1])
+    host.stop()
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", port))  # the port is free again
