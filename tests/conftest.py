@@ -29,7 +29,6 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect_databricks import DatabricksCredentials
 
-    from tests.support.warm_driver import WarmClusters
     from tollwatch.core.watermark import WatermarkStore
     from tollwatch_dev.funchost import FunctionHost
     from tollwatch_dev.inbox import Inbox
@@ -53,7 +52,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StackEndpoints]:
     local = LocalStack(state_dir, services=("azurite", "prefect"), prefect_ui=False, db="postgres")
     _STACK_LOGS.append(state_dir / "logs")
     endpoints = local.up()
-    # The server requires basic auth (tollwatch_dev.server_auth): every Prefect client of this process (and every
+    # The server requires basic auth (tollwatch_dev.stack_secrets): every Prefect client of this process (and every
     # subprocess, through the environment) carries the session stack's string unless a test points elsewhere.
     prior_auth = os.environ.get("PREFECT_API_AUTH_STRING")
     os.environ["PREFECT_API_AUTH_STRING"] = endpoints.prefect_auth_string
@@ -252,16 +251,6 @@ def client(server: dict[str, uuid.UUID]) -> Iterator[SyncPrefectClient]:
 
 
 # ---------------------------------------------------------------------------------------------- Databricks
-
-
-@pytest.fixture(scope="session")
-def warm_clusters() -> Iterator[WarmClusters]:
-    """The Spark drivers the Jobs API double's runs share for the whole session (tests/support/warm_driver.py): one
-    JVM and SparkContext, started by the first run, instead of a spark-submit per run; stopped at the end."""
-    from tests.support.warm_driver import WarmClusters
-
-    with WarmClusters() as clusters:
-        yield clusters
 
 
 @pytest.fixture
