@@ -959,9 +959,7 @@ def save_workspace_blocks(double: DatabricksJobsDouble, container: str, *, token
 
     from tollwatch.prefect.blocks import AzureStorageLocation, DatabricksCompute, SparkIcebergCatalog
 
-    DatabricksCredentials(databricks_instance=double.host, token=token).save(
-        "tollwatch-databricks", overwrite=True
-    )
+    DatabricksCredentials(databricks_instance=double.host, token=token).save("tollwatch-databricks", overwrite=True)
     DatabricksCompute(kind="existing_cluster", existing_cluster_id="0101-000000-double").save(
         "tollwatch", overwrite=True
     )
