@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     from prefect.client.orchestration import SyncPrefectClient
     from prefect_databricks import DatabricksCredentials
 
+    from tests.support.warm_driver import WarmClusters
     from tollwatch.core.watermark import WatermarkStore
     from tollwatch_dev.funchost import FunctionHost
     from tollwatch_dev.inbox import Inbox
@@ -251,6 +252,17 @@ def client(server: dict[str, uuid.UUID]) -> Iterator[SyncPrefectClient]:
 
 
 # ---------------------------------------------------------------------------------------------- Databricks
+
+
+@pytest.fixture(scope="session")
+def warm_clusters() -> Iterator[WarmClusters]:
+    """The Spark drivers the Jobs API double's runs share for the whole session (tests/support/warm_driver.py): one
+    JVM and SparkContext, started by the first double given them, instead of a spark-submit per run; stopped at the
+    end."""
+    from tests.support.warm_driver import WarmClusters
+
+    with WarmClusters() as clusters:
+        yield clusters
 
 
 @pytest.fixture

@@ -16,17 +16,26 @@ models, an invalid one answered `400 {"error_code": "INVALID_PARAMETER_VALUE", "
 - `GET /api/2.1/jobs/runs/get-output?run_id=<task run id>`: `logs` (the driver's stdout, last 5 MB), and for a
   failed task `error` (the exception line) and `error_trace` (the driver's traceback); asked for a parent run, it
   refuses as Databricks does (the output of a multi-task run is per task);
-- `POST /api/2.1/jobs/runs/cancel`: the driver's process group is terminated; the run ends TERMINATED/CANCELED.
+- `POST /api/2.1/jobs/runs/cancel`: the driver's process group is terminated (a warm driver's too: the next run
+  starts another); the run ends TERMINATED/CANCELED.
 
 What a run does: each `python_wheel_task` resolves its `entry_point` through the installed distribution's metadata
-(`importlib.metadata.entry_points(group="console_scripts")`, the distribution named by `package_name`), and
-`spark-submit`s that entry point's module file (`tollwatch.adapters.spark_submit.submit_command`) with the task's
-parameters,
-on `local[1]`, with the jars and the Spark conf (Iceberg's JDBC catalog on pyiceberg's catalog database) the double
-was constructed with. The double stands for a workspace whose clusters all see that one catalog: the catalog conf a
-request carries for its cluster (`new_cluster.spark_conf`, a Hadoop catalog on abfss) is recorded, not used. The
-task's `libraries` (the wheel, Maven coordinates) are recorded, not installed: the driver imports the tollwatch
-installed in this venv (the working tree, installed editable), which is what the wheel would be built from.
+(`importlib.metadata.entry_points(group="console_scripts")`, the distribution named by `package_name`), and runs it on
+`local[1]`, with the jars and the Spark conf (Iceberg's JDBC catalog on pyiceberg's catalog database) the double was
+constructed with, in one of two ways:
+- a double given `clusters` (`tests.support.warm_driver.WarmClusters`, one per test session) runs it in a warm
+  driver, a long-lived Python process holding a SparkSession, as a Databricks all-purpose cluster runs every job on
+  its one SparkContext: each task gets a new session with the double's catalog conf, and the entry point's
+  `main(argv, spark=session)` is called in-process; its stdout and stderr are the task's logs, an exception its
+  `error`/`error_trace` (see that module). Every cluster of the double shares that driver, job clusters and a
+  one-time run's `new_cluster` too (what their fresh JVM would add is not what these tests look at). Such runs are
+  logged to `double.warm_runs`;
+- a double without `clusters` `spark-submit`s that entry point's module file
+  (`tollwatch.adapters.spark_submit.submit_command`) with the task's parameters, a JVM of its own per task.
+The double stands for a workspace whose clusters all see that one catalog: the catalog conf a request carries for its
+cluster (`new_cluster.spark_conf`, a Hadoop catalog on abfss) is recorded, not used. The task's `libraries` (the wheel,
+Maven coordinates) are recorded, not installed: the driver imports the tollwatch installed in this venv (the working
+tree, installed editable), which is what the wheel would be built from.
 
 The cluster's storage mount. A landing arrives as `abfss://<container>@<account>.dfs.<suffix>/<path>`. Azurite, the
 local Blob emulator, has no DFS (ABFS) endpoint, so the double rewrites every such parameter of the mounted account
@@ -50,9 +59,11 @@ token endpoint) or a check of each token, as the workspace makes it for an Entra
 `tests.support.entra.ManagedIdentityEndpoint.accepts(DATABRICKS)`, minted by the managed identity endpoint for the
 Azure Databricks resource and not expired.
 
-Lifecycle: `with DatabricksJobsDouble(...) as double:` starts the server thread; leaving stops it, terminates any
-driver still running and removes the temporary directory. Every request is logged to `double.calls`, every
-spark-submit command to `double.spark_submits`.
+Lifecycle: `with DatabricksJobsDouble(...) as double:` starts the server thread (and, given `clusters`, their warm
+driver in the background, unless it runs already); leaving stops it, terminates any driver still running (a warm driver
+only when one of its runs is unfinished: it belongs to `clusters`, which stops it) and removes the temporary
+directory. Every request is logged to `double.calls`, every spark-submit command to
+`double.spark_submits`, every run on a warm driver to `double.warm_runs`.
 """
 
 from __future__ import annotations
@@ -87,6 +98,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from prefect_databricks.models.jobs import RunNowInput, RunSubmitSettings, RunSubmitTaskSettings
 from pydantic import TypeAdapter, ValidationError
 
+from tests.support.warm_driver import DriverSpec, Outcome, WarmClusters, WarmDriver, WarmTask, split_conf
 from tollwatch.adapters import spark_submit as sparksubmit
 from tollwatch.contract import table as contract
 
@@ -315,6 +327,18 @@ class Call:
     authorization: str | None
 
 
+@dataclass(frozen=True)
+class WarmRun:
+    """A task the double ran on the warm driver."""
+
+    #: The compute the task asked for: its `existing_cluster_id`, `job_cluster_key`, or `new_cluster`.
+    cluster: str
+    entry_point: str
+    #: The task's argv as the driver got it (after the storage mount).
+    argv: list[str]
+    task_run_id: int
+
+
 @dataclass
 class Job:
     job_id: int
@@ -340,6 +364,7 @@ class DatabricksJobsDouble:
         spark_submit: str | None = None,
         master: str = "local[1]",
         pending_s: float = 0.5,
+        clusters: WarmClusters | None = None,
     ) -> None:
         self.jars = list(jars)
         self.conf = {**CLUSTER_CONF, **conf}
@@ -352,6 +377,9 @@ class DatabricksJobsDouble:
         self.pending_s = pending_s
         self.calls: list[Call] = []
         self.spark_submits: list[list[str]] = []
+        #: The warm drivers the tasks run in (None: every task is a spark-submit).
+        self.clusters = clusters
+        self.warm_runs: list[WarmRun] = []
         self.runs: dict[int, Run] = {}
         self._task_runs: dict[int, tuple[Run, TaskRun]] = {}
         self._tokens: dict[str, int] = {}
@@ -381,6 +409,8 @@ class DatabricksJobsDouble:
         self._server = _Server(self, context)
         self._thread = threading.Thread(target=self._server.serve_forever, name="databricks-double", daemon=True)
         self._thread.start()
+        if self.clusters is not None:
+            self.warm_driver().start()  # in the background, as a workspace's cluster is up before its jobs come
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -712,6 +742,9 @@ class DatabricksJobsDouble:
                 task.end("INTERNAL_ERROR", "FAILED", str(exc))
             return
         argv = [self.mount.resolve_argument(p) for p in task.parameters] if self.mount else list(task.parameters)
+        if self.clusters is not None:
+            self._execute_warm(run, task, argv, deadline)
+            return
         task.command = self.command(str(wheel["entry_point"]), module_file, argv)
         with run.lock:
             if run.cancel_requested:
@@ -757,6 +790,60 @@ class DatabricksJobsDouble:
                 task.error, task.error_trace = driver_error(task.stdout, task.stderr, process.returncode)
                 task.end("TERMINATED", "FAILED", FAILED_MESSAGE)
 
+    def warm_driver(self) -> WarmDriver:
+        """The warm driver this double's tasks run in (tests.support.warm_driver), started by its first run."""
+        assert self.clusters is not None, "the double was given no clusters: its tasks are spark-submits"
+        launch, _ = split_conf(self.conf)
+        jars = tuple(str(j) for j in self.jars)
+        spec = DriverSpec(sys.executable, self.master, jars, tuple(sorted(launch.items())))
+        return self.clusters.driver(spec, self.cluster_env(shared=True))
+
+    def _execute_warm(self, run: Run, task: TaskRun, argv: list[str], deadline: float | None) -> None:
+        """The task in the warm driver: a session of its own with the double's catalog conf, the entry point called."""
+        wheel = task.settings["python_wheel_task"]
+        entry = entry_point(str(wheel["package_name"]), str(wheel["entry_point"]))
+        driver = self.warm_driver()
+        _, per_run = split_conf(self.conf)
+        request = WarmTask(entry.name, entry.module, entry.attr, tuple(argv), per_run, self.run_env())
+        compute = task.settings.get("existing_cluster_id") or task.settings.get("job_cluster_key") or "new_cluster"
+        with self._lock:
+            self.warm_runs.append(WarmRun(str(compute), entry.name, list(argv), task.run_id))
+
+        def started() -> bool:
+            with run.lock:
+                if run.cancel_requested:
+                    return False
+                task.start_time = _now_ms()
+                task.life_cycle_state, task.state_message = "RUNNING", "In run"
+                run.life_cycle_state, run.state_message = "RUNNING", "In run"
+                return True
+
+        def stop() -> bool:
+            with run.lock:
+                if deadline is not None and time.monotonic() > deadline:
+                    run.timed_out = True
+                return run.cancel_requested or run.timed_out
+
+        outcome: Outcome = driver.run(request, started=started, on_line=task.stdout.append, stop=stop)
+        with run.lock:
+            task.exit_code = outcome.exit_code
+            task.start_time = task.start_time or _now_ms()
+            if run.cancel_requested:
+                task.end("TERMINATED", "CANCELED", "Run cancelled.")
+            elif run.timed_out:
+                task.end("TERMINATED", "TIMEDOUT", f"Task {task.task_key} timed out.")
+            elif outcome.kind == "success":
+                task.end("TERMINATED", "SUCCESS", "")
+            elif outcome.kind == "lost" and not outcome.started:  # the cluster never came up: the task never ran
+                task.end("INTERNAL_ERROR", "FAILED", outcome.detail)
+            elif outcome.kind == "lost":
+                task.error, task.error_trace = outcome.detail.splitlines()[0], outcome.detail
+                task.end("TERMINATED", "FAILED", FAILED_MESSAGE)
+            else:
+                code = outcome.exit_code if outcome.exit_code is not None else 1
+                task.error, task.error_trace = driver_error(task.stdout, task.stderr, code, runner=entry.name)
+                task.end("TERMINATED", "FAILED", FAILED_MESSAGE)
+
     def command(self, entry_point: str, module_file: Path, argv: list[str]) -> list[str]:
         """`spark-submit` of the entry point's module file, through tollwatch.adapters.spark_submit.submit_command.
 
@@ -770,11 +857,20 @@ class DatabricksJobsDouble:
 
     def driver_env(self) -> dict[str, str]:
         """The driver's environment: none of the caller's tollwatch/Prefect settings, the storage mount's secret."""
+        return self.cluster_env() | self.run_env()
+
+    def cluster_env(self, *, shared: bool = False) -> dict[str, str]:
+        """A cluster's environment: none of the caller's tollwatch/Prefect settings. A `shared` (warm) driver outlives
+        this double, so it does not get the caller's SSL_CERT_FILE either (this double's CA, in a directory that goes
+        with it)."""
         env = {k: v for k, v in os.environ.items() if not k.startswith(("TOLLWATCH_", "PREFECT_"))}
-        env |= {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": HOST}
-        if self.mount is not None:
-            env["TOLLWATCH_STORAGE_CONNECTION_STRING"] = self.mount.connection_string
-        return env
+        if shared:
+            env.pop("SSL_CERT_FILE", None)
+        return env | {"PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable, "SPARK_LOCAL_IP": HOST}
+
+    def run_env(self) -> dict[str, str]:
+        """What a run's driver gets on top of the cluster's environment: the storage mount's secret."""
+        return {"TOLLWATCH_STORAGE_CONNECTION_STRING": self.mount.connection_string} if self.mount else {}
 
     # -- answers
 
@@ -902,30 +998,37 @@ class _Handler(BaseHTTPRequestHandler):
 # ------------------------------------------------------------------------------------------------------ helpers
 
 
-def entry_point_module(package: str, entry_point: str) -> Path:
-    """The module file of `package`'s console-script `entry_point`, as a python_wheel_task resolves it."""
+def entry_point(package: str, name: str) -> metadata.EntryPoint:
+    """`package`'s console-script entry point `name`, as a python_wheel_task resolves it."""
     wanted = _normalized(package)
     found = [
         ep
-        for ep in metadata.entry_points(group="console_scripts").select(name=entry_point)
+        for ep in metadata.entry_points(group="console_scripts").select(name=name)
         if ep.dist is not None and _normalized(ep.dist.name) == wanted
     ]
     if not found:
         raise LookupError(
-            f"Library installation failed: package {package!r} has no entry point {entry_point!r} "
+            f"Library installation failed: package {package!r} has no entry point {name!r} "
             "(console_scripts) on this cluster"
         )
-    spec = util.find_spec(found[0].module)
+    return found[0]
+
+
+def entry_point_module(package: str, name: str) -> Path:
+    """The module file of `package`'s console-script entry point `name` (what spark-submit is given)."""
+    found = entry_point(package, name)
+    spec = util.find_spec(found.module)
     if spec is None or spec.origin is None:
-        raise LookupError(f"entry point {entry_point!r} names module {found[0].module!r}, which cannot be found")
+        raise LookupError(f"entry point {name!r} names module {found.module!r}, which cannot be found")
     return Path(spec.origin)
 
 
-def driver_error(stdout: list[str], stderr: list[str], code: int) -> tuple[str, str]:
+def driver_error(stdout: list[str], stderr: list[str], code: int, runner: str = "spark-submit") -> tuple[str, str]:
     """(`error`, `error_trace`) of a failed driver: the last Python traceback it printed and its exception line.
 
     spark-submit's PythonRunner merges the Python driver's stderr into its own stdout (so the traceback is there);
-    the JVM's log4j output goes to spark-submit's stderr. Both are searched, stdout first.
+    the JVM's log4j output goes to spark-submit's stderr. Both are searched, stdout first. Without a traceback the
+    error is that `runner` (spark-submit, or a warm driver's entry point) exited with `code`.
     """
     for lines in (list(stdout), list(stderr)):
         starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent call last):")]
@@ -939,9 +1042,9 @@ def driver_error(stdout: list[str], stderr: list[str], code: int) -> tuple[str, 
             trace.append(line)
             if not error and line and not line[0].isspace() and not line.startswith("Traceback"):
                 error = line
-        return error or f"spark-submit exited with {code}", "\n".join(trace)
+        return error or f"{runner} exited with {code}", "\n".join(trace)
     tail = [line for line in [*stdout, *stderr][-40:] if line.strip()]
-    return f"spark-submit exited with {code}", "\n".join(tail)
+    return f"{runner} exited with {code}", "\n".join(tail)
 
 
 def bundle_jobs(tmp: Path, target: str = "dev", **variables: str) -> dict[str, dict[str, Any]]:
