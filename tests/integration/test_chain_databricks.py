@@ -8,7 +8,8 @@ Spark writes the daily totals → tollwatch.job.completed on `databricks.job.<id
 The double (tests/support/databricks_double.py) is started before the stack, so the worker, the warm server and
 every flow run inherit `SSL_CERT_FILE` (its CA) and the engine setting; its clusters share the stack's catalog
 database (Iceberg's JDBC catalog on pyiceberg's catalog.db under the stack's warehouse) and mount its Azurite.
-Two Spark runs (a JVM start each): the merge and the daily totals.
+Two Spark runs, the merge and the daily totals, in the session's warm driver (`warm_clusters`): no JVM start of their
+own once a test has started it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typer.testing import CliRunner
 
 from tests.support.databricks_double import DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
 from tests.support.stacks import deployed_stack
+from tests.support.warm_driver import WarmClusters
 from tollwatch import resources
 from tollwatch.adapters.spark_submit import catalog_conf, find_jars
 from tollwatch.contract.events import EventName
@@ -56,7 +58,9 @@ ENGINE = {
 
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, float]]:
+def chain(
+    tmp_path_factory: pytest.TempPathFactory, warm_clusters: WarmClusters
+) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, float]]:
     """The double, then a stack of the module's own deployed with the databricks engine, then the subscription."""
     from tollwatch.cli.main import app
 
@@ -69,7 +73,9 @@ def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpo
     resources.table_store(warehouse)
     conf = catalog_conf(warehouse.catalog_name, warehouse.resolved_catalog_properties())
     jobs = bundle_jobs(tmp_path_factory.mktemp("bundle"))
-    double = DatabricksJobsDouble(jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0)
+    double = DatabricksJobsDouble(
+        jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0, clusters=warm_clusters
+    )
     with double, deployed_stack(local, {**ENGINE, **double.client_env()}) as endpoints:
         double.mount_storage(endpoints.blob_connection_string)
         save_workspace_blocks(double, load_settings().storage_container)
@@ -101,7 +107,12 @@ def test_publish_merges_with_spark_on_the_double_then_the_databricks_daily_total
     merge_run, totals_run = sorted(double.runs.values(), key=lambda r: r.run_id)
     assert (merge_run.run_type, totals_run.run_type) == ("SUBMIT_RUN", "JOB_RUN")
     assert (totals_run.job_id, totals_run.result_state) == (job_id, "SUCCESS")
-    assert len(double.spark_submits) == 2
+    # the merge on the workspace's all-purpose cluster, the daily totals on the job's cluster
+    assert [(r.cluster, r.entry_point) for r in double.warm_runs] == [
+        ("0101-000000-double", "tollwatch-merge"),
+        ("tollwatch", "tollwatch-daily-totals"),
+    ]
+    assert double.spark_submits == []
     with connect() as obs:
         ingest_runs = [run for action in obs.actions_on([event_id]) for run in action.flow_run_ids]
         assert len(ingest_runs) == 1

@@ -8,8 +8,9 @@ Two kinds of tests:
 - the double's own contract (no stack, no JVM): TLS trust through SSL_CERT_FILE, validation, life cycle, output,
   idempotency, cancel — with a stand-in `spark-submit` that records what it was given;
 - `stack` + `spark`: the ingest flow in this process with TOLLWATCH_ENGINE=databricks, prefect-databricks calling the
-  double, the merge run by real Spark; and run-now of the bundle's merge job. Each Spark run is a JVM start (~15-25 s
-  on two cores): four in all.
+  double, the merge run by real Spark; and run-now of the bundle's merge job. The Spark runs share the session's warm
+  driver (`warm_clusters`, tests/support/warm_driver.py): one JVM start (~15-25 s on two cores) for all of them, each
+  run in a Spark session of its own; the last test cancels a run on it (which ends that driver).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from prefect_databricks.jobs import jobs_run_now, jobs_runs_get, jobs_runs_get_o
 from prefect_databricks.models.jobs import RunSubmitTaskSettings
 
 from tests.support.databricks_double import PLACEHOLDER_PAT, DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
+from tests.support.warm_driver import WarmClusters
 from tollwatch import resources
 from tollwatch.adapters.socrata import build_http_client
 from tollwatch.adapters.spark_submit import catalog_conf, find_jars, read_result
@@ -362,10 +364,14 @@ def bundle(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, Any]
 
 @pytest.fixture
 def workspace(
-    env: dict[str, str], bundle: dict[str, dict[str, Any]], monkeypatch: pytest.MonkeyPatch
+    env: dict[str, str],
+    bundle: dict[str, dict[str, Any]],
+    warm_clusters: WarmClusters,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[DatabricksJobsDouble]:
     """A workspace whose clusters see this test's catalog (Iceberg's JDBC catalog on pyiceberg's catalog.db) and
-    whose storage mount is this test's Azurite; this process trusts its certificate."""
+    whose storage mount is this test's Azurite, its runs in the session's warm driver; this process trusts its
+    certificate."""
     settings = load_settings()
     resources.table_store(settings)  # the catalog database exists, in WAL mode, before a driver opens it
     conf = catalog_conf(settings.catalog_name, settings.resolved_catalog_properties())
@@ -375,6 +381,7 @@ def workspace(
         storage_connection_string=env["TOLLWATCH_STORAGE_CONNECTION_STRING"],
         jobs=bundle,
         token=PAT,
+        clusters=warm_clusters,
     ) as running:
         for key, value in running.client_env().items():
             monkeypatch.setenv(key, value)
@@ -408,6 +415,7 @@ def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_com
     first_s = time.monotonic() - started
 
     [run] = on_databricks.runs.values()
+    [task_run_id] = [task.run_id for task in run.tasks]
     assert completed.engine == "databricks"
     assert completed.run_page_url == on_databricks.run_page_url(run)
     assert completed.run_page_url.startswith(f"https://{on_databricks.host}/?o=0#job/")
@@ -437,7 +445,18 @@ def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_com
     # the same body with the same idempotency token (a retried submit): the same run, no second Spark run
     again = httpx.post(f"{on_databricks.url}/api/2.1/jobs/runs/submit", json=submit.body, headers=headers())
     assert again.json()["run_id"] == run.run_id
-    assert len(on_databricks.spark_submits) == 1
+    [warm] = on_databricks.warm_runs  # in the cluster's warm driver (no spark-submit), with the mounted landing
+    assert (warm.cluster, warm.entry_point, warm.task_run_id) == ("0101-000000-double", "tollwatch-merge", task_run_id)
+    assert warm.argv[warm.argv.index("--landing") + 1].startswith("http://127.0.0.1:")
+    assert on_databricks.spark_submits == []
+    # the task's logs are what the entry point wrote (its result line, its progress), not the JVM's log4j
+    output = httpx.get(
+        f"{on_databricks.url}/api/2.1/jobs/runs/get-output", params={"run_id": task_run_id}, headers=headers()
+    ).json()
+    assert read_result(output["logs"]).snapshot_id == completed.snapshot_id
+    assert f"INFO tollwatch.spark: wrote {3 * ROWS_PER_DAY} rows" in output["logs"]
+    assert "SparkContext" not in output["logs"]
+    assert "JdbcCatalog" not in output["logs"]
 
     started = time.monotonic()
     replay = ingest(start=date(2024, 1, 1), stop=date(2024, 1, 4), request_id="double")
@@ -446,7 +465,7 @@ def test_ingest_merges_with_spark_through_the_double_and_a_replay_is_already_com
     assert replay.refresh_id == completed.refresh_id
     assert replay.already_committed
     assert replay.snapshot_id == completed.snapshot_id
-    assert len(on_databricks.spark_submits) == 2  # the replay ran Spark, whose ledger check found the refresh
+    assert len(on_databricks.warm_runs) == 2  # the replay ran Spark, whose ledger check found the refresh
     assert len(list(store.table().snapshots())) == len(list(table.snapshots()))
     assert table_rows() == 3 * ROWS_PER_DAY
     print(f"ingest on the double: first {first_s:.1f}s, replay {replay_s:.1f}s")
@@ -527,7 +546,8 @@ def test_run_now_of_the_bundles_merge_job_twice_with_one_token_starts_one_spark_
     run = workspace.wait(first["run_id"], timeout_s=300)
 
     assert (run["state"]["life_cycle_state"], run["state"]["result_state"]) == ("TERMINATED", "SUCCESS"), run
-    assert len(workspace.spark_submits) == 1
+    [warm] = workspace.warm_runs  # the job's cluster (`tollwatch`): one Spark run for the two requests
+    assert (warm.cluster, warm.entry_point) == ("tollwatch", "tollwatch-merge")
     values = {p["name"]: p["value"] for p in run["job_parameters"]}
     assert values["table"] == "tollwatch.bronze.bnt_traffic_hourly"  # the job's default
     assert values["flow_run_id"] == ""
@@ -587,3 +607,65 @@ def test_on_databricks_the_audit_runs_on_the_cluster_holds_a_bad_load_and_publis
     assert table.scan().to_arrow().num_rows == 2 * ROWS_PER_DAY
     assert done.snapshot_id == table.current_snapshot().snapshot_id
     assert set(table.metadata.refs) == {contract.MAIN, held.branch}  # the published branch went, the held one stays
+
+
+@pytest.mark.stack
+@pytest.mark.spark
+def test_a_cancel_ends_the_warm_driver_and_the_next_run_starts_another(workspace: DatabricksJobsDouble):
+    """A cancel ends a run in the warm driver by ending the driver (its JVM with it): the run is CANCELED, no process
+    of the driver's group is left, and the next run starts a new driver (here cancelled while it starts up).
+
+    The run is held where it reads its landing: the storage mount points at a server that accepts the connection and
+    never answers. Last in this module: the session's next Spark run on the double (if any) starts a new driver."""
+    import base64
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0))  # listens (the kernel accepts), never answers
+    port = silent.getsockname()[1]
+    key = base64.b64encode(b"placeholder, not a secret").decode()  # the SDK signs requests with it: base64
+    workspace.mount_storage(
+        f"DefaultEndpointsProtocol=http;AccountName=devstoreaccount1;AccountKey={key};"
+        f"BlobEndpoint=http://127.0.0.1:{port}/devstoreaccount1;"
+    )
+    argv = ["--landing", "abfss://landing@devstoreaccount1.dfs.core.windows.net/raw/held/", "--table"]
+    argv += ["tollwatch.bronze.bnt_traffic_hourly", "--mode", "refresh", "--refresh-id", "held"]
+    task = {**WHEEL_TASK, "python_wheel_task": {**WHEEL_TASK["python_wheel_task"], "parameters": argv}}
+    task.pop("libraries")
+    driver = workspace.warm_driver()
+
+    def submit() -> int:
+        answer = httpx.post(f"{workspace.url}/api/2.1/jobs/runs/submit", json={"tasks": [task]}, headers=headers())
+        return int(answer.json()["run_id"])
+
+    def cancel(run_id: int) -> dict[str, Any]:
+        httpx.post(f"{workspace.url}/api/2.1/jobs/runs/cancel", json={"run_id": run_id}, headers=headers())
+        return workspace.wait(run_id, timeout_s=60)
+
+    try:
+        held = submit()
+        task_run = workspace.runs[held].tasks[0]
+        wait_until(lambda: task_run.life_cycle_state != "PENDING", 300, "the task starting")
+        assert task_run.life_cycle_state == "RUNNING", (task_run.state_message, task_run.stdout[-20:])
+        pid, starts = driver.pid, driver.starts
+        assert pid is not None
+        time.sleep(1)  # into the landing's download, which does not return
+        assert task_run.life_cycle_state == "RUNNING", (task_run.state_message, task_run.stdout[-20:])
+
+        run = cancel(held)
+
+        assert (run["state"]["life_cycle_state"], run["state"]["result_state"]) == ("TERMINATED", "CANCELED")
+        assert run["tasks"][0]["state"]["result_state"] == "CANCELED"
+        with pytest.raises(ProcessLookupError):
+            os.killpg(pid, 0)  # the Python driver and its JVM
+        assert driver.pid is None
+
+        starting = submit()
+        new_pid = wait_until(lambda: driver.pid, 60, "a new driver starting")
+        assert new_pid != pid
+        assert driver.starts == starts + 1
+        run = cancel(starting)
+        assert (run["state"]["life_cycle_state"], run["state"]["result_state"]) == ("TERMINATED", "CANCELED")
+        with pytest.raises(ProcessLookupError):
+            os.killpg(new_pid, 0)
+    finally:
+        silent.close()
