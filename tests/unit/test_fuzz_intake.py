@@ -52,6 +52,7 @@ from tests.support.funcapp import (
     payload,
 )
 from tollwatch import resources
+from tollwatch.adapters.eventgrid_in import ORIGIN_PATTERN
 from tollwatch.contract.events import DATASET_EPOCH, BlobRef, DatasetRefreshed, EventName
 from tollwatch.contract.settings import Settings
 from tollwatch.core.receiver import EventGridReceiver, ReceiverPolicy, SequencerStore
@@ -663,8 +664,8 @@ def test_cloudevents_handshakes_grant_allowed_origins_only(handshake: tuple[Any,
 
     if provided not in SECRETS:
         assert_refused(answer, world, before, 401)
-    elif not origin:
-        assert_refused(answer, world, before, 400)
+    elif not origin or not ORIGIN_PATTERN.fullmatch(origin) or len(origin) > 260:
+        assert_refused(answer, world, before, 400)  # no origin, or one that is no host name (it would be echoed)
     elif "*" in allowed or origin.lower() in {o.lower() for o in allowed}:
         assert answer.status == 200, str(answer)
         assert answer.headers["webhook-allowed-origin"] == origin
@@ -673,6 +674,19 @@ def test_cloudevents_handshakes_grant_allowed_origins_only(handshake: tuple[Any,
         assert world.snapshot() == before
     else:
         assert_refused(answer, world, before, 403)
+
+
+@pytest.mark.parametrize(
+    "origin", ["evil.example\r\nSet-Cookie: session=x", "eventgrid.azure.net\n", " eventgrid.azure.net"]
+)
+def test_a_handshake_origin_that_is_no_host_name_is_refused_not_echoed(origin: str) -> None:
+    """Found by the fuzzer: with `*` allowed, an origin with a line break was echoed into the answer's headers, and
+    the Functions library refused to build that answer (500 for a handshake Event Grid would retry)."""
+    world = World(policy={"allowed_origins": ("*",)})
+    headers = {"WebHook-Request-Origin": origin, "x-tollwatch-secret": next(iter(SECRETS))}
+    answer = world.call("eventgrid_webhook", http_request("OPTIONS", "eventgrid", headers=headers))
+    assert answer.status == 400, str(answer)
+    assert "must be a host name" in answer.body["error"]
 
 
 # ---------------------------------------------------------------------------------------------- backfill requests

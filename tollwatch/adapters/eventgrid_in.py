@@ -43,6 +43,11 @@ SECRET_QUERY = "secret"  # noqa: S105 (a parameter name)
 SUBSCRIPTION_HEADER = "aeg-subscription-name"
 #: The CloudEvents webhook handshake (HTTP OPTIONS): the origin asking, and the answer granting it.
 REQUEST_ORIGIN_HEADER = "WebHook-Request-Origin"
+#: What a `WebHook-Request-Origin` may be: a DNS host name (CloudEvents webhook spec: "eventemitter.example.com"),
+#: optionally with a port. It is echoed in the answer's headers, so anything else (a line break, a space) is refused.
+ORIGIN_PATTERN = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*(?::[0-9]{1,5})?"
+)
 ALLOWED_ORIGIN_HEADER = "WebHook-Allowed-Origin"
 ALLOWED_RATE_HEADER = "WebHook-Allowed-Rate"
 
@@ -270,6 +275,10 @@ def abuse_protection(request: InboundRequest, allowed_origins: Sequence[str]) ->
     origin = request.header(REQUEST_ORIGIN_HEADER)
     if not origin:
         raise Rejected(400, f"OPTIONS without {REQUEST_ORIGIN_HEADER}: not a CloudEvents webhook handshake")
+    if len(origin) > 260 or not ORIGIN_PATTERN.fullmatch(origin):
+        raise Rejected(
+            400, f"{REQUEST_ORIGIN_HEADER} must be a host name such as eventgrid.azure.net, got {origin[:80]!r}"
+        )
     if "*" not in allowed_origins and origin.lower() not in {o.lower() for o in allowed_origins}:
         raise Rejected(403, f"origin {origin!r} is not allowed to deliver events here")
     return Reply(
