@@ -17,44 +17,21 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import date
-from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
-from tests.support.databricks_double import DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
-from tests.support.stacks import deployed_stack
+from tests.support.databricks_chain import databricks_chain
+from tests.support.databricks_double import DatabricksJobsDouble
 from tests.support.warm_driver import WarmClusters
 from tollwatch import resources
-from tollwatch.adapters.spark_submit import catalog_conf, find_jars
 from tollwatch.contract.events import EventName
 from tollwatch.contract.settings import load_settings
-from tollwatch_dev.stack import LocalStack, StackEndpoints
+from tollwatch_dev.stack import StackEndpoints
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
 
-ROOT = Path(__file__).resolve().parents[2]
 ROWS_PER_DAY = 11 * 2 * 24
 DAILY_ROWS_PER_DAY = 11 * 2  # plazas x directions
-
-SUBSCRIPTION = """\
-team: finance
-subscriptions:
-  - name: daily-totals-on-databricks
-    description: Daily totals by the Spark job of the bundle, run on Databricks after each new load
-    when: {{already_committed: false}}
-    action:
-      type: run-databricks-job
-      job_id: {job_id}
-"""
-
-ENGINE = {
-    "TOLLWATCH_ENGINE": "databricks",
-    "TOLLWATCH_DATABRICKS_POLL_S": "1",
-    "TOLLWATCH_UPSTREAM_MAX_ATTEMPTS": "2",
-    "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2",
-    "TOLLWATCH_TASK_RETRIES": "0",
-}
 
 
 @pytest.fixture(scope="module")
@@ -62,30 +39,10 @@ def chain(
     tmp_path_factory: pytest.TempPathFactory, warm_clusters: WarmClusters
 ) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, float]]:
     """The double, then a stack of the module's own deployed with the databricks engine, then the subscription."""
-    from tollwatch.cli.main import app
-
     began = time.monotonic()
-    state = tmp_path_factory.mktemp("chain-databricks")
-    local = LocalStack(state, prefect_ui=False, mirror_start=date(2024, 1, 1), mirror_through=date(2024, 2, 1))
-    # the stack's warehouse (StackEndpoints.env: <state>/warehouse): its catalog database exists, in WAL mode,
-    # before a driver opens it; the double's clusters share it through Iceberg's JDBC catalog
-    warehouse = load_settings(warehouse_dir=state / "warehouse")
-    resources.table_store(warehouse)
-    conf = catalog_conf(warehouse.catalog_name, warehouse.resolved_catalog_properties())
-    jobs = bundle_jobs(tmp_path_factory.mktemp("bundle"))
-    double = DatabricksJobsDouble(
-        jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0, clusters=warm_clusters
-    )
-    with double, deployed_stack(local, {**ENGINE, **double.client_env()}) as endpoints:
-        double.mount_storage(endpoints.blob_connection_string)
-        save_workspace_blocks(double, load_settings().storage_container)
-        automations = state / "automations"
-        (automations / "subscriptions").mkdir(parents=True)
-        job_id = double.job_id("tollwatch_daily_totals")
-        (automations / "subscriptions" / "finance.yaml").write_text(SUBSCRIPTION.format(job_id=job_id))
-        applied = CliRunner().invoke(app, ["automations", "apply", "--dir", str(automations)])
-        assert applied.exit_code == 0, applied.output
-        yield endpoints, double, time.monotonic() - began
+    state, bundle = tmp_path_factory.mktemp("chain-databricks"), tmp_path_factory.mktemp("bundle")
+    with databricks_chain(state, bundle, warm_clusters) as ready:
+        yield ready.endpoints, ready.double, time.monotonic() - began
 
 
 @pytest.mark.timeout(1200)

@@ -26,25 +26,20 @@ import logging
 import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, date, datetime
-from pathlib import Path
+from datetime import UTC, datetime
 from urllib.parse import urlencode, urlsplit
 
 import pytest
 from typer.testing import CliRunner
 
-from tests.support.databricks_double import DatabricksJobsDouble, bundle_jobs, save_workspace_blocks
+from tests.support.databricks_chain import databricks_chain
+from tests.support.databricks_double import DatabricksJobsDouble
 from tests.support.funcapp import SAMPLE_CONTAINER, SAMPLE_TOPIC, blob_created, body
 from tests.support.leaks import LeakScan
-from tests.support.stacks import deployed_stack
-from tollwatch import resources
-from tollwatch.adapters.spark_submit import catalog_conf, find_jars
-from tollwatch.contract.settings import load_settings
-from tollwatch_dev.stack import LocalStack, StackEndpoints, basic_auth
+from tests.support.warm_driver import WarmClusters
+from tollwatch_dev.stack import StackEndpoints, basic_auth
 
 pytestmark = [pytest.mark.stack, pytest.mark.spark]
-
-ROOT = Path(__file__).resolve().parents[2]
 
 #: One distinctive value per secret (≥ 12 characters, so a match cannot be an accident).
 MARKERS = {
@@ -57,11 +52,6 @@ MARKERS = {
 }
 
 ENV = {
-    "TOLLWATCH_ENGINE": "databricks",
-    "TOLLWATCH_DATABRICKS_POLL_S": "1",
-    "TOLLWATCH_UPSTREAM_MAX_ATTEMPTS": "2",
-    "TOLLWATCH_UPSTREAM_BACKOFF_MAX_S": "0.2",
-    "TOLLWATCH_TASK_RETRIES": "0",
     "TOLLWATCH_FUNCTION_KEY": MARKERS["function key"],
     "TOLLWATCH_EVENTGRID_SECRETS": f"{MARKERS['Event Grid secret (current)']},{MARKERS['Event Grid secret (next)']}",
     "TOLLWATCH_EVENTGRID_SOURCE_TOPICS": SAMPLE_TOPIC,
@@ -70,44 +60,16 @@ ENV = {
     "TOLLWATCH_PREFECT_API_KEY": MARKERS["Prefect API key"],
 }
 
-SUBSCRIPTION = """\
-team: finance
-subscriptions:
-  - name: daily-totals-on-databricks
-    description: Daily totals by the bundle's Spark job after each new load
-    when: {{already_committed: false}}
-    action:
-      type: run-databricks-job
-      job_id: {job_id}
-"""
-
 
 @pytest.fixture(scope="module")
-def chain(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, list]]:
-    """A stack of the module's own, deployed with every secret set to its marker, the double accepting only the
-    Databricks marker, and the finance team's subscription applied. Yields the CLI outputs seen so far too."""
-    from tollwatch.cli.main import app
-
-    state = tmp_path_factory.mktemp("leaks")
-    local = LocalStack(state, prefect_ui=False, mirror_start=date(2024, 1, 1), mirror_through=date(2024, 2, 1))
-    warehouse = load_settings(warehouse_dir=state / "warehouse")
-    resources.table_store(warehouse)
-    conf = catalog_conf(warehouse.catalog_name, warehouse.resolved_catalog_properties())
-    jobs = bundle_jobs(tmp_path_factory.mktemp("bundle"))
-    double = DatabricksJobsDouble(
-        jars=find_jars(ROOT / ".jars"), conf=conf, jobs=jobs, pending_s=1.0, token=MARKERS["Databricks token"]
-    )
-    with double, deployed_stack(local, {**ENV, **double.client_env()}) as endpoints:
-        double.mount_storage(endpoints.blob_connection_string)
-        save_workspace_blocks(double, load_settings().storage_container, token=MARKERS["Databricks token"])
-        automations = state / "automations"
-        (automations / "subscriptions").mkdir(parents=True)
-        (automations / "subscriptions" / "finance.yaml").write_text(
-            SUBSCRIPTION.format(job_id=double.job_id("tollwatch_daily_totals"))
-        )
-        applied = CliRunner().invoke(app, ["automations", "apply", "--dir", str(automations)])
-        assert applied.exit_code == 0, applied.output
-        yield endpoints, double, [("automations apply", applied.output)]
+def chain(
+    tmp_path_factory: pytest.TempPathFactory, warm_clusters: WarmClusters
+) -> Iterator[tuple[StackEndpoints, DatabricksJobsDouble, list[tuple[str, str]]]]:
+    """The Databricks chain (tests/support/databricks_chain.py) with every secret set to its marker and the double
+    accepting only the Databricks marker. Yields the CLI outputs seen so far too."""
+    state, bundle = tmp_path_factory.mktemp("leaks"), tmp_path_factory.mktemp("bundle")
+    with databricks_chain(state, bundle, warm_clusters, ENV, token=MARKERS["Databricks token"]) as ready:
+        yield ready.endpoints, ready.double, [("automations apply", ready.applied)]
 
 
 class _Post:
