@@ -6,6 +6,7 @@ does not. Nothing here runs in the test suite.
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import statistics
 import subprocess
@@ -77,3 +78,24 @@ def machine() -> dict[str, str]:
         "cpus": cpus.stdout.strip() or "?",
         "platform": platform.platform(),
     }
+
+
+def cpu_by_service(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds (user + system) each service has used so far, with its children: the ones still running and the
+    ones it has reaped (PostgreSQL's backends, the warm server's forked runs). A process that is gone is left out."""
+    import psutil
+
+    used: dict[str, float] = {}
+    for name, pid in pids.items():
+        try:
+            process = psutil.Process(pid)
+            t = process.cpu_times()
+            total = t.user + t.system + t.children_user + t.children_system
+            for child in process.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    c = child.cpu_times()
+                    total += c.user + c.system
+        except psutil.Error:
+            continue
+        used[name] = total
+    return used

@@ -59,7 +59,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import Figure, FigureFailed, percentile
+from bench.common import Figure, FigureFailed, cpu_by_service, percentile
 from tollwatch.contract.events import EventName
 from tollwatch.core.backfill import BackfillLimits, parse_backfill, plan_backfill
 from tollwatch_dev.procs import ProcessRef, spawn, tail, terminate_group
@@ -492,28 +492,10 @@ def account_backfill(workload: BackfillWorkload, events: list[Any], replies: lis
 # ---------------------------------------------------------------------------------------------- the figure
 
 
-def _cpu(pids: dict[str, int]) -> dict[str, float]:
-    """CPU seconds (user + system, with children) each process has used so far."""
-    import psutil
-
-    used = {}
-    for name, pid in pids.items():
-        with contextlib.suppress(psutil.Error):
-            process = psutil.Process(pid)
-            t = process.cpu_times()
-            total = t.user + t.system + t.children_user + t.children_system
-            for child in process.children(recursive=True):
-                with contextlib.suppress(psutil.Error):
-                    c = child.cpu_times()
-                    total += c.user + c.system
-            used[name] = total
-    return used
-
-
 def _measured(pids: dict[str, int], run: Callable[[], Load]) -> Load:
-    before = _cpu(pids)
+    before = cpu_by_service(pids)
     load = run()
-    after = _cpu(pids)
+    after = cpu_by_service(pids)
     load.cpu_s = {name: round(after[name] - before.get(name, 0.0), 1) for name in after}
     print(f"  {load.name}: {load.describe()}; CPU s {load.cpu_s}", file=sys.stderr, flush=True)
     return load

@@ -8,7 +8,6 @@ confirmed POST on one side, the flow run's state history on the other.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import time
@@ -22,7 +21,7 @@ from uuid import UUID
 
 import httpx
 
-from bench.common import Figure, summary
+from bench.common import Figure, cpu_by_service, summary
 from tollwatch.adapters.prefect_events import PrefectEventsEmitter
 from tollwatch.adapters.socrata import SocrataClient, build_http_client
 from tollwatch.contract.events import BackfillRequested, DatasetRefreshed, TollwatchEvent, Window
@@ -42,24 +41,8 @@ class BenchStack:
     pids: dict[str, int] = field(default_factory=dict)
 
     def cpu_by_service(self) -> dict[str, float]:
-        """CPU seconds (user + system) each service has used so far, with its children: the ones still running
-        and the ones it has reaped (PostgreSQL's backends, the warm server's forked runs)."""
-        import psutil
-
-        used: dict[str, float] = {}
-        for name, pid in self.pids.items():
-            try:
-                process = psutil.Process(pid)
-                t = process.cpu_times()
-                total = t.user + t.system + t.children_user + t.children_system
-                for child in process.children(recursive=True):
-                    with contextlib.suppress(psutil.Error):
-                        c = child.cpu_times()
-                        total += c.user + c.system
-            except psutil.Error:
-                continue
-            used[name] = total
-        return used
+        """CPU seconds each of the stack's services has used so far (bench.common.cpu_by_service)."""
+        return cpu_by_service(self.pids)
 
     def server_cpu_s(self) -> float:
         """CPU seconds the Prefect server process has used so far."""
