@@ -53,7 +53,9 @@ ROWS_PER_DAY = 11 * 2 * 24
 WHEEL = "/Workspace/Shared/tollwatch/artifacts/.internal/tollwatch-0.1.0-py3-none-any.whl"
 
 #: A stand-in for spark-submit (the double's contract tests start no JVM): prints what it was given as JSON, then a
-#: result line; `--sleep` waits to be cancelled, `--fail` dies with a traceback the way a failing driver does.
+#: result line; `--sleep` waits to be cancelled, `--fail` dies with a traceback the way a failing driver does. It runs
+#: for at least a second, as any driver does: a poller (an HTTPS call each) on a loaded machine must be able to see
+#: RUNNING (it missed it twice in six runs when the stand-in ended within ~0.1 s).
 FAKE_SPARK_SUBMIT = f"""#!{sys.executable}
 import json, os, sys, time
 args = sys.argv[1:]
@@ -71,6 +73,7 @@ print("FAKE_SUBMIT=" + json.dumps(seen), flush=True)
 print("25/01/01 00:00:00 INFO SparkContext: Running Spark version 3.5", file=sys.stderr, flush=True)
 if "--sleep" in app:
     time.sleep(600)
+time.sleep(1.0)
 if "--fail" in app:
     raise FileNotFoundError("no sealed landing at abfss://x (manifest.json missing or unreadable)")
 print('TOLLWATCH_RESULT={{"table": "t.b.c", "mode": "window", "refresh_id": "r", "rows_written": 3}}', flush=True)
