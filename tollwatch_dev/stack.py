@@ -620,6 +620,11 @@ class _Prefect(_Service):
             "PREFECT_SERVER_SERVICES_EVENT_PERSISTER_FLUSH_INTERVAL": "1",
             # Every 503 (a retryable error) is logged with its cause, so bursts can be audited (bench counts them).
             "PREFECT_SERVER_LOG_RETRYABLE_ERRORS": "true",
+            # Deployment concurrency leases on disk (under PREFECT_HOME), not in the server's memory: a restarted
+            # server otherwise forgets every lease, cancels runs that were provisioning ("slot lost during
+            # provisioning") and holds their slots until they expire (fault 15 took ~90 s longer; Prefect's own
+            # storage, shipped with 3.9: prefect.server.concurrency.lease_storage.filesystem).
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": "prefect.server.concurrency.lease_storage.filesystem",
             **(SQLITE_SERVER_POLICY if self.sqlite_policy else {}),
             **self.overrides,
         }
